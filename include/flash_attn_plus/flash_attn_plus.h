@@ -1,0 +1,154 @@
+/*
+ * FlashAttention-Plus: the public C API.
+ *
+ * Exact FlashAttention-2 semantics (causal aligned to the bottom-right corner, sliding window, softcap,
+ * ALiBi, dropout, MQA/GQA, LSE, varlen) behind plain C: tensors are described by fap_tensor views
+ * (pointer, dtype, device, shape, strides in elements), every call takes the caller's stream and a
+ * caller-provided workspace whose size is asked for first, and every failure returns a status plus a
+ * thread-local message that names the offending argument (fap_last_error()).
+ *
+ * Layouts (the same as FlashAttention-2's Python API):
+ *   dense   q (batch, seqlen_q, heads, head_dim)   k, v (batch, seqlen_k, heads_k, head_dim)
+ *           out like q, softmax_lse (batch, heads, seqlen_q) fp32
+ *   varlen  q (total_q, heads, head_dim)            k, v (total_k, heads_k, head_dim)
+ *           cu_seqlens_q/k int32 (batch + 1), softmax_lse (heads, total_q) fp32
+ *   attn_probs (batch, heads, >= seqlen_q, >= seqlen_k), in q's dtype: see docs/c-api.md.
+ * Only the last dimension of q, k, v, out, dout, dq, dk, dv must be contiguous (stride 1).
+ *
+ * Thread safety: every entry point may be called from several threads at once.
+ */
+#ifndef FLASH_ATTN_PLUS_H_
+#define FLASH_ATTN_PLUS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define FAP_API __declspec(dllexport)
+#else
+#define FAP_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped whenever a struct below changes layout. */
+#define FAP_API_VERSION 1
+
+typedef enum fap_status {
+  FAP_SUCCESS = 0,
+  FAP_ERROR_INVALID_ARGUMENT = 1,    /* an argument breaks the contract; the message names it */
+  FAP_ERROR_UNSUPPORTED = 2,         /* valid, but the selected backend cannot do it */
+  FAP_ERROR_BACKEND_UNAVAILABLE = 3, /* the requested backend cannot run on this machine */
+  FAP_ERROR_WORKSPACE_TOO_SMALL = 4,
+  FAP_ERROR_OUT_OF_MEMORY = 5,
+  FAP_ERROR_DEVICE = 6,              /* the driver or the run-time compiler reported an error */
+  FAP_ERROR_INTERNAL = 7
+} fap_status;
+
+typedef enum fap_dtype {
+  FAP_DTYPE_FLOAT16 = 0,
+  FAP_DTYPE_BFLOAT16 = 1,
+  FAP_DTYPE_FLOAT32 = 2,
+  FAP_DTYPE_INT32 = 3
+} fap_dtype;
+
+typedef enum fap_device_type { FAP_DEVICE_CPU = 0, FAP_DEVICE_CUDA = 1 } fap_device_type;
+
+#define FAP_MAX_RANK 4
+
+/* A strided view of memory the caller owns. A tensor whose data is NULL is "absent" (optional ones). */
+typedef struct fap_tensor {
+  void* data;
+  fap_dtype dtype;
+  fap_device_type device_type;
+  int32_t device_index;
+  int32_t rank;
+  int64_t shape[FAP_MAX_RANK];
+  int64_t strides[FAP_MAX_RANK]; /* in elements, not bytes */
+} fap_tensor;
+
+/* Everything FlashAttention-2 can be asked to do. Start from fap_default_options(). */
+typedef struct fap_options {
+  float softmax_scale;     /* NaN (the default) means 1 / sqrt(head_dim) */
+  int32_t causal;          /* bottom-right aligned when seqlen_q != seqlen_k */
+  int32_t window_size_left;  /* -1: unbounded */
+  int32_t window_size_right; /* -1: unbounded */
+  float softcap;           /* 0 disables; else score = softcap * tanh(score / softcap) */
+  fap_tensor alibi_slopes; /* optional, fp32, (heads) or (batch, heads) */
+  float dropout_p;         /* probability of dropping, in [0, 1) */
+  uint64_t dropout_seed;   /* Philox key and counter offset: see docs/c-api.md */
+  uint64_t dropout_offset;
+  int32_t deterministic;   /* backward: bitwise reproducible gradients */
+} fap_options;
+
+/* Forward. Dense calls leave cu_seqlens absent; varlen calls need them and max_seqlen_q/k. */
+typedef struct fap_fwd_args {
+  fap_tensor q, k, v;
+  fap_tensor out;
+  fap_tensor softmax_lse; /* optional output */
+  fap_tensor attn_probs;  /* optional output (debugging and FlashAttention-2's S_dmask) */
+  fap_tensor cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q, max_seqlen_k;
+} fap_fwd_args;
+
+/* Backward: gradients of out with respect to q, k, v, given the forward's out and softmax_lse. */
+typedef struct fap_bwd_args {
+  fap_tensor q, k, v;
+  fap_tensor out, dout;
+  fap_tensor softmax_lse; /* required */
+  fap_tensor dq, dk, dv;  /* outputs, shaped like q, k, v */
+  fap_tensor cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q, max_seqlen_k;
+} fap_bwd_args;
+
+typedef struct fap_backend_info {
+  const char* name;   /* "cpu", "cuda", ... */
+  int32_t usable;     /* 1 if it can run on this machine */
+  const char* reason; /* why not, when usable == 0; "" otherwise */
+} fap_backend_info;
+
+FAP_API int32_t fap_api_version(void);
+FAP_API const char* fap_version_string(void);
+FAP_API const char* fap_status_string(fap_status status);
+/* The message of the last failed call on this thread ("" if none). Valid until the next call. */
+FAP_API const char* fap_last_error(void);
+
+FAP_API fap_options fap_default_options(void);
+/* A contiguous (row-major) view; strides are filled in. rank <= FAP_MAX_RANK. */
+FAP_API fap_tensor fap_make_tensor(void* data, fap_dtype dtype, fap_device_type device_type,
+                                   int32_t device_index, int32_t rank, const int64_t* shape);
+
+/* Backends. Selection: "auto" (default: the best usable one for the tensors' device), "cpu", "cuda".
+ * The environment variable FLASH_ATTENTION_PLUS_BACKEND sets the initial choice. */
+FAP_API int32_t fap_backend_count(void);
+FAP_API fap_status fap_backend_get_info(int32_t index, fap_backend_info* info);
+FAP_API fap_status fap_set_backend(const char* name);
+FAP_API const char* fap_get_backend(void);
+/* Which backend a call with tensors on this device would run on now. */
+FAP_API fap_status fap_resolve_backend(fap_device_type device_type, const char** name);
+
+FAP_API fap_status fap_mha_fwd_workspace_size(const fap_fwd_args* args, const fap_options* options,
+                                              size_t* bytes);
+FAP_API fap_status fap_mha_fwd(const fap_fwd_args* args, const fap_options* options, void* stream,
+                               void* workspace, size_t workspace_bytes);
+FAP_API fap_status fap_mha_varlen_fwd_workspace_size(const fap_fwd_args* args,
+                                                     const fap_options* options, size_t* bytes);
+FAP_API fap_status fap_mha_varlen_fwd(const fap_fwd_args* args, const fap_options* options,
+                                      void* stream, void* workspace, size_t workspace_bytes);
+
+FAP_API fap_status fap_mha_bwd_workspace_size(const fap_bwd_args* args, const fap_options* options,
+                                              size_t* bytes);
+FAP_API fap_status fap_mha_bwd(const fap_bwd_args* args, const fap_options* options, void* stream,
+                               void* workspace, size_t workspace_bytes);
+FAP_API fap_status fap_mha_varlen_bwd_workspace_size(const fap_bwd_args* args,
+                                                     const fap_options* options, size_t* bytes);
+FAP_API fap_status fap_mha_varlen_bwd(const fap_bwd_args* args, const fap_options* options,
+                                      void* stream, void* workspace, size_t workspace_bytes);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* FLASH_ATTN_PLUS_H_ */

@@ -1,0 +1,207 @@
+// The extern "C" boundary: every entry point validates through validate.cpp, resolves a backend, and turns
+// any fap::Error (or unexpected exception) into a status plus the thread-local message.
+#include <cmath>
+#include <limits>
+#include <new>
+#include <string>
+
+#include "core/backend.h"
+#include "core/error.h"
+#include "core/validate.h"
+#include "flash_attn_plus/flash_attn_plus.h"
+
+namespace fap {
+namespace {
+
+thread_local std::string last_error;
+
+template <typename Body>
+fap_status guarded(Body&& body) {
+  try {
+    body();
+    last_error.clear();
+    return FAP_SUCCESS;
+  } catch (const Error& error) {
+    last_error = error.what();
+    return error.status();
+  } catch (const std::bad_alloc&) {
+    last_error = "out of host memory";
+    return FAP_ERROR_OUT_OF_MEMORY;
+  } catch (const std::exception& error) {
+    last_error = concat("internal error: ", error.what());
+    return FAP_ERROR_INTERNAL;
+  } catch (...) {
+    last_error = "internal error: unknown exception";
+    return FAP_ERROR_INTERNAL;
+  }
+}
+
+template <typename Args>
+AttentionProblem build_problem(const Args* args, const fap_options* options, bool varlen);
+
+template <>
+AttentionProblem build_problem(const fap_fwd_args* args, const fap_options* options, bool varlen) {
+  require(args != nullptr, "args: expected a pointer to fap_fwd_args, got NULL");
+  require(options != nullptr, "options: expected a pointer to fap_options (see fap_default_options()), got NULL");
+  return make_forward_problem(*args, *options, varlen);
+}
+
+template <>
+AttentionProblem build_problem(const fap_bwd_args* args, const fap_options* options, bool varlen) {
+  require(args != nullptr, "args: expected a pointer to fap_bwd_args, got NULL");
+  require(options != nullptr, "options: expected a pointer to fap_options (see fap_default_options()), got NULL");
+  return make_backward_problem(*args, *options, varlen);
+}
+
+const Backend& backend_for(const AttentionProblem& problem) {
+  const Backend& backend = resolve_backend(problem.device_type);
+  const std::string reason = backend.unsupported_reason(problem);
+  if (!reason.empty()) fail(FAP_ERROR_UNSUPPORTED, "backend '", backend.name(), "': ", reason);
+  return backend;
+}
+
+template <typename Args>
+fap_status query_workspace(const Args* args, const fap_options* options, bool varlen, size_t* bytes) {
+  return guarded([&] {
+    require(bytes != nullptr, "bytes: expected a pointer to receive the workspace size, got NULL");
+    const AttentionProblem problem = build_problem(args, options, varlen);
+    *bytes = backend_for(problem).workspace_size(problem);
+  });
+}
+
+template <typename Args>
+fap_status run(const Args* args, const fap_options* options, bool varlen, void* stream, void* workspace,
+               size_t workspace_bytes) {
+  return guarded([&] {
+    const AttentionProblem problem = build_problem(args, options, varlen);
+    const Backend& backend = backend_for(problem);
+    const size_t needed = backend.workspace_size(problem);
+    if (workspace_bytes < needed || (needed > 0 && workspace == nullptr)) {
+      fail(FAP_ERROR_WORKSPACE_TOO_SMALL, "workspace: backend '", backend.name(), "' needs ", needed, " bytes, got ",
+           workspace ? workspace_bytes : 0, " (ask fap_*_workspace_size() just before the call)");
+    }
+    backend.run(problem, stream, workspace, workspace_bytes);
+  });
+}
+
+}  // namespace
+}  // namespace fap
+
+using fap::guarded;
+
+extern "C" {
+
+int32_t fap_api_version(void) { return FAP_API_VERSION; }
+const char* fap_version_string(void) { return FAP_VERSION_STRING; }
+const char* fap_last_error(void) { return fap::last_error.c_str(); }
+
+const char* fap_status_string(fap_status status) {
+  switch (status) {
+    case FAP_SUCCESS: return "success";
+    case FAP_ERROR_INVALID_ARGUMENT: return "invalid argument";
+    case FAP_ERROR_UNSUPPORTED: return "unsupported by the selected backend";
+    case FAP_ERROR_BACKEND_UNAVAILABLE: return "backend unavailable";
+    case FAP_ERROR_WORKSPACE_TOO_SMALL: return "workspace too small";
+    case FAP_ERROR_OUT_OF_MEMORY: return "out of memory";
+    case FAP_ERROR_DEVICE: return "device error";
+    case FAP_ERROR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+fap_options fap_default_options(void) {
+  fap_options options{};
+  options.softmax_scale = std::numeric_limits<float>::quiet_NaN();
+  options.window_size_left = -1;
+  options.window_size_right = -1;
+  return options;
+}
+
+fap_tensor fap_make_tensor(void* data, fap_dtype dtype, fap_device_type device_type, int32_t device_index,
+                           int32_t rank, const int64_t* shape) {
+  fap_tensor tensor{};
+  tensor.data = data;
+  tensor.dtype = dtype;
+  tensor.device_type = device_type;
+  tensor.device_index = device_index;
+  // An invalid rank is kept as given (shape left empty) so that validation reports it by name.
+  tensor.rank = rank;
+  if (rank < 0 || rank > FAP_MAX_RANK || shape == nullptr) return tensor;
+  int64_t stride = 1;
+  for (int32_t i = rank - 1; i >= 0; --i) {
+    tensor.shape[i] = shape[i];
+    tensor.strides[i] = stride;
+    stride *= shape[i] > 0 ? shape[i] : 1;
+  }
+  return tensor;
+}
+
+int32_t fap_backend_count(void) { return static_cast<int32_t>(fap::all_backends().size()); }
+
+fap_status fap_backend_get_info(int32_t index, fap_backend_info* info) {
+  return guarded([&] {
+    fap::require(info != nullptr, "info: expected a pointer to fap_backend_info, got NULL");
+    fap::require(index >= 0 && index < fap_backend_count(), "index: expected 0 <= index < ", fap_backend_count(),
+                 ", got ", index);
+    const fap::Backend& backend = *fap::all_backends()[static_cast<size_t>(index)];
+    // Reasons are stable per process (usability is decided once), so their storage can outlive the call.
+    static thread_local std::string reason;
+    reason.clear();
+    info->name = backend.name();
+    info->usable = backend.usable(&reason) ? 1 : 0;
+    info->reason = reason.c_str();
+  });
+}
+
+fap_status fap_set_backend(const char* name) {
+  return guarded([&] {
+    fap::require(name != nullptr, "name: expected a backend name (\"auto\", \"cpu\", \"cuda\"), got NULL");
+    fap::select_backend(name);
+  });
+}
+
+const char* fap_get_backend(void) {
+  static thread_local std::string name;
+  name = fap::selected_backend();
+  return name.c_str();
+}
+
+fap_status fap_resolve_backend(fap_device_type device_type, const char** name) {
+  return guarded([&] {
+    fap::require(name != nullptr, "name: expected a pointer to receive the backend name, got NULL");
+    fap::require(device_type == FAP_DEVICE_CPU || device_type == FAP_DEVICE_CUDA, "device_type: unknown value ",
+                 static_cast<int>(device_type));
+    *name = fap::resolve_backend(device_type).name();
+  });
+}
+
+fap_status fap_mha_fwd_workspace_size(const fap_fwd_args* args, const fap_options* options, size_t* bytes) {
+  return fap::query_workspace(args, options, false, bytes);
+}
+fap_status fap_mha_fwd(const fap_fwd_args* args, const fap_options* options, void* stream, void* workspace,
+                       size_t workspace_bytes) {
+  return fap::run(args, options, false, stream, workspace, workspace_bytes);
+}
+fap_status fap_mha_varlen_fwd_workspace_size(const fap_fwd_args* args, const fap_options* options, size_t* bytes) {
+  return fap::query_workspace(args, options, true, bytes);
+}
+fap_status fap_mha_varlen_fwd(const fap_fwd_args* args, const fap_options* options, void* stream, void* workspace,
+                              size_t workspace_bytes) {
+  return fap::run(args, options, true, stream, workspace, workspace_bytes);
+}
+fap_status fap_mha_bwd_workspace_size(const fap_bwd_args* args, const fap_options* options, size_t* bytes) {
+  return fap::query_workspace(args, options, false, bytes);
+}
+fap_status fap_mha_bwd(const fap_bwd_args* args, const fap_options* options, void* stream, void* workspace,
+                       size_t workspace_bytes) {
+  return fap::run(args, options, false, stream, workspace, workspace_bytes);
+}
+fap_status fap_mha_varlen_bwd_workspace_size(const fap_bwd_args* args, const fap_options* options, size_t* bytes) {
+  return fap::query_workspace(args, options, true, bytes);
+}
+fap_status fap_mha_varlen_bwd(const fap_bwd_args* args, const fap_options* options, void* stream, void* workspace,
+                              size_t workspace_bytes) {
+  return fap::run(args, options, true, stream, workspace, workspace_bytes);
+}
+
+}  // extern "C"

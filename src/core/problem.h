@@ -1,0 +1,81 @@
+// AttentionProblem: one validated, normalised description of a forward or backward call. The C API builds
+// it once (validate.cpp) and every backend reads only this struct, so shape rules, window normalisation and
+// defaults live in one place.
+#pragma once
+
+#include <cstdint>
+
+#include "core/mask.h"
+#include "flash_attn_plus/flash_attn_plus.h"
+
+namespace fap {
+
+// A (batch, row, head, dim) operand with a unit-stride last dimension. For varlen problems the batch stride
+// is 0 and rows are absolute (a sequence starts at its cu_seqlens entry).
+struct Operand {
+  void* data = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
+};
+
+// softmax_lse, addressed as (batch, head, row) for both dense (B, H, Sq) and varlen (H, total_q) layouts.
+struct LseView {
+  float* data = nullptr;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
+};
+
+// attn_probs (batch, head, row, col): rows and cols count within each sequence.
+struct ProbsView {
+  void* data = nullptr;
+  int64_t rows = 0, cols = 0;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0, col_stride = 0;
+};
+
+struct SequenceExtent {
+  int64_t q_start, k_start;  // first row of this sequence in q/k (0 for dense problems)
+  int64_t len_q, len_k;
+};
+
+enum class Direction { kForward, kBackward };
+
+struct AttentionProblem {
+  Direction direction = Direction::kForward;
+  fap_dtype dtype = FAP_DTYPE_FLOAT16;
+  fap_device_type device_type = FAP_DEVICE_CPU;
+  int32_t device_index = 0;
+  bool varlen = false;
+
+  int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0;  // dense: the sequence lengths; varlen: max_seqlen_q / max_seqlen_k
+  int64_t total_q = 0, total_k = 0;    // rows of the q / k tensors per batch entry (varlen: all rows)
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
+  Operand q, k, v, out;
+  Operand dout, dq, dk, dv;  // backward only
+  LseView lse;
+  ProbsView probs;
+
+  float softmax_scale = 1.0f;
+  float softcap = 0.0f;  // 0: off
+  AttentionWindow window;
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;  // 0 when the slopes are shared across the batch
+  float dropout_p = 0.0f;
+  uint64_t dropout_seed = 0, dropout_offset = 0;
+  bool deterministic = false;
+
+  int64_t group_size() const { return heads_q / heads_kv; }
+  int64_t kv_head(int64_t head) const { return head / group_size(); }
+
+  SequenceExtent sequence(int64_t b) const {
+    if (!varlen) return {0, 0, seqlen_q, seqlen_k};
+    const int64_t q_start = cu_seqlens_q[b], k_start = cu_seqlens_k[b];
+    return {q_start, k_start, cu_seqlens_q[b + 1] - q_start, cu_seqlens_k[b + 1] - k_start};
+  }
+
+  float alibi_slope(int64_t b, int64_t head) const {
+    return alibi_slopes ? alibi_slopes[b * alibi_batch_stride + head] : 0.0f;
+  }
+};
+
+}  // namespace fap

@@ -1,0 +1,323 @@
+#include "core/validate.h"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+namespace fap {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+// Element offsets are computed in int64; keep every addressable extent far from overflow.
+constexpr int64_t kMaxExtent = int64_t{1} << 48;
+
+std::string describe_shape(const fap_tensor& t) {
+  std::string text = "(";
+  for (int i = 0; i < t.rank; ++i) text += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return text + ")";
+}
+
+std::string device_name(fap_device_type type, int32_t index) {
+  return type == FAP_DEVICE_CPU ? std::string("cpu") : concat("cuda:", index);
+}
+
+bool is_present(const fap_tensor& t) { return t.data != nullptr || t.rank != 0; }
+
+int64_t element_count(const fap_tensor& t) {
+  int64_t count = 1;
+  for (int i = 0; i < t.rank; ++i) count *= t.shape[i];
+  return count;
+}
+
+// Checks rank, dims (-1 = any, checked by the caller), non-negative sizes and strides, overflow-free
+// addressing, and a unit-stride last dimension when asked for.
+void check_layout(const fap_tensor& t, const char* name, int rank, const char* layout,
+                  const std::vector<int64_t>& expected, bool unit_last_stride) {
+  require(t.rank == rank, name, ": expected a rank-", rank, " tensor ", layout, ", got rank ", t.rank);
+  int64_t extent = 0;
+  for (int i = 0; i < rank; ++i) {
+    require(t.shape[i] >= 0, name, ": shape[", i, "] must be >= 0, got ", t.shape[i]);
+    require(t.strides[i] >= 0, name, ": strides[", i, "] must be >= 0, got ", t.strides[i]);
+    require(t.shape[i] <= kMaxExtent && t.strides[i] <= kMaxExtent, name, ": shape[", i, "] = ", t.shape[i],
+            " with stride ", t.strides[i], " is too large to address");
+    if (t.shape[i] > 0) {
+      int64_t span = 0;
+      require(!__builtin_mul_overflow(t.shape[i] - 1, t.strides[i], &span) &&
+                  !__builtin_add_overflow(extent, span, &extent) && extent <= kMaxExtent,
+              name, ": shape ", describe_shape(t), " with its strides spans more elements than can be addressed");
+    }
+  }
+  for (int i = 0; i < rank; ++i) {
+    if (i < static_cast<int>(expected.size()) && expected[i] >= 0) {
+      require(t.shape[i] == expected[i], name, ": expected shape ", layout, " with dimension ", i, " = ",
+              expected[i], ", got shape ", describe_shape(t));
+    }
+  }
+  if (unit_last_stride && rank > 0 && t.shape[rank - 1] > 1) {
+    require(t.strides[rank - 1] == 1, name, ": the last dimension must be contiguous (stride 1), got stride ",
+            t.strides[rank - 1]);
+  }
+  require(t.data != nullptr || element_count(t) == 0, name, ": data is NULL but the tensor has ", element_count(t),
+          " elements");
+}
+
+void check_dtype(const fap_tensor& t, const char* name, fap_dtype expected) {
+  require(t.dtype == expected, name, ": expected dtype ", dtype_name(expected), ", got ", dtype_name(t.dtype));
+}
+
+void check_same_device(const fap_tensor& t, const char* name, const fap_tensor& q) {
+  require(t.device_type == FAP_DEVICE_CPU || t.device_type == FAP_DEVICE_CUDA, name,
+          ": unknown device type ", static_cast<int>(t.device_type));
+  require(t.device_type == q.device_type && (t.device_type == FAP_DEVICE_CPU || t.device_index == q.device_index),
+          name, ": expected a tensor on ", device_name(q.device_type, q.device_index), " like q, got ",
+          device_name(t.device_type, t.device_index));
+}
+
+void check_known_dtype(const fap_tensor& t, const char* name) {
+  const bool known = t.dtype == FAP_DTYPE_FLOAT16 || t.dtype == FAP_DTYPE_BFLOAT16 ||
+                     t.dtype == FAP_DTYPE_FLOAT32 || t.dtype == FAP_DTYPE_INT32;
+  require(known, name, ": unknown dtype ", static_cast<int>(t.dtype));
+}
+
+Operand make_operand(const fap_tensor& t, bool varlen) {
+  Operand operand;
+  operand.data = t.data;
+  if (varlen) {
+    operand.row_stride = t.strides[0];
+    operand.head_stride = t.strides[1];
+  } else {
+    operand.batch_stride = t.strides[0];
+    operand.row_stride = t.strides[1];
+    operand.head_stride = t.strides[2];
+  }
+  return operand;
+}
+
+// The shape of one (batch, seqlen, heads, head_dim) or (total, heads, head_dim) operand.
+struct OperandShape {
+  int64_t batch, rows, heads, head_dim;
+};
+
+void check_operand(const fap_tensor& t, const char* name, bool varlen, const OperandShape& shape,
+                   const fap_tensor& q) {
+  if (varlen) {
+    check_layout(t, name, 3, "(total, heads, head_dim)", {shape.rows, shape.heads, shape.head_dim}, true);
+  } else {
+    check_layout(t, name, 4, "(batch, seqlen, heads, head_dim)", {shape.batch, shape.rows, shape.heads,
+                                                                  shape.head_dim},
+                 true);
+  }
+  check_known_dtype(t, name);
+  check_dtype(t, name, q.dtype);
+  check_same_device(t, name, q);
+}
+
+void check_cu_seqlens(const fap_tensor& cu, const char* name, int64_t batch, int64_t total, int64_t max_seqlen,
+                      const char* max_name, const fap_tensor& q) {
+  require(is_present(cu), name, ": required for varlen attention, got an absent tensor");
+  check_layout(cu, name, 1, "(batch + 1)", {batch + 1}, true);
+  check_known_dtype(cu, name);
+  check_dtype(cu, name, FAP_DTYPE_INT32);
+  check_same_device(cu, name, q);
+  // Device-resident offsets can't be read here without a synchronisation; device backends bound-check them.
+  if (cu.device_type != FAP_DEVICE_CPU) return;
+  const auto* values = static_cast<const int32_t*>(cu.data);
+  require(values[0] == 0, name, "[0]: expected 0, got ", values[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = int64_t{values[b + 1]} - values[b];
+    require(length >= 0, name, ": expected non-decreasing offsets, got ", name, "[", b + 1, "] = ", values[b + 1],
+            " < ", name, "[", b, "] = ", values[b]);
+    require(length <= max_seqlen, name, ": sequence ", b, " has length ", length, ", more than ", max_name, " = ",
+            max_seqlen);
+  }
+  require(values[batch] <= total, name, "[", batch, "] = ", values[batch], " exceeds the ", total,
+          " rows of the tensor");
+}
+
+void check_options(const fap_options& options, const fap_tensor& q, int64_t batch, int64_t heads_q,
+                   AttentionProblem& problem) {
+  require(!std::isinf(options.softmax_scale), "softmax_scale: expected a finite value, got ", options.softmax_scale);
+  require(std::isfinite(options.softcap) && options.softcap >= 0.0f,
+          "softcap: expected a finite value >= 0 (0 disables), got ", options.softcap);
+  require(std::isfinite(options.dropout_p) && options.dropout_p >= 0.0f && options.dropout_p < 1.0f,
+          "dropout_p: expected a value in [0, 1), got ", options.dropout_p);
+  problem.softmax_scale = std::isnan(options.softmax_scale)
+                              ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(problem.head_dim)))
+                              : options.softmax_scale;
+  problem.softcap = options.softcap;
+  problem.dropout_p = options.dropout_p;
+  problem.dropout_seed = options.dropout_seed;
+  problem.dropout_offset = options.dropout_offset;
+  problem.deterministic = options.deterministic != 0;
+  problem.window = normalize_window(options.window_size_left, options.window_size_right, options.causal != 0,
+                                    problem.seqlen_k);
+
+  const fap_tensor& alibi = options.alibi_slopes;
+  if (!is_present(alibi)) return;
+  const char* name = "alibi_slopes";
+  require(alibi.rank == 1 || alibi.rank == 2, name, ": expected shape (heads) or (batch, heads), got rank ",
+          alibi.rank);
+  if (alibi.rank == 1) {
+    check_layout(alibi, name, 1, "(heads)", {heads_q}, true);
+  } else {
+    check_layout(alibi, name, 2, "(batch, heads)", {batch, heads_q}, true);
+  }
+  check_known_dtype(alibi, name);
+  check_dtype(alibi, name, FAP_DTYPE_FLOAT32);
+  check_same_device(alibi, name, q);
+  problem.alibi_slopes = static_cast<const float*>(alibi.data);
+  problem.alibi_batch_stride = alibi.rank == 2 ? alibi.strides[0] : 0;
+}
+
+void check_lse(const fap_tensor& lse, const char* name, AttentionProblem& problem, const fap_tensor& q) {
+  if (problem.varlen) {
+    check_layout(lse, name, 2, "(heads, total_q)", {problem.heads_q, problem.total_q}, false);
+    problem.lse = {static_cast<float*>(lse.data), 0, lse.strides[0], lse.strides[1]};
+  } else {
+    check_layout(lse, name, 3, "(batch, heads, seqlen_q)", {problem.batch, problem.heads_q, problem.seqlen_q},
+                 false);
+    problem.lse = {static_cast<float*>(lse.data), lse.strides[0], lse.strides[1], lse.strides[2]};
+  }
+  check_known_dtype(lse, name);
+  check_dtype(lse, name, FAP_DTYPE_FLOAT32);
+  check_same_device(lse, name, q);
+}
+
+void check_probs(const fap_tensor& probs, AttentionProblem& problem, const fap_tensor& q) {
+  const char* name = "attn_probs";
+  check_layout(probs, name, 4, "(batch, heads, >= seqlen_q, >= seqlen_k)", {problem.batch, problem.heads_q}, false);
+  require(probs.shape[2] >= problem.seqlen_q && probs.shape[3] >= problem.seqlen_k, name,
+          ": expected at least ", problem.seqlen_q, " rows and ", problem.seqlen_k, " columns, got shape ",
+          describe_shape(probs));
+  check_known_dtype(probs, name);
+  check_dtype(probs, name, q.dtype);
+  check_same_device(probs, name, q);
+  problem.probs = {probs.data,       probs.shape[2],   probs.shape[3],   probs.strides[0],
+                   probs.strides[1], probs.strides[2], probs.strides[3]};
+}
+
+// Reads the sizes from q and k and checks the shared inputs q, k, v and the varlen offsets.
+AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fap_tensor& v,
+                              const fap_tensor& cu_seqlens_q, const fap_tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k, bool varlen) {
+  AttentionProblem problem;
+  problem.varlen = varlen;
+  require(is_present(q), "q: required, got an absent tensor");
+  require(is_present(k), "k: required, got an absent tensor");
+  require(is_present(v), "v: required, got an absent tensor");
+  const int q_rank = varlen ? 3 : 4;
+  require(q.rank == q_rank, "q: expected a rank-", q_rank, " tensor ",
+          varlen ? "(total_q, heads, head_dim)" : "(batch, seqlen_q, heads, head_dim)", ", got rank ", q.rank);
+  require(k.rank == q_rank, "k: expected a rank-", q_rank, " tensor ",
+          varlen ? "(total_k, heads_k, head_dim)" : "(batch, seqlen_k, heads_k, head_dim)", ", got rank ", k.rank);
+  check_known_dtype(q, "q");
+  require(q.dtype != FAP_DTYPE_INT32, "q: expected dtype float16, bfloat16 or float32, got int32");
+  require(q.device_type == FAP_DEVICE_CPU || q.device_type == FAP_DEVICE_CUDA, "q: unknown device type ",
+          static_cast<int>(q.device_type));
+  problem.dtype = q.dtype;
+  problem.device_type = q.device_type;
+  problem.device_index = q.device_type == FAP_DEVICE_CPU ? 0 : q.device_index;
+
+  const int64_t head_dim = q.shape[q_rank - 1];
+  const int64_t heads_q = q.shape[q_rank - 2];
+  const int64_t heads_kv = k.shape[q_rank - 2];
+  require(head_dim >= 1 && head_dim <= kMaxHeadDim, "q: head_dim (last dimension) must be in [1, ", kMaxHeadDim,
+          "], got ", head_dim);
+  require(heads_q >= 1, "q: heads must be >= 1, got ", heads_q);
+  require(heads_kv >= 1, "k: heads_k must be >= 1, got ", heads_kv);
+  require(heads_q % heads_kv == 0, "k: heads_k must divide the ", heads_q, " query heads, got heads_k = ", heads_kv);
+  problem.heads_q = heads_q;
+  problem.heads_kv = heads_kv;
+  problem.head_dim = head_dim;
+
+  if (varlen) {
+    problem.batch = cu_seqlens_q.rank == 1 ? cu_seqlens_q.shape[0] - 1 : 0;
+    require(is_present(cu_seqlens_q) && cu_seqlens_q.rank == 1,
+            "cu_seqlens_q: expected a rank-1 int32 tensor (batch + 1), got ",
+            is_present(cu_seqlens_q) ? concat("rank ", cu_seqlens_q.rank) : std::string("an absent tensor"));
+    require(problem.batch >= 1, "cu_seqlens_q: expected batch + 1 >= 2 entries, got ", cu_seqlens_q.shape[0]);
+    require(max_seqlen_q >= 0, "max_seqlen_q: expected >= 0, got ", max_seqlen_q);
+    require(max_seqlen_k >= 0, "max_seqlen_k: expected >= 0, got ", max_seqlen_k);
+    problem.seqlen_q = max_seqlen_q;
+    problem.seqlen_k = max_seqlen_k;
+    problem.total_q = q.shape[0];
+    problem.total_k = k.shape[0];
+  } else {
+    require(!is_present(cu_seqlens_q) && !is_present(cu_seqlens_k),
+            "cu_seqlens_q/cu_seqlens_k: only varlen calls take them; this dense call got them");
+    problem.batch = q.shape[0];
+    require(problem.batch >= 1, "q: batch size must be positive, got ", problem.batch);
+    problem.seqlen_q = problem.total_q = q.shape[1];
+    problem.seqlen_k = problem.total_k = k.shape[1];
+  }
+  check_operand(q, "q", varlen, {problem.batch, problem.total_q, heads_q, head_dim}, q);
+  check_operand(k, "k", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+  check_operand(v, "v", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+  if (varlen) {
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", problem.batch, problem.total_q, max_seqlen_q, "max_seqlen_q", q);
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", problem.batch, problem.total_k, max_seqlen_k, "max_seqlen_k", q);
+    problem.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data);
+    problem.cu_seqlens_k = static_cast<const int32_t*>(cu_seqlens_k.data);
+  }
+  problem.q = make_operand(q, varlen);
+  problem.k = make_operand(k, varlen);
+  problem.v = make_operand(v, varlen);
+  return problem;
+}
+
+}  // namespace
+
+const char* dtype_name(fap_dtype dtype) {
+  switch (dtype) {
+    case FAP_DTYPE_FLOAT16: return "float16";
+    case FAP_DTYPE_BFLOAT16: return "bfloat16";
+    case FAP_DTYPE_FLOAT32: return "float32";
+    case FAP_DTYPE_INT32: return "int32";
+  }
+  return "unknown";
+}
+
+AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_options& options, bool varlen) {
+  AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
+                                          args.max_seqlen_q, args.max_seqlen_k, varlen);
+  problem.direction = Direction::kForward;
+  require(is_present(args.out), "out: required, got an absent tensor");
+  check_operand(args.out, "out", varlen, {problem.batch, problem.total_q, problem.heads_q, problem.head_dim}, args.q);
+  problem.out = make_operand(args.out, varlen);
+  if (is_present(args.softmax_lse)) check_lse(args.softmax_lse, "softmax_lse", problem, args.q);
+  if (is_present(args.attn_probs)) check_probs(args.attn_probs, problem, args.q);
+  check_options(options, args.q, problem.batch, problem.heads_q, problem);
+  return problem;
+}
+
+AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_options& options, bool varlen) {
+  AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
+                                          args.max_seqlen_q, args.max_seqlen_k, varlen);
+  problem.direction = Direction::kBackward;
+  const OperandShape q_shape{problem.batch, problem.total_q, problem.heads_q, problem.head_dim};
+  const OperandShape k_shape{problem.batch, problem.total_k, problem.heads_kv, problem.head_dim};
+  const struct {
+    const fap_tensor& tensor;
+    const char* name;
+    const OperandShape& shape;
+    Operand& operand;
+  } operands[] = {{args.out, "out", q_shape, problem.out},   {args.dout, "dout", q_shape, problem.dout},
+                  {args.dq, "dq", q_shape, problem.dq},      {args.dk, "dk", k_shape, problem.dk},
+                  {args.dv, "dv", k_shape, problem.dv}};
+  for (const auto& entry : operands) {
+    require(is_present(entry.tensor), entry.name, ": required, got an absent tensor");
+    check_operand(entry.tensor, entry.name, varlen, entry.shape, args.q);
+    entry.operand = make_operand(entry.tensor, varlen);
+  }
+  require(is_present(args.softmax_lse), "softmax_lse: required by the backward (the forward's output), got an "
+                                        "absent tensor");
+  check_lse(args.softmax_lse, "softmax_lse", problem, args.q);
+  check_options(options, args.q, problem.batch, problem.heads_q, problem);
+  return problem;
+}
+
+}  // namespace fap

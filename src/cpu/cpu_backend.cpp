@@ -1,0 +1,157 @@
+// The CPU backend's entry: registration, the fp32 staging of inputs, and the parts of a call common to the
+// forward and the backward.
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+#include "core/backend.h"
+#include "core/half.h"
+#include "src/cpu/cpu_attention.h"
+
+namespace fap::cpu {
+
+int worker_count() { return std::max(1, omp_get_max_threads()); }
+int worker_index() { return omp_get_thread_num(); }
+
+FloatOperand stage_as_float(const AttentionProblem& p, const Operand& operand, int64_t heads, int64_t rows,
+                            WorkspaceCarver& carver) {
+  if (p.dtype == FAP_DTYPE_FLOAT32) {
+    return {static_cast<float*>(operand.data), operand.batch_stride, operand.row_stride, operand.head_stride};
+  }
+  const int64_t slices = p.varlen ? 1 : p.batch;
+  const int64_t d = p.head_dim;
+  FloatOperand staged{carver.take<float>(static_cast<size_t>(slices * rows * heads * d)), p.varlen ? 0 : rows * heads * d,
+                      heads * d, d};
+  if (!staged.data) return staged;
+#pragma omp parallel for num_threads(worker_count()) schedule(static) collapse(2)
+  for (int64_t b = 0; b < slices; ++b)
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t source = b * operand.batch_stride + row * operand.row_stride + h * operand.head_stride;
+        float* target = staged.row(b, row, h);
+        for (int64_t c = 0; c < d; ++c) target[c] = load_as_float(p.dtype, operand.data, source + c);
+      }
+  return staged;
+}
+
+namespace {
+
+// Staged positions: each sequence of the given side starts at a multiple of kPanel.
+StagedOperand plan_staging(const AttentionProblem& p, Side side, WorkspaceCarver& carver, int64_t heads) {
+  StagedOperand staged;
+  staged.head_dim = p.head_dim;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SequenceExtent seq = p.sequence(b);
+    staged.sequence_start.push_back(staged.positions);
+    staged.positions += round_up_to_panel(side == Side::kQuery ? seq.len_q : seq.len_k);
+  }
+  staged.data = carver.take<float>(static_cast<size_t>(heads * staged.positions * round_up_to_panel(p.head_dim)));
+  return staged;
+}
+
+// Calls write(head, staged position, source element offset of the row) for every row of every sequence.
+template <typename Write>
+void for_each_row(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
+                  const StagedOperand& staged, Write&& write) {
+#pragma omp parallel for num_threads(worker_count()) schedule(static) collapse(2)
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      const SequenceExtent seq = p.sequence(b);
+      const int64_t start = side == Side::kQuery ? seq.q_start : seq.k_start;
+      const int64_t length = side == Side::kQuery ? seq.len_q : seq.len_k;
+      for (int64_t row = 0; row < length; ++row) {
+        write(h, staged.sequence_start[b] + row,
+              b * operand.batch_stride + (start + row) * operand.row_stride + h * operand.head_stride);
+      }
+    }
+}
+
+}  // namespace
+
+HeadDimPanels stage_head_dim_panels(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
+                                    WorkspaceCarver& carver) {
+  HeadDimPanels staged{plan_staging(p, side, carver, heads)};
+  if (!staged.data) return staged;
+  const int64_t d = p.head_dim, padded = round_up_to_panel(d);
+  std::fill(staged.data, staged.data + heads * staged.positions * padded, 0.0f);
+  for_each_row(p, operand, heads, side, staged, [&](int64_t h, int64_t position, int64_t source) {
+    float* block = staged.head_block(h);
+    for (int64_t c = 0; c < d; ++c) {
+      block[(c / kPanel) * staged.positions * kPanel + position * kPanel + c % kPanel] =
+          load_as_float(p.dtype, operand.data, source + c);
+    }
+  });
+  return staged;
+}
+
+KeyPanels stage_key_panels(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
+                           WorkspaceCarver& carver) {
+  KeyPanels staged{plan_staging(p, side, carver, heads)};
+  if (!staged.data) return staged;
+  const int64_t d = p.head_dim;
+  std::fill(staged.data, staged.data + heads * staged.positions * round_up_to_panel(d), 0.0f);
+  for_each_row(p, operand, heads, side, staged, [&](int64_t h, int64_t position, int64_t source) {
+    float* panel = staged.head_block(h) + (position / kPanel) * kPanel * d + position % kPanel;
+    for (int64_t c = 0; c < d; ++c) panel[c * kPanel] = load_as_float(p.dtype, operand.data, source + c);
+  });
+  return staged;
+}
+
+namespace {
+
+void zero_rows(const AttentionProblem& p, const Operand& target, int64_t heads, int64_t first, int64_t last) {
+  for (int64_t row = first; row < last; ++row)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t c = 0; c < p.head_dim; ++c)
+        store_from_float(p.dtype, target.data, row * target.row_stride + h * target.head_stride + c, 0.0f);
+}
+
+// Varlen tensors may have rows after the last sequence; they belong to no sequence and get zeros (and an
+// lse of +inf, as an empty row), so that every element of every output is written.
+void clear_rows_after_sequences(const AttentionProblem& p) {
+  if (!p.varlen) return;
+  const int64_t end_q = p.cu_seqlens_q[p.batch], end_k = p.cu_seqlens_k[p.batch];
+  if (p.direction == Direction::kForward) {
+    zero_rows(p, p.out, p.heads_q, end_q, p.total_q);
+    for (int64_t row = end_q; p.lse.data && row < p.total_q; ++row)
+      for (int64_t h = 0; h < p.heads_q; ++h)
+        p.lse.data[h * p.lse.head_stride + row * p.lse.row_stride] = std::numeric_limits<float>::infinity();
+  } else {
+    zero_rows(p, p.dq, p.heads_q, end_q, p.total_q);
+    zero_rows(p, p.dk, p.heads_kv, end_k, p.total_k);
+    zero_rows(p, p.dv, p.heads_kv, end_k, p.total_k);
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  bool usable(std::string*) const override { return true; }
+  bool runs_on(fap_device_type device) const override { return device == FAP_DEVICE_CPU; }
+  std::string unsupported_reason(const AttentionProblem&) const override { return {}; }
+
+  size_t workspace_size(const AttentionProblem& problem) const override {
+    return problem.direction == Direction::kForward ? forward(problem, nullptr) : backward(problem, nullptr);
+  }
+
+  void run(const AttentionProblem& problem, void*, void* workspace, size_t) const override {
+    clear_rows_after_sequences(problem);
+    if (problem.direction == Direction::kForward) {
+      forward(problem, workspace);
+    } else {
+      backward(problem, workspace);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace fap::cpu
+
+namespace fap {
+const Backend& cpu_backend() {
+  static const cpu::CpuBackend backend;
+  return backend;
+}
+}  // namespace fap

@@ -1,0 +1,133 @@
+#include "src/cpu/vector_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "src/cpu/vector_math.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+HWY_BEFORE_NAMESPACE();
+namespace fap::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+float RowMaxImpl(const float* x, size_t n) {
+  const hn::ScalableTag<float> d;
+  const size_t lanes = hn::Lanes(d);
+  auto best = hn::Set(d, -std::numeric_limits<float>::infinity());
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) best = hn::Max(best, hn::LoadU(d, x + i));
+  float result = hn::GetLane(hn::MaxOfLanes(d, best));
+  for (; i < n; ++i) result = std::fmax(result, x[i]);
+  return result;
+}
+
+float ExpShiftedSumImpl(float* x, size_t n, float shift) {
+  const hn::ScalableTag<float> d;
+  const size_t lanes = hn::Lanes(d);
+  const auto shift_v = hn::Set(d, shift);
+  const auto minus_inf = hn::Set(d, -std::numeric_limits<float>::infinity());
+  auto sum = hn::Zero(d);
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    const auto value = hn::LoadU(d, x + i);
+    // Highway's Exp is defined on finite inputs only: masked scores (-inf) are zeroed explicitly.
+    const auto e = hn::IfThenZeroElse(hn::Eq(value, minus_inf), hn::Exp(d, value - shift_v));
+    hn::StoreU(e, d, x + i);
+    sum = sum + e;
+  }
+  float result = hn::GetLane(hn::SumOfLanes(d, sum));
+  for (; i < n; ++i) {
+    x[i] = std::isinf(x[i]) && x[i] < 0 ? 0.0f : std::exp(x[i] - shift);
+    result += x[i];
+  }
+  return result;
+}
+
+void ScaleAndSoftcapImpl(float* x, size_t n, float scale, float softcap) {
+  const hn::ScalableTag<float> d;
+  const size_t lanes = hn::Lanes(d);
+  size_t i = 0;
+  if (softcap > 0.0f) {
+    const auto pre = hn::Set(d, scale / softcap), cap = hn::Set(d, softcap);
+    for (; i + lanes <= n; i += lanes) hn::StoreU(cap * hn::Tanh(d, hn::LoadU(d, x + i) * pre), d, x + i);
+    for (; i < n; ++i) x[i] = softcap * std::tanh(x[i] * (scale / softcap));
+  } else {
+    const auto factor = hn::Set(d, scale);
+    for (; i + lanes <= n; i += lanes) hn::StoreU(hn::LoadU(d, x + i) * factor, d, x + i);
+    for (; i < n; ++i) x[i] *= scale;
+  }
+}
+
+float DotImpl(const float* a, const float* b, size_t n) {
+  const hn::ScalableTag<float> d;
+  const size_t lanes = hn::Lanes(d);
+  auto sum = hn::Zero(d);
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) sum = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), sum);
+  float result = hn::GetLane(hn::SumOfLanes(d, sum));
+  for (; i < n; ++i) result += a[i] * b[i];
+  return result;
+}
+
+void SoftmaxGradImpl(float* dp, const float* p, const float* capped, size_t n, float row_dot, float scale,
+                     float softcap) {
+  const hn::ScalableTag<float> d;
+  const size_t lanes = hn::Lanes(d);
+  const auto row_dot_v = hn::Set(d, row_dot), scale_v = hn::Set(d, scale), one = hn::Set(d, 1.0f);
+  const auto inv_cap = hn::Set(d, softcap > 0.0f ? 1.0f / softcap : 0.0f);
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    auto grad = hn::LoadU(d, p + i) * (hn::LoadU(d, dp + i) - row_dot_v) * scale_v;
+    if (softcap > 0.0f) {
+      const auto t = hn::LoadU(d, capped + i) * inv_cap;
+      // Masked entries have p = 0 and no capped score: select 0 rather than multiply by it.
+      grad = hn::IfThenZeroElse(hn::Eq(hn::LoadU(d, p + i), hn::Zero(d)), grad * hn::NegMulAdd(t, t, one));
+    }
+    hn::StoreU(grad, d, dp + i);
+  }
+  for (; i < n; ++i) {
+    float grad = p[i] * (dp[i] - row_dot) * scale;
+    if (softcap > 0.0f) {
+      const float t = capped[i] / softcap;
+      grad = p[i] == 0.0f ? 0.0f : grad * (1.0f - t * t);
+    }
+    dp[i] = grad;
+  }
+}
+
+}  // namespace fap::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace fap::cpu {
+
+HWY_EXPORT(RowMaxImpl);
+HWY_EXPORT(ExpShiftedSumImpl);
+HWY_EXPORT(ScaleAndSoftcapImpl);
+HWY_EXPORT(DotImpl);
+HWY_EXPORT(SoftmaxGradImpl);
+
+float row_max(const float* x, size_t n) { return HWY_DYNAMIC_DISPATCH(RowMaxImpl)(x, n); }
+float exp_shifted_sum(float* x, size_t n, float shift) {
+  if (std::isinf(shift) && shift > 0) {  // the lse of an empty row: every probability is 0
+    std::fill(x, x + n, 0.0f);
+    return 0.0f;
+  }
+  return HWY_DYNAMIC_DISPATCH(ExpShiftedSumImpl)(x, n, shift);
+}
+void scale_and_softcap(float* x, size_t n, float scale, float softcap) {
+  HWY_DYNAMIC_DISPATCH(ScaleAndSoftcapImpl)(x, n, scale, softcap);
+}
+void scale_in_place(float* x, size_t n, float factor) { scale_and_softcap(x, n, factor, 0.0f); }
+float dot(const float* a, const float* b, size_t n) { return HWY_DYNAMIC_DISPATCH(DotImpl)(a, b, n); }
+void softmax_grad(float* dp, const float* p, const float* capped, size_t n, float row_dot, float scale,
+                  float softcap) {
+  HWY_DYNAMIC_DISPATCH(SoftmaxGradImpl)(dp, p, capped, n, row_dot, scale, softcap);
+}
+
+}  // namespace fap::cpu
+#endif  // HWY_ONCE

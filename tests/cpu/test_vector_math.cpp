@@ -1,0 +1,81 @@
+// The vectorised row operations against plain scalar loops, at lengths around every vector width.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "src/cpu/vector_math.h"
+
+namespace fap::cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+std::vector<float> random_row(size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> row(n);
+  for (float& x : row) x = normal(rng);
+  return row;
+}
+
+TEST(VectorMath, RowMaxAndExpSumMatchScalarCode) {
+  for (size_t n = 0; n < 70; ++n) {
+    std::vector<float> row = random_row(n, static_cast<unsigned>(n));
+    if (n > 3) row[2] = -kInf;  // a masked key
+    float expected_max = -kInf;
+    for (float x : row) expected_max = std::fmax(expected_max, x);
+    EXPECT_EQ(row_max(row.data(), n), expected_max);
+    if (n == 0) continue;
+    std::vector<double> expected(n);
+    double expected_sum = 0.0;
+    for (size_t i = 0; i < n; ++i) expected_sum += expected[i] = std::exp(double{row[i]} - expected_max);
+    const float sum = exp_shifted_sum(row.data(), n, expected_max);
+    EXPECT_NEAR(sum, expected_sum, 1e-6 * expected_sum);
+    for (size_t i = 0; i < n; ++i) EXPECT_NEAR(row[i], expected[i], 2e-7 + 1e-6 * expected[i]);
+    if (n > 3) {
+      EXPECT_EQ(row[2], 0.0f);
+    }
+  }
+}
+
+TEST(VectorMath, EmptyRowShiftGivesZeros) {
+  std::vector<float> row = random_row(13, 1);
+  EXPECT_EQ(exp_shifted_sum(row.data(), row.size(), kInf), 0.0f);
+  for (float x : row) EXPECT_EQ(x, 0.0f);
+}
+
+TEST(VectorMath, SoftcapAndScale) {
+  for (size_t n : {1u, 7u, 8u, 17u, 33u}) {
+    std::vector<float> row = random_row(n, 3), capped = row;
+    scale_and_softcap(capped.data(), n, 0.5f, 2.0f);
+    for (size_t i = 0; i < n; ++i) EXPECT_NEAR(capped[i], 2.0 * std::tanh(row[i] * 0.25), 1e-6);
+    std::vector<float> scaled = row;
+    scale_in_place(scaled.data(), n, 3.0f);
+    for (size_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(scaled[i], row[i] * 3.0f);
+  }
+}
+
+TEST(VectorMath, DotAndSoftmaxGrad) {
+  for (size_t n : {1u, 9u, 16u, 31u}) {
+    const std::vector<float> a = random_row(n, 5), b = random_row(n, 6);
+    double expected = 0.0;
+    for (size_t i = 0; i < n; ++i) expected += double{a[i]} * b[i];
+    EXPECT_NEAR(dot(a.data(), b.data(), n), expected, 1e-4);
+
+    std::vector<float> p(n), capped = random_row(n, 7), dp = b;
+    for (size_t i = 0; i < n; ++i) p[i] = i % 3 == 0 ? 0.0f : std::fabs(a[i]) / 10.0f;
+    for (size_t i = 0; i < n; i += 3) capped[i] = -kInf;  // masked: p = 0 and capped = -inf
+    softmax_grad(dp.data(), p.data(), capped.data(), n, 0.25f, 0.5f, 4.0f);
+    for (size_t i = 0; i < n; ++i) {
+      const double t = capped[i] / 4.0;
+      const double want = p[i] == 0.0f ? 0.0 : p[i] * (b[i] - 0.25) * 0.5 * (1.0 - t * t);
+      EXPECT_NEAR(dp[i], want, 1e-5) << i;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fap::cpu
