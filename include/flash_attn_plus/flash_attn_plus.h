@@ -58,11 +58,13 @@ typedef enum fap_device_type { FAP_DEVICE_CPU = 0, FAP_DEVICE_CUDA = 1 } fap_dev
 
 #define FAP_MAX_RANK 4
 
-/* A strided view of memory the caller owns. A tensor whose data is NULL is "absent" (optional ones). */
+/* A strided view of memory the caller owns. A tensor whose data is NULL is "absent" (optional ones).
+ * dtype and device_type hold fap_dtype and fap_device_type values in fixed-size fields, so that any value a
+ * caller passes can be checked (and rejected) without undefined behaviour. */
 typedef struct fap_tensor {
   void* data;
-  fap_dtype dtype;
-  fap_device_type device_type;
+  int32_t dtype;       /* fap_dtype */
+  int32_t device_type; /* fap_device_type */
   int32_t device_index;
   int32_t rank;
   int64_t shape[FAP_MAX_RANK];

@@ -21,7 +21,7 @@ std::string describe_shape(const fap_tensor& t) {
   return text + ")";
 }
 
-std::string device_name(fap_device_type type, int32_t index) {
+std::string device_name(int32_t type, int32_t index) {
   return type == FAP_DEVICE_CPU ? std::string("cpu") : concat("cuda:", index);
 }
 
@@ -65,13 +65,13 @@ void check_layout(const fap_tensor& t, const char* name, int rank, const char* l
           " elements");
 }
 
-void check_dtype(const fap_tensor& t, const char* name, fap_dtype expected) {
+void check_dtype(const fap_tensor& t, const char* name, int32_t expected) {
   require(t.dtype == expected, name, ": expected dtype ", dtype_name(expected), ", got ", dtype_name(t.dtype));
 }
 
 void check_same_device(const fap_tensor& t, const char* name, const fap_tensor& q) {
   require(t.device_type == FAP_DEVICE_CPU || t.device_type == FAP_DEVICE_CUDA, name,
-          ": unknown device type ", static_cast<int>(t.device_type));
+          ": unknown device type ", t.device_type);
   require(t.device_type == q.device_type && (t.device_type == FAP_DEVICE_CPU || t.device_index == q.device_index),
           name, ": expected a tensor on ", device_name(q.device_type, q.device_index), " like q, got ",
           device_name(t.device_type, t.device_index));
@@ -80,7 +80,7 @@ void check_same_device(const fap_tensor& t, const char* name, const fap_tensor& 
 void check_known_dtype(const fap_tensor& t, const char* name) {
   const bool known = t.dtype == FAP_DTYPE_FLOAT16 || t.dtype == FAP_DTYPE_BFLOAT16 ||
                      t.dtype == FAP_DTYPE_FLOAT32 || t.dtype == FAP_DTYPE_INT32;
-  require(known, name, ": unknown dtype ", static_cast<int>(t.dtype));
+  require(known, name, ": unknown dtype ", t.dtype);
 }
 
 Operand make_operand(const fap_tensor& t, bool varlen) {
@@ -217,9 +217,9 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
   check_known_dtype(q, "q");
   require(q.dtype != FAP_DTYPE_INT32, "q: expected dtype float16, bfloat16 or float32, got int32");
   require(q.device_type == FAP_DEVICE_CPU || q.device_type == FAP_DEVICE_CUDA, "q: unknown device type ",
-          static_cast<int>(q.device_type));
-  problem.dtype = q.dtype;
-  problem.device_type = q.device_type;
+          q.device_type);
+  problem.dtype = static_cast<fap_dtype>(q.dtype);
+  problem.device_type = static_cast<fap_device_type>(q.device_type);
   problem.device_index = q.device_type == FAP_DEVICE_CPU ? 0 : q.device_index;
 
   const int64_t head_dim = q.shape[q_rank - 1];
@@ -271,7 +271,7 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
 
 }  // namespace
 
-const char* dtype_name(fap_dtype dtype) {
+const char* dtype_name(int32_t dtype) {
   switch (dtype) {
     case FAP_DTYPE_FLOAT16: return "float16";
     case FAP_DTYPE_BFLOAT16: return "bfloat16";

@@ -10,6 +10,6 @@ namespace fap {
 AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_options& options, bool varlen);
 AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_options& options, bool varlen);
 
-const char* dtype_name(fap_dtype dtype);
+const char* dtype_name(int32_t dtype);
 
 }  // namespace fap

@@ -94,7 +94,7 @@ void accumulate_tile(const AttentionProblem& p, const BackwardInputs& in, const 
     const int64_t row = row_begin + r;
     transform_score_row(p, tile, row, probs, p.softcap > 0.0f ? s.capped + r * kBlockN : nullptr);
     // P = exp(score - lse); an empty row has lse = +inf and so P = 0.
-    exp_shifted_sum(probs, static_cast<size_t>(n), lse_at(p, b, head, seq.q_start + row));
+    exp_affine_sum(probs, static_cast<size_t>(n), exp_scale(p), lse_at(p, b, head, seq.q_start + row));
     if (dropout) {
       dropout_multipliers(p, tile, row, s.multipliers);
       float* dropped = s.p_dropped + r * kBlockN;

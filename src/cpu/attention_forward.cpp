@@ -51,9 +51,10 @@ void write_probs_tile(const AttentionProblem& p, const TileCoordinates& tile, in
     float* scores = s.scores + r * kBlockN;
     const int64_t row = row_begin + r;
     const bool any = transform_score_row(p, tile, row, scores);
-    const float shift = s.row_max[r];
-    if (!any || shift == kMinusInf) continue;  // the tensor was zero-filled
-    exp_shifted_sum(scores, static_cast<size_t>(tile.key_count), shift);
+    const float row_max_value = s.row_max[r];
+    if (!any || row_max_value == kMinusInf) continue;  // the tensor was zero-filled
+    const float scale = exp_scale(p);
+    exp_affine_sum(scores, static_cast<size_t>(tile.key_count), scale, scale * row_max_value);
     if (p.dropout_p > 0.0f) dropout_multipliers(p, tile, row, s.multipliers);
     const int64_t base = tile.batch * p.probs.batch_stride + tile.head * p.probs.head_stride + row * p.probs.row_stride;
     for (int64_t c = 0; c < tile.key_count; ++c) {
@@ -83,6 +84,7 @@ void attend_query_block(const AttentionProblem& p, const ForwardInputs& in, int6
   std::fill(s.row_max, s.row_max + rows, kMinusInf);
   std::fill(s.row_sum, s.row_sum + rows, 0.0f);
 
+  const float scale = exp_scale(p);  // scores and row maxima are in units of scale
   const KeyRange keys = tile_key_range(p, seq, row_begin, row_begin + rows);
   // Tiles start on panel boundaries of the staged keys; keys before keys.begin are masked like any other.
   const int64_t first_key = keys.begin - keys.begin % kPanel;
@@ -96,10 +98,12 @@ void attend_query_block(const AttentionProblem& p, const ForwardInputs& in, int6
         continue;
       }
       const float new_max = std::max(s.row_max[r], row_max(scores, static_cast<size_t>(tile.key_count)));
-      const float correction = std::exp(s.row_max[r] - new_max);  // 0 on the first visited tile
-      s.row_sum[r] = s.row_sum[r] * correction + exp_shifted_sum(scores, static_cast<size_t>(tile.key_count), new_max);
+      const float correction = std::exp(scale * (s.row_max[r] - new_max));  // 0 on the first visited tile
+      const float tile_sum = exp_affine_sum(scores, static_cast<size_t>(tile.key_count), scale, scale * new_max);
+      s.row_sum[r] = s.row_sum[r] * correction + tile_sum;
       s.row_max[r] = new_max;
-      scale_in_place(s.acc + r * ld, static_cast<size_t>(d), correction);
+      // Once the row maximum settles, most tiles leave it unchanged: no rescaling then.
+      if (correction != 1.0f) scale_in_place(s.acc + r * ld, static_cast<size_t>(d), correction);
       if (p.dropout_p > 0.0f) {
         dropout_multipliers(p, tile, row_begin + r, s.multipliers);
         for (int64_t c = 0; c < tile.key_count; ++c) scores[c] *= s.multipliers[c];
@@ -115,7 +119,8 @@ void attend_query_block(const AttentionProblem& p, const ForwardInputs& in, int6
     const int64_t offset = b * p.out.batch_stride + (seq.q_start + row) * p.out.row_stride + head * p.out.head_stride;
     for (int64_t c = 0; c < d; ++c) store_from_float(p.dtype, p.out.data, offset + c, s.acc[r * ld + c] * inverse);
     if (p.lse.data) {
-      const float lse = empty ? std::numeric_limits<float>::infinity() : s.row_max[r] + std::log(s.row_sum[r]);
+      const float lse =
+          empty ? std::numeric_limits<float>::infinity() : scale * s.row_max[r] + std::log(s.row_sum[r]);
       p.lse.data[b * p.lse.batch_stride + head * p.lse.head_stride + (seq.q_start + row) * p.lse.row_stride] = lse;
     }
   }

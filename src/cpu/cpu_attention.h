@@ -13,7 +13,7 @@
 namespace fap::cpu {
 
 constexpr int64_t kBlockM = 64;   // query rows per tile
-constexpr int64_t kBlockN = 128;  // keys per tile (a multiple of kPanel)
+constexpr int64_t kBlockN = 256;  // keys per tile (a multiple of kPanel)
 
 // A (batch, row, head, dim) operand in fp32: the caller's tensor when it is fp32, else a converted copy.
 struct FloatOperand {

@@ -9,6 +9,11 @@
 
 namespace fap::cpu {
 
+float exp_scale(const AttentionProblem& problem) {
+  const bool plain = problem.softcap == 0.0f && !problem.alibi_slopes && problem.softmax_scale > 0.0f;
+  return plain ? problem.softmax_scale : 1.0f;
+}
+
 bool transform_score_row(const AttentionProblem& problem, const TileCoordinates& tile, int64_t row, float* scores,
                          float* capped) {
   const SequenceExtent& seq = tile.sequence;
@@ -20,7 +25,9 @@ bool transform_score_row(const AttentionProblem& problem, const TileCoordinates&
     std::fill(scores, scores + tile.key_count, kMasked);
     return false;
   }
-  scale_and_softcap(scores + begin, static_cast<size_t>(end - begin), problem.softmax_scale, problem.softcap);
+  if (exp_scale(problem) == 1.0f) {
+    scale_and_softcap(scores + begin, static_cast<size_t>(end - begin), problem.softmax_scale, problem.softcap);
+  }
   if (capped) std::copy(scores + begin, scores + end, capped + begin);
   std::fill(scores, scores + begin, kMasked);
   std::fill(scores + end, scores + tile.key_count, kMasked);

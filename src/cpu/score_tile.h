@@ -16,7 +16,12 @@ struct TileCoordinates {
   int64_t key_begin, key_count;  // keys [key_begin, key_begin + key_count) of the tile
 };
 
-// Raw products of row `row` in, scores out (in place). Returns false when the row has no allowed key in
+// Plain scores (no softcap, no ALiBi, positive scale) stay raw products: the softmax applies the scale
+// inside its exponential, exp(scale * x - scale * max), saving a pass over the tile. Returns the factor
+// exponentials take: the softmax scale for plain scores, 1 for transformed ones.
+float exp_scale(const AttentionProblem& problem);
+
+// Raw products of row `row` in, scores (or masked raw products, see exp_scale) out, in place. Returns false when the row has no allowed key in
 // the tile (all -inf). When capped is given it receives the scores after softcap and before the mask and
 // ALiBi: the softcap derivative of the backward needs them.
 bool transform_score_row(const AttentionProblem& problem, const TileCoordinates& tile, int64_t row, float* scores,

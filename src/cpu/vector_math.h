@@ -9,8 +9,9 @@ namespace fap::cpu {
 
 // max(x[0..n)); -inf for n == 0.
 float row_max(const float* x, size_t n);
-// x[i] = exp(x[i] - shift) (exactly 0 where x[i] = -inf); returns the sum of the new x.
-float exp_shifted_sum(float* x, size_t n, float shift);
+// x[i] = exp(scale * x[i] - shift) (exactly 0 where x[i] = -inf, and everywhere when shift = +inf);
+// returns the sum of the new x.
+float exp_affine_sum(float* x, size_t n, float scale, float shift);
 // x[i] = softcap > 0 ? softcap * tanh(x[i] * scale / softcap) : x[i] * scale.
 void scale_and_softcap(float* x, size_t n, float scale, float softcap);
 // x[i] *= factor.

@@ -32,7 +32,7 @@ TEST(VectorMath, RowMaxAndExpSumMatchScalarCode) {
     std::vector<double> expected(n);
     double expected_sum = 0.0;
     for (size_t i = 0; i < n; ++i) expected_sum += expected[i] = std::exp(double{row[i]} - expected_max);
-    const float sum = exp_shifted_sum(row.data(), n, expected_max);
+    const float sum = exp_affine_sum(row.data(), n, 1.0f, expected_max);
     EXPECT_NEAR(sum, expected_sum, 1e-6 * expected_sum);
     for (size_t i = 0; i < n; ++i) EXPECT_NEAR(row[i], expected[i], 2e-7 + 1e-6 * expected[i]);
     if (n > 3) {
@@ -41,9 +41,20 @@ TEST(VectorMath, RowMaxAndExpSumMatchScalarCode) {
   }
 }
 
+TEST(VectorMath, ExpAffineSumAppliesTheScaleInside) {
+  for (size_t n : {1u, 8u, 19u, 40u}) {
+    std::vector<float> row = random_row(n, 9);
+    const std::vector<float> original = row;
+    double expected = 0.0;
+    for (float x : original) expected += std::exp(0.3 * x - 1.25);
+    EXPECT_NEAR(exp_affine_sum(row.data(), n, 0.3f, 1.25f), expected, 1e-6 * expected);
+    for (size_t i = 0; i < n; ++i) EXPECT_NEAR(row[i], std::exp(0.3 * original[i] - 1.25), 1e-6 * row[i]);
+  }
+}
+
 TEST(VectorMath, EmptyRowShiftGivesZeros) {
   std::vector<float> row = random_row(13, 1);
-  EXPECT_EQ(exp_shifted_sum(row.data(), row.size(), kInf), 0.0f);
+  EXPECT_EQ(exp_affine_sum(row.data(), row.size(), 0.5f, kInf), 0.0f);
   for (float x : row) EXPECT_EQ(x, 0.0f);
 }
 
