@@ -1,0 +1,192 @@
+// The JIT cache with a stand-in compiler (no NVRTC needed), and one real NVRTC compilation when NVRTC is
+// present (it needs no GPU).
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "src/cuda/cuda_api.h"
+#include "src/cuda/jit_cache.h"
+
+namespace fap::cuda {
+namespace {
+
+// A cache directory of this test alone, removed afterwards.
+struct ScratchDirectory {
+  std::string path;
+  explicit ScratchDirectory(const std::string& label)
+      : path("/tmp/fap_jit_test_" + std::to_string(getpid()) + "_" + label) {
+    remove_tree();
+  }
+  ~ScratchDirectory() { remove_tree(); }
+  void remove_tree() const {
+    if (std::system(("rm -rf '" + path + "'").c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", path.c_str());
+  }
+};
+
+struct CountingCompiler {
+  std::atomic<int> calls{0};
+  Compiler compiler() {
+    return {"stand-in-1", [this](const CompileRequest& request) {
+              ++calls;
+              return "CUBIN(" + request.name + "|" + request.arch + "|" + request.source + ")";
+            }};
+  }
+};
+
+CompileRequest request(const std::string& define = "-DHEAD_DIM=128") {
+  return {"attention_fwd_test", "__global__ void k() {}", {define}, "sm_90a"};
+}
+
+TEST(JitCache, CompilesOnceThenHitsMemoryAndDisk) {
+  const ScratchDirectory scratch("hits");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  KernelCache first(counting.compiler(), dir);
+  const std::string cubin = first.cubin(request());
+  EXPECT_EQ(first.cubin(request()), cubin);
+  EXPECT_EQ(counting.calls, 1);
+  KernelCache second(counting.compiler(), dir);  // a new process, as far as the cache can tell
+  EXPECT_EQ(second.cubin(request()), cubin);
+  EXPECT_EQ(counting.calls, 1);
+  EXPECT_EQ(second.compilations(), 0);
+}
+
+TEST(JitCache, EveryPartOfTheKeyMatters) {
+  const ScratchDirectory scratch("keys");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  KernelCache cache(counting.compiler(), dir);
+  cache.cubin(request());
+  cache.cubin(request("-DHEAD_DIM=64"));
+  CompileRequest other_arch = request();
+  other_arch.arch = "sm_80";
+  cache.cubin(other_arch);
+  CompileRequest other_source = request();
+  other_source.source += " // changed";
+  cache.cubin(other_source);
+  EXPECT_EQ(counting.calls, 4);
+  Compiler newer = counting.compiler();
+  newer.identity = "stand-in-2";
+  KernelCache upgraded(newer, dir);
+  upgraded.cubin(request());
+  EXPECT_EQ(counting.calls, 5);
+}
+
+TEST(JitCache, CorruptOrTruncatedEntriesAreRebuilt) {
+  const ScratchDirectory scratch("corrupt");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  const std::string good = KernelCache(counting.compiler(), dir).cubin(request());
+  const std::string path = KernelCache(counting.compiler(), dir).file_for(request());
+  std::string contents;
+  {
+    std::ifstream in(path, std::ios::binary);
+    contents.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  for (const std::string& damaged : {contents.substr(0, contents.size() - 3),       // truncated
+                                     contents.substr(0, contents.size() - 1) + "X",  // flipped byte
+                                     std::string("garbage"), std::string()}) {
+    {
+      std::ofstream out(path, std::ios::binary | std::ios::trunc);
+      out << damaged;
+    }
+    const int before = counting.calls;
+    KernelCache cache(counting.compiler(), dir);
+    EXPECT_EQ(cache.cubin(request()), good);
+    EXPECT_EQ(counting.calls, before + 1);
+    EXPECT_EQ(KernelCache(counting.compiler(), dir).cubin(request()), good);  // repaired on disk
+    EXPECT_EQ(counting.calls, before + 1);
+  }
+}
+
+TEST(JitCache, ReadOnlyDirectoryFallsBackToMemory) {
+  if (geteuid() == 0) {
+    // root ignores permission bits: use a path below a regular file, which no one can create.
+    CountingCompiler counting;
+    KernelCache cache(counting.compiler(), "/etc/hostname/cache");
+    EXPECT_FALSE(cache.disk_problem().empty());
+    cache.cubin(request());
+    cache.cubin(request());
+    EXPECT_EQ(counting.calls, 1);
+    return;
+  }
+  const ScratchDirectory scratch("readonly");
+  const std::string& dir = scratch.path;
+  mkdir(dir.c_str(), 0555);
+  CountingCompiler counting;
+  KernelCache cache(counting.compiler(), dir);
+  EXPECT_NE(cache.disk_problem(), "");
+  cache.cubin(request());
+  cache.cubin(request());
+  EXPECT_EQ(counting.calls, 1);
+}
+
+TEST(JitCache, ConcurrentWritersLeaveOneValidEntry) {
+  const ScratchDirectory scratch("concurrent");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  std::vector<std::thread> writers;
+  std::vector<std::string> results(8);
+  for (int i = 0; i < 8; ++i) {
+    writers.emplace_back([&, i] { results[i] = KernelCache(counting.compiler(), dir).cubin(request()); });
+  }
+  for (std::thread& writer : writers) writer.join();
+  for (const std::string& result : results) EXPECT_EQ(result, results[0]);
+  const int before = counting.calls;
+  EXPECT_EQ(KernelCache(counting.compiler(), dir).cubin(request()), results[0]);
+  EXPECT_EQ(counting.calls, before) << "the entry on disk must be complete and valid";
+}
+
+TEST(JitCache, CompilerErrorsCarryTheLog) {
+  const ScratchDirectory scratch("errors");
+  const std::string& dir = scratch.path;
+  Compiler failing{"failing", [](const CompileRequest&) -> std::string {
+                     fail(FAP_ERROR_DEVICE, "nvrtcCompileProgram: error\nline 3: expected ';'");
+                   }};
+  KernelCache cache(failing, dir);
+  try {
+    cache.cubin(request());
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.status(), FAP_ERROR_DEVICE);
+    EXPECT_NE(std::string(error.what()).find("expected ';'"), std::string::npos);
+  }
+}
+
+TEST(JitCache, RealNvrtcCompilesForAmpereAndHopper) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  const ScratchDirectory scratch("nvrtc");
+  const std::string& dir = scratch.path;
+  KernelCache cache(nvrtc_compiler(), dir);
+  CompileRequest add{"add_one",
+                     "extern \"C\" __global__ void add_one(float* x, int n) {\n"
+                     "  int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+                     "  if (i < n) x[i] += 1.0f;\n"
+                     "}\n",
+                     {},
+                     "sm_80"};
+  const std::string ampere = cache.cubin(add);
+  ASSERT_GT(ampere.size(), 4u);
+  EXPECT_EQ(ampere.substr(1, 3), "ELF");
+  add.arch = "sm_90a";
+  EXPECT_EQ(cache.cubin(add).substr(1, 3), "ELF");
+  CompileRequest broken = add;
+  broken.source = "__global__ void broken( {";
+  try {
+    cache.cubin(broken);
+    FAIL() << "expected a compile error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("nvrtcCompileProgram(add_one"), std::string::npos) << error.what();
+  }
+}
+
+}  // namespace
+}  // namespace fap::cuda
