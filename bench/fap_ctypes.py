@@ -7,7 +7,7 @@ import ctypes
 import os
 
 MAX_RANK = 4
-DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2}
+DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2, "int32": 3}
 
 
 class Tensor(ctypes.Structure):

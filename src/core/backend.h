@@ -33,5 +33,6 @@ std::string selected_backend();
 
 // Backend factories, one per backend directory.
 const Backend& cpu_backend();
+const Backend& cuda_backend();
 
 }  // namespace fap

@@ -41,7 +41,7 @@ std::string device_label(fap_device_type device) { return device == FAP_DEVICE_C
 }  // namespace
 
 const std::vector<const Backend*>& all_backends() {
-  static const std::vector<const Backend*> backends = {&cpu_backend()};
+  static const std::vector<const Backend*> backends = {&cuda_backend(), &cpu_backend()};
   return backends;
 }
 

@@ -1,0 +1,78 @@
+#include "src/cuda/attention_config.h"
+
+#include "core/error.h"
+
+namespace fap::cuda {
+
+std::string ForwardConfig::name() const {
+  std::string text = concat("attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
+                            "_w", warps);
+  if (window) text += "_window";
+  if (softcap) text += "_softcap";
+  if (alibi) text += "_alibi";
+  if (dropout) text += "_dropout";
+  return text;
+}
+
+std::vector<std::string> ForwardConfig::defines() const {
+  return {concat("-DFAP_HEAD_DIM=", head_dim), concat("-DFAP_BLOCK_M=", block_m), concat("-DFAP_BLOCK_N=", block_n),
+          concat("-DFAP_WARPS=", warps),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
+          concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
+}
+
+int ForwardConfig::shared_bytes() const {
+  // Q tile plus two stages of K and V tiles, rows padded by 8 elements of 2 bytes.
+  return (block_m + 4 * block_n) * (head_dim + 8) * 2;
+}
+
+namespace {
+
+// Tile shape per head dim: one warp per 16 query rows; the key tile shrinks as the head dim grows so
+// that the accumulators (head_dim / 2 floats per thread for O, block_n / 2 for S) stay in registers.
+void set_tiles(ForwardConfig& config) {
+  if (config.head_dim <= 64) {
+    config.block_m = 128, config.block_n = 64, config.warps = 8;
+  } else if (config.head_dim <= 128) {
+    config.block_m = 128, config.block_n = 64, config.warps = 8;
+  } else {
+    config.block_m = 64, config.block_n = 32, config.warps = 4;
+  }
+}
+
+}  // namespace
+
+ForwardConfig choose_forward_config(const AttentionProblem& problem, int) {
+  ForwardConfig config;
+  config.bf16 = problem.dtype == FAP_DTYPE_BFLOAT16;
+  config.head_dim = static_cast<int>((problem.head_dim + 15) / 16 * 16);
+  config.softcap = problem.softcap > 0.0f;
+  config.alibi = problem.alibi_slopes != nullptr;
+  config.dropout = problem.dropout_p > 0.0f;
+  config.window = problem.window.active();
+  set_tiles(config);
+  return config;
+}
+
+std::vector<ForwardConfig> all_forward_configs() {
+  std::vector<ForwardConfig> configs;
+  for (int bf16 = 0; bf16 < 2; ++bf16)
+    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
+      for (int features = 0; features < 16; ++features) {
+        ForwardConfig config;
+        config.bf16 = bf16 != 0;
+        config.head_dim = head_dim;
+        config.window = features & 1;
+        config.softcap = features & 2;
+        config.alibi = features & 4;
+        config.dropout = features & 8;
+        set_tiles(config);
+        configs.push_back(config);
+      }
+  return configs;
+}
+
+std::string nvrtc_arch(int compute_capability) {
+  return concat("sm_", compute_capability, compute_capability == 90 ? "a" : "");
+}
+
+}  // namespace fap::cuda

@@ -1,0 +1,303 @@
+// Attention forward for sm_80+ (FlashAttention-2's algorithm on tensor cores): one CTA per (block of
+// BLOCK_M query rows, batch, head), one warp per 16 rows. Key/value tiles of BLOCK_N rows are brought into
+// shared memory with cp.async (two stages, the next tile loading while this one is computed); S = Q K^T and
+// O += P V run on mma.sync.m16n8k16 with fp32 accumulation; the online softmax works in the base-2 domain
+// on the accumulator registers.
+//
+// Compile-time configuration (defines, set by the host's KernelConfig):
+//   FAP_HEAD_DIM  head dim rounded up to a multiple of 16     FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS
+//   FAP_BF16      1: bfloat16, 0: float16                      FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW
+// Needs philox.h, mask.h and attention_params.cuh before it (the host concatenates the sources).
+
+#define FAP_STRIDE (FAP_HEAD_DIM + 8)  // shared-memory row stride in halves: +16 bytes avoids bank conflicts
+#define FAP_INFINITY __int_as_float(0x7f800000)  // no math.h under NVRTC
+
+namespace fap {
+
+#if FAP_BF16
+typedef unsigned short storage_t;
+__device__ __forceinline__ float to_float(storage_t x) { return __uint_as_float(((unsigned int)x) << 16); }
+__device__ __forceinline__ storage_t from_float(float x) {
+  unsigned int bits = __float_as_uint(x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (storage_t)((bits >> 16) | 0x40u);
+  return (storage_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  unsigned int result;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(result) : "f"(hi), "f"(lo));
+  return result;
+}
+#define FAP_MMA_TYPES "bf16.bf16"
+#else
+typedef unsigned short storage_t;
+__device__ __forceinline__ float to_float(storage_t x) {
+  float result;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(x));
+  return result;
+}
+__device__ __forceinline__ storage_t from_float(float x) {
+  storage_t result;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result) : "f"(x));
+  return result;
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  unsigned int result;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(result) : "f"(hi), "f"(lo));
+  return result;
+}
+#define FAP_MMA_TYPES "f16.f16"
+#endif
+
+__device__ __forceinline__ unsigned int shared_address(const void* pointer) {
+  return (unsigned int)__cvta_generic_to_shared(pointer);
+}
+
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+
+// D (16x8 fp32) += A (16x16) * B (16x8).
+__device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." FAP_MMA_TYPES ".f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copies rows [first, first + count) x head_dim of a (row, dim) operand into a shared tile of
+// `rows` rows, zero-filling rows beyond count and columns beyond head_dim.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(storage_t* tile, const storage_t* base, long long row_stride, int count,
+                                          const AttentionFwdParams& p) {
+  const int chunks_per_row = FAP_HEAD_DIM / 8;
+  for (int chunk = threadIdx.x; chunk < ROWS * chunks_per_row; chunk += FAP_WARPS * 32) {
+    const int row = chunk / chunks_per_row, col = (chunk % chunks_per_row) * 8;
+    storage_t* target = tile + row * FAP_STRIDE + col;
+    const storage_t* source = base + row * row_stride + col;
+    if (p.vector_loads && row < count && col + 8 <= p.head_dim) {
+      cp_async_16(target, source);
+    } else {
+      for (int e = 0; e < 8; ++e) target[e] = (row < count && col + e < p.head_dim) ? source[e] : (storage_t)0;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32)
+    attention_fwd(const AttentionFwdParams p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
+  storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;         // 2 stages
+  storage_t* v_tiles = k_tiles + 2 * FAP_BLOCK_N * FAP_STRIDE;    // 2 stages
+
+  const int block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
+  const int kv_head = head / p.group_size;
+  long long q_start = 0, k_start = 0;
+  int len_q = p.seqlen_q, len_k = p.seqlen_k;
+  if (p.cu_seqlens_q) {
+    q_start = p.cu_seqlens_q[batch];
+    k_start = p.cu_seqlens_k[batch];
+    len_q = p.cu_seqlens_q[batch + 1] - (int)q_start;
+    len_k = p.cu_seqlens_k[batch + 1] - (int)k_start;
+  }
+  const int row_begin = block * FAP_BLOCK_M;
+  if (row_begin >= len_q) return;
+
+  const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
+  const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + k_start * p.k_row_stride + kv_head * p.k_head_stride;
+  const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + k_start * p.v_row_stride + kv_head * p.v_head_stride;
+
+  // Keys any row of this block may see (the mask is monotone in the row).
+  const long long offset = (long long)len_k - len_q;
+  long long key_begin = 0, key_end = len_k;
+#if FAP_WINDOW
+  {
+    const long long first = row_begin + offset - p.window_left;
+    const long long last = (long long)min(row_begin + FAP_BLOCK_M, len_q) - 1 + offset + p.window_right + 1;
+    key_begin = first > 0 ? first : 0;
+    key_end = last < len_k ? last : len_k;
+  }
+#endif
+  const int first_tile = (int)(key_begin / FAP_BLOCK_N);
+  const int end_tile = key_end > key_begin ? (int)((key_end + FAP_BLOCK_N - 1) / FAP_BLOCK_N) : first_tile;
+
+  load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, len_q - row_begin, p);
+  if (first_tile < end_tile) {
+    const int key0 = first_tile * FAP_BLOCK_N;
+    load_tile<FAP_BLOCK_N>(k_tiles, k + key0 * p.k_row_stride, p.k_row_stride, len_k - key0, p);
+    load_tile<FAP_BLOCK_N>(v_tiles, v + key0 * p.v_row_stride, p.v_row_stride, len_k - key0, p);
+  }
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad = lane % 4;
+  // Rows of this thread: warp_row + group and warp_row + group + 8 (within the block).
+  const int warp_row = warp * 16;
+  const int rows[2] = {row_begin + warp_row + group, row_begin + warp_row + group + 8};
+
+  float acc[FAP_HEAD_DIM / 8][4];
+#pragma unroll
+  for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
+#if FAP_ALIBI
+  const float slope = p.alibi[batch * p.alibi_batch_stride + head];
+#endif
+
+  for (int tile = first_tile; tile < end_tile; ++tile) {
+    const int stage = (tile - first_tile) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (tile + 1 < end_tile) {  // prefetch the next tile into the other stage
+      const int key0 = (tile + 1) * FAP_BLOCK_N;
+      load_tile<FAP_BLOCK_N>(k_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, k + key0 * p.k_row_stride,
+                             p.k_row_stride, len_k - key0, p);
+      load_tile<FAP_BLOCK_N>(v_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, v + key0 * p.v_row_stride,
+                             p.v_row_stride, len_k - key0, p);
+    }
+    cp_async_commit();
+    const storage_t* k_tile = k_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
+    const storage_t* v_tile = v_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
+
+    // S = Q K^T for this warp's 16 rows: BLOCK_N / 8 accumulator tiles of 16x8.
+    float s[FAP_BLOCK_N / 8][4];
+#pragma unroll
+    for (int j = 0; j < FAP_BLOCK_N / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+      unsigned int a[4];
+      const int m = lane / 8, r = lane % 8;
+      ldmatrix_x4(a, q_tile + (warp_row + (m % 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m / 2) * 8);
+#pragma unroll
+      for (int j = 0; j < FAP_BLOCK_N / 16; ++j) {
+        unsigned int b[4];
+        ldmatrix_x4(b, k_tile + (j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
+        mma_16816(s[2 * j], a, b[0], b[1]);
+        mma_16816(s[2 * j + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Scores in base-2 units (log2(e) folded in), masked to -inf outside the allowed keys.
+    const int key0 = tile * FAP_BLOCK_N;
+    float tile_max[2] = {-FAP_INFINITY, -FAP_INFINITY};
+#pragma unroll
+    for (int j = 0; j < FAP_BLOCK_N / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int half = e / 2;
+        const long long row = rows[half];
+        const long long key = key0 + j * 8 + quad * 2 + (e % 2);
+        float x = s[j][e];
+#if FAP_SOFTCAP || FAP_ALIBI
+        x *= p.scale;
+#if FAP_SOFTCAP
+        x = p.softcap * tanhf(x / p.softcap);
+#endif
+#if FAP_ALIBI
+        x += alibi_bias(slope, row, key, len_q, len_k);
+#endif
+        x *= 1.4426950408889634f;
+#else
+        x *= p.scale_log2;
+#endif
+        bool allowed = key < len_k;
+#if FAP_WINDOW
+        allowed = allowed && key >= row + offset - p.window_left && key <= row + offset + p.window_right;
+#endif
+        s[j][e] = allowed ? x : -FAP_INFINITY;
+        tile_max[half] = fmaxf(tile_max[half], s[j][e]);
+      }
+    float correction[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+      const float new_max = fmaxf(row_max[half], tile_max[half]);
+      // A row with nothing allowed so far keeps max -inf: use 0 as the shift so exp2 gives exact zeros.
+      const float shift = new_max == -FAP_INFINITY ? 0.0f : new_max;
+      correction[half] = exp2f(row_max[half] - shift);
+      row_max[half] = new_max;
+      row_sum[half] *= correction[half];
+#pragma unroll
+      for (int j = 0; j < FAP_BLOCK_N / 8; ++j) {
+        s[j][2 * half] = exp2f(s[j][2 * half] - shift);
+        s[j][2 * half + 1] = exp2f(s[j][2 * half + 1] - shift);
+        row_sum[half] += s[j][2 * half] + s[j][2 * half + 1];  // per-thread partial; reduced at the end
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) {
+      acc[i][0] *= correction[0];
+      acc[i][1] *= correction[0];
+      acc[i][2] *= correction[1];
+      acc[i][3] *= correction[1];
+    }
+#if FAP_DROPOUT
+#pragma unroll
+    for (int j = 0; j < FAP_BLOCK_N / 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const unsigned int key = (unsigned int)(key0 + j * 8 + quad * 2);
+        const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset, (unsigned int)(batch * p.heads_q + head),
+                                            (unsigned int)rows[half], key / 4);
+        const unsigned int w0 = philox_word(words, key % 4), w1 = philox_word(words, key % 4 + 1);
+        s[j][2 * half] *= w0 >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+        s[j][2 * half + 1] *= w1 >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+      }
+#endif
+
+    // O += P V: P from the accumulators (16 keys per k-step), V through ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
+      unsigned int a[4];
+      a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const int m = lane / 8, r = lane % 8;
+#pragma unroll
+      for (int i = 0; i < FAP_HEAD_DIM / 16; ++i) {
+        unsigned int b[4];
+        ldmatrix_x4_trans(b, v_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + i * 16 + (m / 2) * 8);
+        mma_16816(acc[2 * i], a, b[0], b[1]);
+        mma_16816(acc[2 * i + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // Finish: reduce the row sums over the quad, normalise, store out and lse.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
+    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+    const int row = rows[half];
+    if (row >= len_q) continue;
+    const bool empty = row_sum[half] == 0.0f;
+    const float inverse = empty ? 0.0f : 1.0f / row_sum[half];
+    storage_t* out = static_cast<storage_t*>(p.out) + batch * p.out_batch_stride + (q_start + row) * p.out_row_stride +
+                     head * p.out_head_stride;
+#pragma unroll
+    for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) {
+      const int col = i * 8 + quad * 2;
+      if (col < p.head_dim) out[col] = from_float(acc[i][2 * half] * inverse);
+      if (col + 1 < p.head_dim) out[col + 1] = from_float(acc[i][2 * half + 1] * inverse);
+    }
+    if (p.lse && quad == 0) {
+      p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (q_start + row) * p.lse_row_stride] =
+          empty ? FAP_INFINITY : (row_max[half] + __log2f(row_sum[half])) * 0.6931471805599453f;
+    }
+  }
+}
+
+}  // namespace fap

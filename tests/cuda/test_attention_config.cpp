@@ -1,0 +1,131 @@
+// The forward dispatch table (a pure function, checked here without a GPU) and the compilation of the
+// kernels it selects through NVRTC for sm_80 and sm_90a, failing on compile errors, register spills and
+// local memory (ptxas warnings promoted to errors). NVRTC needs no GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "src/cuda/attention_config.h"
+#include "src/cuda/cuda_api.h"
+#include "src/cuda/jit_cache.h"
+#include "src/cuda/kernel_sources.h"
+
+namespace fap::cuda {
+namespace {
+
+AttentionProblem problem(fap_dtype dtype, int64_t head_dim) {
+  AttentionProblem p;
+  p.dtype = dtype;
+  p.head_dim = head_dim;
+  p.heads_q = p.heads_kv = 1;
+  return p;
+}
+
+TEST(AttentionConfig, HeadDimIsRoundedUpToSixteen) {
+  for (int64_t d = 1; d <= 256; ++d) {
+    const ForwardConfig config = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d), 90);
+    EXPECT_GE(config.head_dim, d);
+    EXPECT_LT(config.head_dim, d + 16);
+    EXPECT_EQ(config.head_dim % 16, 0);
+    EXPECT_EQ(config.block_m, 16 * config.warps) << "one warp per 16 rows";
+    EXPECT_EQ(config.block_n % 16, 0);
+  }
+}
+
+TEST(AttentionConfig, FeaturesFollowTheProblem) {
+  AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
+  EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n64_w8");
+  p.window = normalize_window(-1, -1, true, 100);
+  p.softcap = 30.0f;
+  p.dropout_p = 0.1f;
+  const float slopes[] = {0.5f};
+  p.alibi_slopes = slopes;
+  const ForwardConfig config = choose_forward_config(p, 80);
+  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m128_n64_w8_window_softcap_alibi_dropout");
+  const std::vector<std::string> defines = config.defines();
+  EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_DROPOUT=1"), defines.end());
+  EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_HEAD_DIM=128"), defines.end());
+}
+
+TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
+  constexpr int kSm80OptIn = 163 * 1024, kSm90OptIn = 227 * 1024;
+  std::set<std::string> names;
+  for (const ForwardConfig& config : all_forward_configs()) {
+    EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
+    EXPECT_LE(config.shared_bytes(), kSm90OptIn) << config.name();
+    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+  }
+  EXPECT_EQ(names.size(), 2u * 16u * 16u);
+}
+
+TEST(AttentionConfig, ArchitectureNames) {
+  EXPECT_EQ(nvrtc_arch(80), "sm_80");
+  EXPECT_EQ(nvrtc_arch(86), "sm_86");
+  EXPECT_EQ(nvrtc_arch(90), "sm_90a");
+}
+
+// Every head dim and dtype with all features off and all on, and each feature alone at d = 64 and 128:
+// the code paths of all 512 configurations, at a compile time CI can afford (the full product is
+// 1024 compilations of about 1.5 s).
+std::vector<ForwardConfig> compile_test_configs() {
+  std::vector<ForwardConfig> selected;
+  for (const ForwardConfig& config : all_forward_configs()) {
+    const int features = config.window + config.softcap + config.alibi + config.dropout;
+    if (features == 0 || features == 4 || (features == 1 && (config.head_dim == 64 || config.head_dim == 128))) {
+      selected.push_back(config);
+    }
+  }
+  return selected;
+}
+
+TEST(AttentionKernelCompile, EverySelectedConfigurationCompilesWithoutSpills) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  const Compiler compiler = nvrtc_compiler();
+  const std::string source = assemble_source({"philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"});
+  std::vector<CompileRequest> requests;
+  for (const ForwardConfig& config : compile_test_configs()) {
+    for (const char* arch : {"sm_80", "sm_90a"}) {
+      CompileRequest request{config.name(), source, config.defines(), arch};
+      for (const char* option : {"--ptxas-options=--warn-on-spills", "--ptxas-options=--warn-on-local-memory-usage",
+                                 "--ptxas-options=--warning-as-error"}) {
+        request.options.emplace_back(option);
+      }
+      requests.push_back(request);
+    }
+  }
+  std::atomic<size_t> next{0};
+  std::vector<std::string> failures(requests.size());
+  std::vector<std::thread> workers;
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  for (unsigned t = 0; t < threads; ++t) {
+    workers.emplace_back([&] {
+      for (size_t i = next++; i < requests.size(); i = next++) {
+        try {
+          if (compiler.compile(requests[i]).substr(1, 3) != "ELF") failures[i] = "not an ELF image";
+        } catch (const Error& error) {
+          failures[i] = error.what();
+        }
+      }
+    });
+  }
+  for (std::thread& worker : workers) worker.join();
+  size_t failed = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (failures[i].empty()) continue;
+    ++failed;
+    ADD_FAILURE() << requests[i].name << " for " << requests[i].arch << ": " << failures[i];
+  }
+  std::printf("NVRTC compiled %zu of %zu kernel configurations (%zu forward configurations x sm_80, sm_90a)\n",
+              requests.size() - failed, requests.size(), requests.size() / 2);
+}
+
+}  // namespace
+}  // namespace fap::cuda
