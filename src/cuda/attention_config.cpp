@@ -16,7 +16,7 @@ std::string ForwardConfig::name() const {
 
 std::vector<std::string> ForwardConfig::defines() const {
   return {concat("-DFAP_HEAD_DIM=", head_dim), concat("-DFAP_BLOCK_M=", block_m), concat("-DFAP_BLOCK_N=", block_n),
-          concat("-DFAP_WARPS=", warps),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
+          concat("-DFAP_WARPS=", warps),       concat("-DFAP_ROW_TILES=", row_tiles),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
           concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
 }
 
@@ -27,16 +27,21 @@ int ForwardConfig::shared_bytes() const {
 
 namespace {
 
-// Tile shape per head dim: one warp per 16 query rows; the key tile shrinks as the head dim grows so
-// that the accumulators (head_dim / 2 floats per thread for O, block_n / 2 for S) stay in registers.
+// Tile shape per head dim. A warp takes two 16-row tiles where the accumulators fit the registers
+// (row_tiles * (head_dim + block_n) / 2 floats per thread for O and S), so that every K/V fragment read
+// from shared memory feeds two MMAs. Dropout's Philox rounds, and at d > 64 softcap or ALiBi, need more
+// registers than two tiles leave (ptxas spills): one tile per warp and twice the warps then. Above
+// d = 128, one tile and a narrower key tile.
 void set_tiles(ForwardConfig& config) {
-  if (config.head_dim <= 64) {
-    config.block_m = 128, config.block_n = 64, config.warps = 8;
+  const bool heavy_scores = config.dropout || (config.head_dim > 64 && (config.softcap || config.alibi));
+  if (config.head_dim <= 128 && !heavy_scores) {
+    config.block_n = 64, config.warps = 4, config.row_tiles = 2;
   } else if (config.head_dim <= 128) {
-    config.block_m = 128, config.block_n = 64, config.warps = 8;
+    config.block_n = 64, config.warps = 8, config.row_tiles = 1;
   } else {
-    config.block_m = 64, config.block_n = 32, config.warps = 4;
+    config.block_n = 32, config.warps = 4, config.row_tiles = 1;
   }
+  config.block_m = 16 * config.row_tiles * config.warps;
 }
 
 }  // namespace

@@ -13,10 +13,10 @@ namespace fap::cuda {
 struct ForwardConfig {
   bool bf16 = false;
   int head_dim = 64;  // the kernel's head dim: the problem's rounded up to a multiple of 16
-  int block_m = 128, block_n = 64, warps = 8;
+  int block_m = 128, block_n = 64, warps = 4, row_tiles = 2;  // block_m = 16 * row_tiles * warps
   bool softcap = false, alibi = false, dropout = false, window = false;
 
-  std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w8_window
+  std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window
   std::vector<std::string> defines() const;
   int shared_bytes() const;
 };

@@ -34,21 +34,21 @@ TEST(AttentionConfig, HeadDimIsRoundedUpToSixteen) {
     EXPECT_GE(config.head_dim, d);
     EXPECT_LT(config.head_dim, d + 16);
     EXPECT_EQ(config.head_dim % 16, 0);
-    EXPECT_EQ(config.block_m, 16 * config.warps) << "one warp per 16 rows";
+    EXPECT_EQ(config.block_m, 16 * config.row_tiles * config.warps) << "a warp takes row_tiles tiles of 16 rows";
     EXPECT_EQ(config.block_n % 16, 0);
   }
 }
 
 TEST(AttentionConfig, FeaturesFollowTheProblem) {
   AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
-  EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n64_w8");
+  EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n64_w4");
   p.window = normalize_window(-1, -1, true, 100);
   p.softcap = 30.0f;
   p.dropout_p = 0.1f;
   const float slopes[] = {0.5f};
   p.alibi_slopes = slopes;
   const ForwardConfig config = choose_forward_config(p, 80);
-  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m128_n64_w8_window_softcap_alibi_dropout");
+  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m128_n64_w4_window_softcap_alibi_dropout");
   const std::vector<std::string> defines = config.defines();
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_DROPOUT=1"), defines.end());
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_HEAD_DIM=128"), defines.end());
