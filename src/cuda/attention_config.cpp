@@ -27,15 +27,16 @@ int ForwardConfig::shared_bytes() const {
 
 namespace {
 
-// Tile shape per head dim. A warp takes two 16-row tiles where the accumulators fit the registers
-// (row_tiles * (head_dim + block_n) / 2 floats per thread for O and S), so that every K/V fragment read
-// from shared memory feeds two MMAs. Dropout's Philox rounds, and at d > 64 softcap or ALiBi, need more
-// registers than two tiles leave (ptxas spills): one tile per warp and twice the warps then. Above
-// d = 128, one tile and a narrower key tile.
+// Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register
+// reports (tests/cuda/test_attention_config.cpp fails on spills). By default one warp per 16 rows, 8
+// warps, 64-key tiles. Without any score feature and for 64 < d <= 128, a warp takes two 16-row tiles
+// (each K/V fragment read from shared memory feeds two MMAs) with 32-key tiles, the widest that fits the
+// registers: +7% at d=128 non-causal. Masks, softcap, ALiBi and dropout need registers of their own: two
+// tiles spill or, with a mask, run slower. Above d = 128, 4 warps and 32-key tiles.
 void set_tiles(ForwardConfig& config) {
-  const bool heavy_scores = config.dropout || (config.head_dim > 64 && (config.softcap || config.alibi));
-  if (config.head_dim <= 128 && !heavy_scores) {
-    config.block_n = 64, config.warps = 4, config.row_tiles = 2;
+  const bool plain_scores = !config.window && !config.softcap && !config.alibi && !config.dropout;
+  if (config.head_dim > 64 && config.head_dim <= 128 && plain_scores) {
+    config.block_n = 32, config.warps = 4, config.row_tiles = 2;
   } else if (config.head_dim <= 128) {
     config.block_n = 64, config.warps = 8, config.row_tiles = 1;
   } else {

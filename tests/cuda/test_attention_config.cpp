@@ -41,14 +41,15 @@ TEST(AttentionConfig, HeadDimIsRoundedUpToSixteen) {
 
 TEST(AttentionConfig, FeaturesFollowTheProblem) {
   AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
-  EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n64_w4");
+  EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n32_w4");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64), 90).name(), "attention_fwd_bf16_d64_m128_n64_w8");
   p.window = normalize_window(-1, -1, true, 100);
   p.softcap = 30.0f;
   p.dropout_p = 0.1f;
   const float slopes[] = {0.5f};
   p.alibi_slopes = slopes;
   const ForwardConfig config = choose_forward_config(p, 80);
-  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m128_n64_w4_window_softcap_alibi_dropout");
+  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m128_n64_w8_window_softcap_alibi_dropout");
   const std::vector<std::string> defines = config.defines();
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_DROPOUT=1"), defines.end());
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_HEAD_DIM=128"), defines.end());
