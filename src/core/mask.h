@@ -1,4 +1,5 @@
-// FlashAttention-2's mask rule, shared by every backend and the reference (self-contained for NVRTC).
+// FlashAttention-2's mask rule, shared by every backend and the reference (it includes nothing but
+// host_device.h, so that NVRTC compiles it too).
 //
 // Query row i and key column j count from the start of one sequence of lengths len_q, len_k; the diagonal
 // is aligned to the bottom-right corner: offset = len_k - len_q. With a window (left, right), both already
@@ -7,12 +8,8 @@
 // Causal attention is the window (left, 0).
 #pragma once
 
-#ifndef FAP_HOST_DEVICE
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define FAP_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FAP_HOST_DEVICE inline
-#endif
+#ifndef __CUDACC_RTC__  // NVRTC gets host_device.h prepended (src/cuda/kernel_sources.cpp)
+#include "core/host_device.h"
 #endif
 
 namespace fap {

@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) and the dropout
-// mask every backend draws from it. Self-contained (no includes) so that the CPU backend, the tests and the
-// run-time compiled CUDA kernels share this one definition and draw bit-identical masks.
+// mask every backend draws from it. It includes nothing but host_device.h, so that the CPU backend, the
+// tests and the run-time compiled CUDA kernels share this one definition and draw bit-identical masks.
 //
 // The mask contract (docs/c-api.md): element (batch b, head h, row i, column j) of a problem with H query
 // heads, where i and j count from the start of b's sequence, is kept iff word (j % 4) of
@@ -8,12 +8,8 @@
 // is >= dropout_threshold(p). Kept probabilities are scaled by 1 / (1 - p).
 #pragma once
 
-#ifndef FAP_HOST_DEVICE
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define FAP_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FAP_HOST_DEVICE inline
-#endif
+#ifndef __CUDACC_RTC__  // NVRTC gets host_device.h prepended (src/cuda/kernel_sources.cpp)
+#include "core/host_device.h"
 #endif
 
 namespace fap {

@@ -62,7 +62,7 @@ class KernelRegistry {
     if (!cache_) cache_ = std::make_unique<KernelCache>(nvrtc_compiler(), default_cache_directory());
     const CompileRequest request{
         config.name(),
-        assemble_source({"philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"}),
+        assemble_source({"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"}),
         config.defines(),
         nvrtc_arch(device.compute_capability)};
     const std::string cubin = cache_->cubin(request);

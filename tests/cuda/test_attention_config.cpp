@@ -90,7 +90,7 @@ TEST(AttentionKernelCompile, EverySelectedConfigurationCompilesWithoutSpills) {
   std::string reason;
   if (!nvrtc(&reason)) GTEST_SKIP() << reason;
   const Compiler compiler = nvrtc_compiler();
-  const std::string source = assemble_source({"philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"});
+  const std::string source = assemble_source({"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"});
   std::vector<CompileRequest> requests;
   for (const ForwardConfig& config : compile_test_configs()) {
     for (const char* arch : {"sm_80", "sm_90a"}) {

@@ -1,0 +1,10 @@
+// FAP_HOST_DEVICE marks the functions of the headers shared by host code and the run-time compiled
+// device code (philox.h, mask.h). Under NVRTC this file is prepended to the kernel source instead of
+// being included.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define FAP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FAP_HOST_DEVICE inline
+#endif
