@@ -55,6 +55,22 @@ TEST(AttentionConfig, FeaturesFollowTheProblem) {
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_HEAD_DIM=128"), defines.end());
 }
 
+TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
+  // The compiled kernel is keyed by the configuration alone: sizes are kernel arguments.
+  AttentionProblem base = problem(FAP_DTYPE_BFLOAT16, 128);
+  base.window = normalize_window(-1, -1, true, 4096);
+  const std::string name = choose_forward_config(base, 90).name();
+  for (int64_t batch : {1, 3, 64})
+    for (int64_t seqlen : {1, 17, 1000, 16384}) {
+      AttentionProblem p = base;
+      p.batch = batch;
+      p.seqlen_q = p.total_q = seqlen;
+      p.seqlen_k = p.total_k = seqlen + 5;
+      p.window = normalize_window(-1, -1, true, p.seqlen_k);
+      EXPECT_EQ(choose_forward_config(p, 90).name(), name) << batch << " x " << seqlen;
+    }
+}
+
 TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
   constexpr int kSm80OptIn = 163 * 1024, kSm90OptIn = 227 * 1024;
   std::set<std::string> names;
