@@ -19,10 +19,6 @@ double milliseconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 }
 
-void check(const DriverApi& api, CUresult result, const char* call) {
-  if (result != CUDA_SUCCESS) fap::fail(FAP_ERROR_DEVICE, describe(api, call, result));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {

@@ -110,5 +110,7 @@ std::vector<std::string> nvrtc_candidates();
 
 // "cuModuleLoadData: CUDA_ERROR_INVALID_IMAGE (device kernel image is invalid)".
 std::string describe(const DriverApi& api, const char* call, CUresult result);
+// Throws fap::Error(FAP_ERROR_DEVICE) with describe()'s text unless result is CUDA_SUCCESS.
+void check(const DriverApi& api, CUresult result, const char* call);
 
 }  // namespace fap::cuda

@@ -20,10 +20,6 @@
 namespace fap::cuda {
 namespace {
 
-void check(const DriverApi& api, CUresult result, const char* call) {
-  if (result != CUDA_SUCCESS) fail(FAP_ERROR_DEVICE, describe(api, call, result));
-}
-
 struct DeviceInfo {
   CUcontext context;
   int ordinal, compute_capability, max_shared;

@@ -131,6 +131,10 @@ std::string describe(const DriverApi& api, const char* call, CUresult result) {
   return concat(call, ": ", name ? name : "CUDA error", " ", result, " (", text ? text : "no description", ")");
 }
 
+void check(const DriverApi& api, CUresult result, const char* call) {
+  if (result != CUDA_SUCCESS) fail(FAP_ERROR_DEVICE, describe(api, call, result));
+}
+
 const DriverApi* driver(std::string* reason) {
   static const LoadedDriver loaded = load_driver();
   if (!loaded.error.empty()) {

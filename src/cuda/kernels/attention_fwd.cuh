@@ -15,9 +15,9 @@
 
 namespace fap {
 
+typedef unsigned short storage_t;  // the bits of one fp16 or bf16 element
+
 #if FAP_BF16
-typedef unsigned short storage_t;
-__device__ __forceinline__ float to_float(storage_t x) { return __uint_as_float(((unsigned int)x) << 16); }
 __device__ __forceinline__ storage_t from_float(float x) {
   unsigned int bits = __float_as_uint(x);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return (storage_t)((bits >> 16) | 0x40u);
@@ -30,12 +30,6 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 }
 #define FAP_MMA_TYPES "bf16.bf16"
 #else
-typedef unsigned short storage_t;
-__device__ __forceinline__ float to_float(storage_t x) {
-  float result;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(x));
-  return result;
-}
 __device__ __forceinline__ storage_t from_float(float x) {
   storage_t result;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result) : "f"(x));
