@@ -34,7 +34,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout. */
-#define FAP_API_VERSION 1
+#define FAP_API_VERSION 2
 
 typedef enum fap_status {
   FAP_SUCCESS = 0,
@@ -109,6 +109,7 @@ typedef struct fap_backend_info {
   const char* name;   /* "cpu", "cuda", ... */
   int32_t usable;     /* 1 if it can run on this machine */
   const char* reason; /* why not, when usable == 0; "" otherwise */
+  const char* details; /* versions and settings worth reporting (libraries loaded, cache directory, threads) */
 } fap_backend_info;
 
 FAP_API int32_t fap_api_version(void);

@@ -28,6 +28,7 @@ struct BackendInfo {
   std::string name;
   bool usable;
   std::string reason;
+  std::string details;
 };
 
 inline std::vector<BackendInfo> backends() {
@@ -35,7 +36,7 @@ inline std::vector<BackendInfo> backends() {
   for (int32_t i = 0; i < fap_backend_count(); ++i) {
     fap_backend_info info{};
     check(fap_backend_get_info(i, &info));
-    list.push_back({info.name, info.usable != 0, info.reason});
+    list.push_back({info.name, info.usable != 0, info.reason, info.details});
   }
   return list;
 }

@@ -144,12 +144,14 @@ fap_status fap_backend_get_info(int32_t index, fap_backend_info* info) {
     fap::require(index >= 0 && index < fap_backend_count(), "index: expected 0 <= index < ", fap_backend_count(),
                  ", got ", index);
     const fap::Backend& backend = *fap::all_backends()[static_cast<size_t>(index)];
-    // Reasons are stable per process (usability is decided once), so their storage can outlive the call.
-    static thread_local std::string reason;
+    // Valid until this thread's next call (thread-local storage).
+    static thread_local std::string reason, details;
     reason.clear();
+    details = backend.details();
     info->name = backend.name();
     info->usable = backend.usable(&reason) ? 1 : 0;
     info->reason = reason.c_str();
+    info->details = details.c_str();
   });
 }
 

@@ -18,6 +18,8 @@ class Backend {
   // Whether it can run on this machine; when not, *reason says why (the exact missing piece).
   virtual bool usable(std::string* reason) const = 0;
   virtual bool runs_on(fap_device_type device) const = 0;
+  // What a user reporting a problem would be asked for: library versions and paths, settings.
+  virtual std::string details() const = 0;
   // Empty when supported, else why not (e.g. a dtype the backend lacks).
   virtual std::string unsupported_reason(const AttentionProblem& problem) const = 0;
   virtual size_t workspace_size(const AttentionProblem& problem) const = 0;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/backend.h"
+#include "core/error.h"
 #include "core/half.h"
 #include "src/cpu/cpu_attention.h"
 
@@ -130,6 +131,7 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
   bool usable(std::string*) const override { return true; }
   bool runs_on(fap_device_type device) const override { return device == FAP_DEVICE_CPU; }
+  std::string details() const override { return concat("OpenMP threads: ", worker_count()); }
   std::string unsupported_reason(const AttentionProblem&) const override { return {}; }
 
   size_t workspace_size(const AttentionProblem& problem) const override {

@@ -134,6 +134,14 @@ class CudaBackend final : public Backend {
 
   bool runs_on(fap_device_type device) const override { return device == FAP_DEVICE_CUDA; }
 
+  std::string details() const override {
+    std::string ignored, text;
+    if (const DriverApi* api = driver(&ignored))
+      text = concat("driver CUDA ", api->version / 1000, ".", api->version % 1000 / 10, "; ");
+    if (const NvrtcApi* api = nvrtc(&ignored)) text += concat("NVRTC ", api->major, ".", api->minor, " (", api->path, "); ");
+    return text + "kernel cache: " + default_cache_directory();
+  }
+
   std::string unsupported_reason(const AttentionProblem& problem) const override {
     if (problem.direction == Direction::kBackward) return "the backward is not implemented on CUDA yet";
     if (problem.dtype == FAP_DTYPE_FLOAT32) return "float32 tensors: the CUDA kernels take float16 and bfloat16";

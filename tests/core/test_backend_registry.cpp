@@ -14,6 +14,10 @@ TEST(BackendRegistry, ListsTheCpuBackendAsUsable) {
       found = true;
       EXPECT_TRUE(backend.usable);
       EXPECT_EQ(backend.reason, "");
+      EXPECT_NE(backend.details.find("threads"), std::string::npos) << backend.details;
+    }
+    if (backend.name == "cuda") {
+      EXPECT_NE(backend.details.find("kernel cache: "), std::string::npos) << backend.details;
     }
   }
   EXPECT_TRUE(found);
