@@ -80,7 +80,7 @@ void check_same_device(const fap_tensor& t, const char* name, const fap_tensor& 
 void check_known_dtype(const fap_tensor& t, const char* name) {
   const bool known = t.dtype == FAP_DTYPE_FLOAT16 || t.dtype == FAP_DTYPE_BFLOAT16 ||
                      t.dtype == FAP_DTYPE_FLOAT32 || t.dtype == FAP_DTYPE_INT32;
-  require(known, name, ": unknown dtype ", t.dtype);
+  require(known, name, ": expected a dtype of fap_dtype (float16, bfloat16, float32, int32), got unknown code ", t.dtype);
 }
 
 Operand make_operand(const fap_tensor& t, bool varlen) {

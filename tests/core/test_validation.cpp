@@ -89,7 +89,7 @@ const std::vector<Rule>& rules() {
       {"q rank", false, false, [](Call& c) { c.fwd.q.rank = 3; }, "q: expected a rank-4 tensor"},
       {"k rank", false, false, [](Call& c) { c.fwd.k.rank = 5; }, "k: expected a rank-4 tensor"},
       {"q int32", false, false, [](Call& c) { c.fwd.q.dtype = FAP_DTYPE_INT32; }, "q: expected dtype float16, bfloat16"},
-      {"q unknown dtype", false, false, [](Call& c) { c.fwd.q.dtype = 99; }, "q: unknown dtype"},
+      {"q unknown dtype", false, false, [](Call& c) { c.fwd.q.dtype = 99; }, "q: expected a dtype of fap_dtype"},
       {"k dtype", false, false, [](Call& c) { c.fwd.k = with_dtype(c.fwd.k, FAP_DTYPE_BFLOAT16); },
        "k: expected dtype float16, got bfloat16"},
       {"v dtype", false, false, [](Call& c) { c.fwd.v = with_dtype(c.fwd.v, FAP_DTYPE_FLOAT32); },

@@ -1,0 +1,1 @@
+"""FA2's flash_attn.layers."""

@@ -1,0 +1,101 @@
+"""Backend selection: which implementation runs the attention.
+
+Backends: `cuda` (our run-time compiled kernels), `cpu` (the same semantics on the host) and `flaggems`
+(FlagGems' Triton kernels, served from Python). `auto` (the default) runs each call on the best usable
+backend for its tensors' device. The initial choice comes from FLASH_ATTENTION_PLUS_BACKEND, or from the
+original FlashAttention-Plus switch FLASH_ATTENTION_USE_FLAGGEMS=1; set_backend() and the backend()
+context manager change it at run time (process-wide).
+"""
+import contextlib
+import importlib.util
+import os
+import threading
+
+from . import _errors
+from ._library import _C
+
+_PYTHON_BACKENDS = ("flaggems",)
+_lock = threading.Lock()
+_python_choice = None  # a backend served from Python, or None when the C library's choice applies
+
+
+def _flaggems_unusable_reason():
+    if importlib.util.find_spec("flag_gems") is None:
+        return "the flag_gems package is not installed (pip install flash-attn-plus[flaggems])"
+    return "the FlagGems mapping of the FlashAttention-2 API is not part of this version yet"
+
+
+def set_backend(name):
+    """Selects 'auto', 'cuda', 'cpu' or 'flaggems' for every following call in this process."""
+    global _python_choice
+    if not isinstance(name, str):
+        raise _errors.InvalidArgumentError(f"name: expected a backend name (str), got {type(name).__name__}")
+    name = name.strip().lower()
+    with _lock:
+        if name in _PYTHON_BACKENDS:
+            reason = _flaggems_unusable_reason()
+            if reason:
+                raise _errors.BackendUnavailableError(f"backend '{name}' is unusable: {reason}")
+            _python_choice = name
+            return
+        _errors.check(_C.set_backend(name))
+        _python_choice = None
+
+
+def get_backend():
+    """The current selection ('auto' unless changed)."""
+    return _python_choice or _C.get_backend()
+
+
+@contextlib.contextmanager
+def backend(name):
+    """`with flash_attn_plus.backend("cpu"):` runs the block on that backend, then restores the selection."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def available_backends():
+    """[(name, usable, reason, details)] for every backend, in the order `auto` tries them."""
+    listed = [tuple(entry) for entry in _C.backends()]
+    for name in _PYTHON_BACKENDS:
+        reason = _flaggems_unusable_reason()
+        listed.append((name, not reason, reason, ""))
+    return listed
+
+
+def info():
+    """Prints (and returns) every backend, whether it is usable and why not, library versions and the
+    kernel cache directory."""
+    lines = [f"flash_attn_plus {_C.version()} (C API {_C.api_version()}), selected backend: {get_backend()}"]
+    for name, usable, reason, details in available_backends():
+        lines.append(f"  {name:9s} {'usable' if usable else 'unusable: ' + reason}")
+        if details:
+            lines.append(f"            {details}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _apply_environment():
+    requested = os.environ.get("FLASH_ATTENTION_PLUS_BACKEND", "").strip().lower()
+    if not requested and os.environ.get("FLASH_ATTENTION_USE_FLAGGEMS", "").strip().lower() in ("1", "true", "yes"):
+        requested = "flaggems"
+    if requested in _PYTHON_BACKENDS:
+        # The C library must not see a name it does not know; the Python layer holds this choice.
+        global _python_choice
+        _C.set_backend("auto")
+        _python_choice = requested
+
+
+def require_library_backend():
+    """Raises the selection's reason when a Python-served backend is selected but cannot run."""
+    if _python_choice is not None:
+        reason = _flaggems_unusable_reason()
+        raise _errors.BackendUnavailableError(f"backend '{_python_choice}' is unusable: {reason}")
+
+
+_apply_environment()
