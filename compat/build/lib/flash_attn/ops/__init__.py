@@ -1,1 +1,0 @@
-"""FA2's flash_attn.ops."""
