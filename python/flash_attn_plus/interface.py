@@ -27,8 +27,15 @@ def _window(window_size):
     return int(window_size[0]), int(window_size[1])
 
 
+def _require_tensors(**tensors):
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+
+
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
+    _require_tensors(q=q, k=k, v=v)
     q, k, v = maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
@@ -44,6 +51,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv: (batch, seqlen, 3, nheads, headdim). Returns out (batch, seqlen, nheads, headdim), or
     (out, softmax_lse (batch, nheads, seqlen), S_dmask) with return_attn_probs=True."""
+    _require_tensors(qkv=qkv)
     q, k, v = qkv.unbind(dim=2)
     return _attention(q, k, v, None, None, 0, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                       deterministic, return_attn_probs)
@@ -52,6 +60,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                              alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: (batch, seqlen_q, nheads, headdim), kv: (batch, seqlen_k, 2, nheads_k, headdim)."""
+    _require_tensors(kv=kv)
     k, v = kv.unbind(dim=2)
     return _attention(q, k, v, None, None, 0, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                       deterministic, return_attn_probs)
@@ -70,6 +79,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """qkv: (total, 3, nheads, headdim); cu_seqlens int32 (batch + 1). softmax_lse is (nheads, total)."""
+    _require_tensors(qkv=qkv, cu_seqlens=cu_seqlens)
     q, k, v = qkv.unbind(dim=1)
     return _attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
@@ -79,6 +89,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: (total_q, nheads, headdim), kv: (total_k, 2, nheads_k, headdim)."""
+    _require_tensors(kv=kv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     k, v = kv.unbind(dim=1)
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
@@ -89,6 +100,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     """q: (total_q, nheads, headdim), k, v: (total_k, nheads_k, headdim), or with block_table (batch, max_blocks)
     int32 a paged cache (num_blocks, page_block_size, nheads_k, headdim) (any page size)."""
+    _require_tensors(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table)
 

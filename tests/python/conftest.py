@@ -1,0 +1,31 @@
+"""The Python suite runs on the CPU by default; `--device cuda` (or FAP_TEST_DEVICE=cuda) runs the same
+cases on CUDA tensors (the device script does this on the GPU machine)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# What the CUDA backend implements today; the cases beyond it assert the clear error instead.
+CUDA_BACKWARD = False
+CUDA_ATTN_PROBS = False
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("FAP_TEST_DEVICE", "cpu"), choices=("cpu", "cuda"),
+                     help="device of the test tensors")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

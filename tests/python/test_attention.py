@@ -1,0 +1,116 @@
+"""flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func: outputs, LSE and gradients against
+float64 with FA2's rule, over dtypes, masks, features, GQA/MQA, head dims and sequence-length pairs."""
+import itertools
+
+import pytest
+import torch
+
+import conftest
+import flash_attn_plus as fap
+from attention_case import MASKS, Packing, check_lse, check_rule, feature_options, leaves
+from reference import attention
+
+DTYPES = [torch.float16, torch.bfloat16]
+FEATURES = ["plain", "softcap", "alibi", "alibi_batch"]
+HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+SEQLENS = [(1, 37), (37, 37), (64, 128), (113, 79), (128, 64), (7, 3)]
+HEAD_DIMS = [32, 59, 64, 128, 8, 96]
+
+
+def _cases(packing):
+    """Every (dtype, mask, feature, heads) combination; head dim and lengths rotate through their lists so
+    each value meets every other axis."""
+    heads = HEADS[:1] if packing == "qkvpacked" else HEADS
+    for index, (dtype, mask, feature, (h, hk)) in enumerate(itertools.product(DTYPES, MASKS, FEATURES, heads)):
+        seqlen_q, seqlen_k = SEQLENS[index % len(SEQLENS)]
+        if packing == "qkvpacked":
+            seqlen_k = seqlen_q
+        head_dim = HEAD_DIMS[(index // len(SEQLENS) + index) % len(HEAD_DIMS)]
+        yield pytest.param(packing, dtype, mask, feature, h, hk, seqlen_q, seqlen_k, head_dim,
+                           id=f"{packing}-{str(dtype)[6:]}-{mask}-{feature}-h{h}k{hk}-q{seqlen_q}k{seqlen_k}-d{head_dim}")
+
+
+CASES = [case for packing in ("func", "kvpacked", "qkvpacked") for case in _cases(packing)]
+
+
+@pytest.mark.parametrize("packing,dtype,mask,feature,heads,heads_k,seqlen_q,seqlen_k,head_dim", CASES)
+def test_output_lse_and_gradients(device, packing, dtype, mask, feature, heads, heads_k, seqlen_q, seqlen_k, head_dim):
+    batch = 2
+    layout = Packing(packing)
+    tensors = layout.make(batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, dtype, device)
+    causal, window = MASKS[mask]
+    options = dict(causal=causal, window_size=window, **feature_options(feature, batch, heads, device))
+
+    ours = leaves(tensors)
+    out, lse, _ = layout.call(ours, return_attn_probs=True, **options)
+    exact = leaves(tensors, torch.float64)
+    plain = leaves(tensors)
+    out_ref, lse_ref = attention(*layout.split(exact), **options_for_reference(options))
+    out_pt, _ = attention(*layout.split(plain), dtype=dtype, **options_for_reference(options))
+
+    assert out.shape == (batch, seqlen_q, heads, head_dim) and out.dtype == dtype
+    assert lse.shape == (batch, heads, seqlen_q) and lse.dtype == torch.float32
+    check_rule("out", out, out_ref, out_pt, 2)
+    check_lse(lse, lse_ref)
+
+    dout = torch.randn_like(out)
+    if device.type == "cuda" and not conftest.CUDA_BACKWARD:
+        with pytest.raises(fap.UnsupportedError, match="backward"):
+            out.backward(dout)
+        return
+    out.backward(dout)
+    out_ref.backward(dout.double())
+    out_pt.backward(dout)
+    for name, mine, reference, low in zip("qkv" if packing == "func" else ["q", "kv"] if packing == "kvpacked" else ["qkv"],
+                                          ours, exact, plain):
+        check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
+
+
+def options_for_reference(options):
+    return {"causal": options["causal"], "window": options["window_size"], "softcap": options.get("softcap", 0.0),
+            "alibi_slopes": options.get("alibi_slopes")}
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [
+    (5, 2, True, (-1, -1)),     # rows 0-2 see no key: out 0, lse +inf, zero gradients
+    (4, 9, False, (0, 0)),       # one key per row
+    (6, 6, False, (2, 100)),     # a side >= seqlen_k is unbounded
+    (9, 3, False, (1, -1)),      # one-sided window with seqlen_q > seqlen_k
+    (3, 0, False, (-1, -1)),     # no keys at all
+])
+def test_edge_masks(device, seqlen_q, seqlen_k, causal, window):
+    q = torch.randn(2, seqlen_q, 2, 16, dtype=torch.float16, device=device)
+    k, v = (torch.randn(2, seqlen_k, 2, 16, dtype=torch.float16, device=device) for _ in range(2))
+    out, lse, _ = fap.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+    out_ref, lse_ref = attention(q.double(), k.double(), v.double(), causal=causal, window=window)
+    out_pt, _ = attention(q, k, v, causal=causal, window=window, dtype=torch.float16)
+    check_rule("out", out, out_ref, out_pt, 2)
+    check_lse(lse, lse_ref)
+    empty = torch.isinf(lse_ref).transpose(1, 2)  # (batch, seqlen_q, heads)
+    assert torch.all(out[empty] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_scale_and_noncontiguous_views(device, dtype):
+    base = torch.randn(2, 40, 6, 3, 32, dtype=dtype, device=device)
+    q, k, v = base[:, :, :, 0], base[:, :, :, 1], base[:, :, :, 2]  # strided views, last dim contiguous
+    out = fap.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True)
+    out_ref, _ = attention(q.double(), k.double(), v.double(), softmax_scale=0.3, causal=True)
+    out_pt, _ = attention(q, k, v, softmax_scale=0.3, causal=True, dtype=dtype)
+    check_rule("out", out, out_ref, out_pt, 2)
+    transposed = fap.flash_attn_func(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, softmax_scale=0.3,
+                                     causal=True)  # last dim not contiguous: copied, as FA2 does
+    assert torch.equal(out, transposed)
+
+
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    if device.type == "cuda" and not conftest.CUDA_BACKWARD:
+        pytest.skip("the CUDA backward is not implemented yet")
+    q, k, v = (torch.randn(2, 150, 4, 64, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(3))
+    runs = []
+    for _ in range(3):
+        out = fap.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)

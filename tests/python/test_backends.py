@@ -1,0 +1,92 @@
+"""Backend selection from Python: set_backend, the context manager, info(), the environment variables
+(including FLASH_ATTENTION_USE_FLAGGEMS) and device mismatches."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flash_attn_plus as fap
+
+
+def _qkv(device="cpu"):
+    return [torch.randn(1, 8, 2, 16, dtype=torch.float16, device=device) for _ in range(3)]
+
+
+def test_context_manager_switches_and_restores():
+    assert fap.get_backend() == "auto"
+    q, k, v = _qkv()
+    with fap.backend("cpu"):
+        assert fap.get_backend() == "cpu"
+        out = fap.flash_attn_func(q, k, v)
+    assert fap.get_backend() == "auto"
+    assert torch.equal(out, fap.flash_attn_func(q, k, v))
+
+
+def test_selection_survives_an_exception_in_the_block():
+    with pytest.raises(KeyError):
+        with fap.backend("cpu"):
+            raise KeyError("x")
+    assert fap.get_backend() == "auto"
+
+
+def test_unknown_and_unusable_backends_are_refused_with_the_reason():
+    with pytest.raises(fap.InvalidArgumentError, match="unknown name 'tpu'"):
+        fap.set_backend("tpu")
+    with pytest.raises(fap.InvalidArgumentError, match="name"):
+        fap.set_backend(3)
+    listed = {name: (usable, reason) for name, usable, reason, _ in fap.available_backends()}
+    assert set(listed) == {"cuda", "cpu", "flaggems"}
+    assert listed["cpu"][0]
+    if not listed["flaggems"][0]:
+        with pytest.raises(fap.BackendUnavailableError, match=listed["flaggems"][1].split(" (")[0]):
+            fap.set_backend("flaggems")
+    if not listed["cuda"][0]:
+        fap.set_backend("cuda")  # selecting is allowed; a call then fails with the reason
+        try:
+            with pytest.raises(fap.BackendUnavailableError, match="backend 'cuda' is unusable"):
+                fap.flash_attn_func(*_qkv())
+        finally:
+            fap.set_backend("auto")
+
+
+def test_cpu_tensors_on_the_cuda_backend_are_refused(device):
+    if not any(name == "cuda" and usable for name, usable, _, _ in fap.available_backends()):
+        pytest.skip("no usable CUDA backend here")
+    with fap.backend("cuda"), pytest.raises(fap.InvalidArgumentError, match="cannot run on cpu tensors"):
+        fap.flash_attn_func(*_qkv("cpu"))
+    if device.type == "cuda":
+        q, k, v = _qkv("cuda")
+        with pytest.raises(fap.InvalidArgumentError, match="k: expected a tensor on"):
+            fap.flash_attn_func(q, k.cpu(), v)
+        with fap.backend("cpu"), pytest.raises(fap.InvalidArgumentError, match="cannot run on cuda tensors"):
+            fap.flash_attn_func(q, k, v)
+
+
+def test_info_lists_every_backend(capsys):
+    text = fap.info()
+    assert capsys.readouterr().out.strip() == text.strip()
+    for name in ("cuda", "cpu", "flaggems", "kernel cache:", "selected backend: auto"):
+        assert name in text
+
+
+def _run_python(code, **env):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_environment_variables_set_the_initial_choice():
+    assert _run_python("import flash_attn_plus as f; print(f.get_backend())",
+                       FLASH_ATTENTION_PLUS_BACKEND="cpu") == "cpu"
+    code = ("import torch, flash_attn_plus as f\n"
+            "print(f.get_backend())\n"
+            "try:\n"
+            "    f.flash_attn_func(*[torch.randn(1, 4, 1, 8, dtype=torch.float16)] * 3)\n"
+            "except f.BackendUnavailableError as e:\n"
+            "    print('refused:', e)\n")
+    for env in ({"FLASH_ATTENTION_USE_FLAGGEMS": "1"}, {"FLASH_ATTENTION_PLUS_BACKEND": "flaggems"}):
+        output = _run_python(code, **env)
+        assert output.startswith("flaggems\nrefused: backend 'flaggems' is unusable: "), output

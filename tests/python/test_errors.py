@@ -1,0 +1,103 @@
+"""Bad arguments raise a Python exception that names the argument (FA2 code catching RuntimeError still
+works); nothing crashes and no input is modified."""
+import pytest
+import torch
+
+import flash_attn_plus as fap
+from flash_attn_plus.interface import _flash_attn_varlen_forward
+
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+def qkv(b=2, sq=8, sk=8, h=4, hk=4, d=32, dtype=F16):
+    return (torch.randn(b, sq, h, d, dtype=dtype), torch.randn(b, sk, hk, d, dtype=dtype),
+            torch.randn(b, sk, hk, d, dtype=dtype))
+
+
+def varlen(total_q=10, total_k=10, h=4, d=32, cu=(0, 4, 10)):
+    q, k, v = (torch.randn(t, h, d, dtype=F16) for t in (total_q, total_k, total_k))
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    return q, k, v, cu_seqlens
+
+
+def _dense(**changes):
+    q, k, v = qkv()
+    args = {"q": q, "k": k, "v": v}
+    args.update({name: change(args) for name, change in changes.items() if name in args})
+    options = {name: change for name, change in changes.items() if name not in args}
+    return lambda: fap.flash_attn_func(args["q"], args["k"], args["v"], **options)
+
+
+def _varlen(cu_q=None, cu_k=None, max_q=6, max_k=6, **options):
+    q, k, v, cu = varlen()
+    return lambda: fap.flash_attn_varlen_func(q, k, v, cu if cu_q is None else cu_q, cu if cu_k is None else cu_k,
+                                              max_q, max_k, **options)
+
+
+CASES = {
+    "q float64": (_dense(q=lambda a: a["q"].double()), "q: expected a dtype"),
+    "q int32": (_dense(q=lambda a: a["q"].int()), "q: expected dtype float16, bfloat16 or float32, got int32"),
+    "k other dtype": (_dense(k=lambda a: a["k"].to(BF16)), "k: expected dtype float16"),
+    "q rank 3": (_dense(q=lambda a: a["q"][0]), "q: expected a rank-4 tensor"),
+    "k head dim": (_dense(k=lambda a: a["k"][..., :16]), "k: "),
+    "v seqlen": (_dense(v=lambda a: a["v"][:, :5]), "v: "),
+    "head dim 300": (lambda: fap.flash_attn_func(*qkv(d=300)), "head_dim"),
+    "heads not a multiple": (lambda: fap.flash_attn_func(*qkv(h=4, hk=3)), "heads"),
+    "batch mismatch": (_dense(k=lambda a: a["k"][:1], v=lambda a: a["v"][:1]), "k: "),
+    "batch 0": (lambda: fap.flash_attn_func(*qkv(b=0)), "batch"),
+    "dropout 1": (_dense(dropout_p=1.0), "dropout_p"),
+    "dropout negative": (_dense(dropout_p=-0.1), "dropout_p"),
+    "window of three": (_dense(window_size=(1, 2, 3)), "window_size"),
+    "alibi float16": (_dense(alibi_slopes=torch.ones(4, dtype=F16)), "alibi_slopes"),
+    "alibi shape": (_dense(alibi_slopes=torch.ones(3)), "alibi_slopes"),
+    "softcap negative": (_dense(softcap=-1.0), "softcap"),
+    "cu_seqlens int64": (_varlen(cu_q=torch.tensor([0, 4, 10])), "cu_seqlens_q"),
+    "cu_seqlens decreasing": (_varlen(cu_q=torch.tensor([0, 7, 4], dtype=torch.int32)), "cu_seqlens_q"),
+    "cu_seqlens past the rows": (_varlen(cu_k=torch.tensor([0, 4, 12], dtype=torch.int32), max_k=8), "cu_seqlens_k"),
+    "cu_seqlens batch mismatch": (_varlen(cu_k=torch.tensor([0, 10], dtype=torch.int32), max_k=10), "cu_seqlens"),
+    "max_seqlen too small": (_varlen(max_q=3), "max_seqlen_q"),
+    "leftpad_k": (lambda: _flash_attn_varlen_forward(*varlen()[:3], varlen()[3], varlen()[3], 6, 6, 0.0, 0.2, False,
+                                                     leftpad_k=torch.zeros(2, dtype=torch.int32)), "leftpad_k"),
+    "block_table dtype": (_varlen(block_table=torch.zeros(2, 1, dtype=torch.int64)), "block_table"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_argument_is_named(name):
+    call, message = CASES[name]
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_error_classes_keep_fa2s_base_and_add_precise_ones():
+    assert issubclass(fap.InvalidArgumentError, RuntimeError) and issubclass(fap.InvalidArgumentError, ValueError)
+    assert issubclass(fap.UnsupportedError, NotImplementedError)
+    with pytest.raises(ValueError):
+        fap.flash_attn_func(*qkv(d=300))
+
+
+def test_a_failed_kvcache_call_leaves_the_cache_untouched():
+    q = torch.randn(2, 1, 4, 32, dtype=F16)
+    k_cache, v_cache = (torch.randn(2, 8, 4, 32, dtype=F16) for _ in range(2))
+    before = (k_cache.clone(), v_cache.clone())
+    new = torch.randn(2, 1, 4, 32, dtype=F16)
+    bad = [
+        dict(cache_seqlens=torch.tensor([1, 2])),  # int64
+        dict(cache_seqlens=torch.tensor([1, 8], dtype=torch.int32)),  # 8 + 1 > 8
+        dict(cache_seqlens=1, cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32)),
+        dict(cache_seqlens=1, cache_leftpad=torch.tensor([0, 5], dtype=torch.int32)),
+        dict(cache_seqlens=1, block_table=torch.zeros(2, 1, dtype=torch.int32), cache_batch_idx=torch.zeros(2, dtype=torch.int32)),
+        dict(cache_seqlens=1, rotary_cos=torch.ones(8, 20, dtype=F16), rotary_sin=torch.ones(8, 20, dtype=F16)),
+    ]
+    for options in bad:
+        with pytest.raises(fap.InvalidArgumentError):
+            fap.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, **options)
+        assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), options
+
+
+def test_missing_tensors_are_type_errors():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="k: expected a torch.Tensor, got NoneType"):
+        fap.flash_attn_func(q, None, v)
+    with pytest.raises(TypeError, match="qkv"):
+        fap.flash_attn_qkvpacked_func([q, k, v])
