@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every test: set up, then build and run the suites twice, optimised and under AddressSanitizer +
-# UndefinedBehaviorSanitizer.
+# Every test: set up, then build and run the C++ suites twice, optimised and under AddressSanitizer +
+# UndefinedBehaviorSanitizer, and the Python package's suite (pytest, on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
@@ -16,6 +16,10 @@ run_suite() {  # build-dir, ctest arguments, extra cmake arguments...
 
 echo "== optimised build (with the NVRTC compilation of the CUDA kernels)"
 run_suite build "" -DCMAKE_BUILD_TYPE=Release
+echo "== Python package: pip install (flash-attn-plus and the flash_attn drop-in), then pytest"
+python=$(scripts/python_env.sh)
+SKBUILD_CMAKE_DEFINE="${launcher[*]#-D}" "$python" -m pip install -q --no-build-isolation . ./compat
+"$python" -m pytest -q tests/python
 echo "== AddressSanitizer + UndefinedBehaviorSanitizer build (kernel compilation already covered above)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite build-sanitize "-E AttentionKernelCompile" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAP_SANITIZE=ON

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A cached virtual environment for the Python package's build and tests (idempotent): torch from PyPI
+# (a CUDA build that also runs on the CPU; installed once, then reused), pytest, and the build backend so
+# `pip install --no-build-isolation` needs no network. Prints the environment's python.
+set -euo pipefail
+venv=${FAP_VENV:-$HOME/.cache/flash_attn_plus_ci/venv}
+if [ ! -x "$venv/bin/python" ]; then
+  if ! python3 -c "import venv, ensurepip" 2>/dev/null; then
+    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-venv >&2
+  fi
+  python3 -m venv "$venv" >&2
+fi
+needed=()
+"$venv/bin/python" -c "import torch" 2>/dev/null || needed+=("torch>=2.4")
+for module in pytest numpy packaging setuptools scikit_build_core nanobind; do
+  "$venv/bin/python" -c "import $module" 2>/dev/null || needed+=("${module//_/-}")
+done
+if ((${#needed[@]})); then
+  echo "installing into $venv: ${needed[*]}" >&2
+  "$venv/bin/python" -m pip install -q "${needed[@]}" >&2
+fi
+echo "$venv/bin/python"
