@@ -25,7 +25,45 @@ int ForwardConfig::shared_bytes() const {
   return (block_m + 4 * block_n) * (head_dim + 8) * 2;
 }
 
+std::string BackwardConfig::name() const {
+  std::string text = concat("attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
+                            "_w", warps, "_s", dkv_split);
+  if (window) text += "_window";
+  if (softcap) text += "_softcap";
+  if (alibi) text += "_alibi";
+  if (dropout) text += "_dropout";
+  return text;
+}
+
+std::vector<std::string> BackwardConfig::defines() const {
+  return {concat("-DFAP_HEAD_DIM=", head_dim),   concat("-DFAP_BLOCK_M=", block_m),
+          concat("-DFAP_BLOCK_N=", block_n),     concat("-DFAP_WARPS=", warps),
+          concat("-DFAP_DKV_SPLIT=", dkv_split), concat("-DFAP_BF16=", int{bf16}),
+          concat("-DFAP_SOFTCAP=", int{softcap}), concat("-DFAP_ALIBI=", int{alibi}),
+          concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
+}
+
+int BackwardConfig::shared_bytes() const {
+  // K, V, Q, dO tiles (rows padded by 8 halves), the dS^T tile, and two floats per query row.
+  return (2 * block_n + 2 * block_m) * (head_dim + 8) * 2 + block_n * (block_m + 8) * 2 + 2 * block_m * 4;
+}
+
 namespace {
+
+// Backward tiles per head dim. A warp owns 16 keys and keeps dK and dV for them in registers (head_dim /
+// dkv_split columns each, 4 floats per 8 columns per thread) beside S^T and dP^T for block_m queries; the
+// warps sharing 16 keys (dkv_split of them) each recompute S^T and dP^T. The shapes are the widest that
+// ptxas compiles without spills for every feature combination on sm_80 and sm_90a (the compile test checks).
+void set_backward_tiles(BackwardConfig& config) {
+  if (config.head_dim <= 64) {
+    config.warps = 4, config.dkv_split = 1, config.block_m = 32;
+  } else if (config.head_dim <= 128) {
+    config.warps = 8, config.dkv_split = 2, config.block_m = 16;
+  } else {
+    config.warps = 8, config.dkv_split = 4, config.block_m = 16;
+  }
+  config.block_n = 16 * config.warps / config.dkv_split;
+}
 
 // Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register
 // reports (tests/cuda/test_attention_config.cpp fails on spills). By default one warp per 16 rows, 8
@@ -59,6 +97,36 @@ ForwardConfig choose_forward_config(const AttentionProblem& problem, int) {
   return config;
 }
 
+BackwardConfig choose_backward_config(const AttentionProblem& problem, int) {
+  BackwardConfig config;
+  config.bf16 = problem.dtype == FAP_DTYPE_BFLOAT16;
+  config.head_dim = static_cast<int>((problem.head_dim + 15) / 16 * 16);
+  config.softcap = problem.softcap > 0.0f;
+  config.alibi = problem.alibi_slopes != nullptr;
+  config.dropout = problem.dropout_p > 0.0f;
+  config.window = problem.window.active();
+  set_backward_tiles(config);
+  return config;
+}
+
+std::vector<BackwardConfig> all_backward_configs() {
+  std::vector<BackwardConfig> configs;
+  for (int bf16 = 0; bf16 < 2; ++bf16)
+    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
+      for (int features = 0; features < 16; ++features) {
+        BackwardConfig config;
+        config.bf16 = bf16 != 0;
+        config.head_dim = head_dim;
+        config.window = features & 1;
+        config.softcap = features & 2;
+        config.alibi = features & 4;
+        config.dropout = features & 8;
+        set_backward_tiles(config);
+        configs.push_back(config);
+      }
+  return configs;
+}
+
 std::vector<ForwardConfig> all_forward_configs() {
   std::vector<ForwardConfig> configs;
   for (int bf16 = 0; bf16 < 2; ++bf16)
@@ -75,6 +143,14 @@ std::vector<ForwardConfig> all_forward_configs() {
         configs.push_back(config);
       }
   return configs;
+}
+
+std::vector<std::string> forward_kernel_sources() {
+  return {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh", "attention_fwd.cuh"};
+}
+
+std::vector<std::string> backward_kernel_sources() {
+  return {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh", "attention_bwd.cuh"};
 }
 
 std::string nvrtc_arch(int compute_capability) {

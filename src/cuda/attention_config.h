@@ -21,11 +21,30 @@ struct ForwardConfig {
   int shared_bytes() const;
 };
 
+// The backward kernels (attention_bwd.cuh): one CTA per block_n keys, warps of 16 keys (times head_dim /
+// dkv_split columns of dK and dV), block_m queries per step.
+struct BackwardConfig {
+  bool bf16 = false;
+  int head_dim = 64;
+  int block_m = 64, block_n = 64, warps = 4, dkv_split = 1;  // block_n = 16 * warps / dkv_split
+  bool softcap = false, alibi = false, dropout = false, window = false;  // deterministic mode is a run-time flag
+
+  std::string name() const;  // e.g. attention_bwd_bf16_d128_m32_n64_w4_s1_window
+  std::vector<std::string> defines() const;
+  int shared_bytes() const;
+};
+
 // compute_capability: e.g. 90 for sm_90.
 ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute_capability);
+BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability);
 
 // Every configuration choose_forward_config can return (for compile tests and precompilation).
 std::vector<ForwardConfig> all_forward_configs();
+std::vector<BackwardConfig> all_backward_configs();
+
+// The embedded files each kernel family is compiled from, in order.
+std::vector<std::string> forward_kernel_sources();
+std::vector<std::string> backward_kernel_sources();
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);

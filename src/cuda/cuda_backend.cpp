@@ -1,12 +1,15 @@
 // The CUDA backend: kernels compiled at run time for the exact GPU (jit_cache), launched in the caller's
-// current CUDA context on the caller's stream. Today it runs the forward for float16/bfloat16 on sm_80+.
+// current CUDA context on the caller's stream: forward and backward, float16/bfloat16, sm_80+.
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/error.h"
@@ -48,36 +51,60 @@ DeviceInfo current_device(const DriverApi& api, int expected_ordinal) {
   return info;
 }
 
+// A compiled configuration: its module's kernels by name. `defines` and `shared_bytes` come from a
+// ForwardConfig or BackwardConfig.
+struct KernelRequest {
+  std::string name;
+  std::vector<std::string> sources, defines, kernels;
+  int shared_bytes;
+};
+
 // Loaded kernels per (context, configuration), filled on first use.
 class KernelRegistry {
  public:
-  CUfunction forward(const DriverApi& api, const DeviceInfo& device, const ForwardConfig& config) {
-    const auto key = std::make_tuple(device.context, config.name());
+  // The functions of request.kernels, in that order.
+  std::vector<CUfunction> functions(const DriverApi& api, const DeviceInfo& device, const KernelRequest& request) {
+    const auto key = std::make_tuple(device.context, request.name);
     std::lock_guard<std::mutex> lock(mutex_);
     if (auto found = functions_.find(key); found != functions_.end()) return found->second;
     if (!cache_) cache_ = std::make_unique<KernelCache>(nvrtc_compiler(), default_cache_directory());
-    const CompileRequest request{
-        config.name(),
-        assemble_source({"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"}),
-        config.defines(),
-        nvrtc_arch(device.compute_capability)};
-    const std::string cubin = cache_->cubin(request);
+    const std::string cubin = cache_->cubin(
+        {request.name, assemble_source(request.sources), request.defines, nvrtc_arch(device.compute_capability)});
     CUmodule module = nullptr;
-    CUfunction function = nullptr;
     check(api, api.cuModuleLoadData(&module, cubin.data()), "cuModuleLoadData");
-    check(api, api.cuModuleGetFunction(&function, module, "attention_fwd"), "cuModuleGetFunction");
-    check(api, api.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, config.shared_bytes()),
-          "cuFuncSetAttribute");
-    return functions_[key] = function;
+    std::vector<CUfunction> loaded;
+    for (const std::string& kernel : request.kernels) {
+      CUfunction function = nullptr;
+      check(api, api.cuModuleGetFunction(&function, module, kernel.c_str()), "cuModuleGetFunction");
+      check(api, api.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, request.shared_bytes),
+            "cuFuncSetAttribute");
+      loaded.push_back(function);
+    }
+    return functions_[key] = loaded;
   }
 
  private:
   std::mutex mutex_;
   std::unique_ptr<KernelCache> cache_;
-  std::map<std::tuple<CUcontext, std::string>, CUfunction> functions_;
+  std::map<std::tuple<CUcontext, std::string>, std::vector<CUfunction>> functions_;
 };
 
-bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+KernelRegistry& registry() {
+  static KernelRegistry instance;
+  return instance;
+}
+
+// Whether every row of these operands starts 16-byte aligned, so that tiles load with 16-byte cp.async.
+bool vector_loads(const AttentionProblem& p, std::initializer_list<const Operand*> operands) {
+  if (p.head_dim % 8 != 0) return false;
+  for (const Operand* o : operands) {
+    if (reinterpret_cast<uintptr_t>(o->data) % 16 != 0 || o->row_stride % 8 != 0 || o->head_stride % 8 != 0 ||
+        o->batch_stride % 8 != 0) {
+      return false;
+    }
+  }
+  return true;
+}
 
 AttentionFwdParams forward_params(const AttentionProblem& p) {
   AttentionFwdParams params{};
@@ -100,11 +127,7 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
   params.heads_q = static_cast<int>(p.heads_q);
   params.group_size = static_cast<int>(p.group_size());
   params.head_dim = static_cast<int>(p.head_dim);
-  const bool strides_aligned = p.head_dim % 8 == 0 && p.q.row_stride % 8 == 0 && p.q.head_stride % 8 == 0 &&
-                               p.q.batch_stride % 8 == 0 && p.k.row_stride % 8 == 0 && p.k.head_stride % 8 == 0 &&
-                               p.k.batch_stride % 8 == 0 && p.v.row_stride % 8 == 0 && p.v.head_stride % 8 == 0 &&
-                               p.v.batch_stride % 8 == 0;
-  params.vector_loads = strides_aligned && aligned16(p.q.data) && aligned16(p.k.data) && aligned16(p.v.data);
+  params.vector_loads = vector_loads(p, {&p.q, &p.k, &p.v});
   params.scale = p.softmax_scale;
   params.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   params.softcap = p.softcap;
@@ -116,6 +139,64 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
   params.dropout_scale = 1.0f / (1.0f - p.dropout_p);
   params.dropout_seed = p.dropout_seed;
   params.dropout_offset = p.dropout_offset;
+  return params;
+}
+
+// The backward's workspace: rowsum(dout * out) per (row, head), then the fp32 dQ accumulator, one slice per
+// split. Deterministic mode gives each (batch, kv head) `splits` CTAs that own a slice each (about 256 CTAs
+// in all, so the GPU stays busy without a slice per key block); otherwise one slice takes atomics.
+struct BackwardWorkspace {
+  int64_t rows, heads_q, splits = 1, head_dim, dsum_bytes, accum_offset;
+
+  explicit BackwardWorkspace(const AttentionProblem& p)
+      : rows(p.varlen ? p.total_q : p.batch * p.total_q), heads_q(p.heads_q), head_dim((p.head_dim + 15) / 16 * 16) {
+    if (p.deterministic) {
+      const int64_t block_n = choose_backward_config(p, 80).block_n;
+      const int64_t key_blocks = std::max<int64_t>(1, (p.seqlen_k + block_n - 1) / block_n);
+      const int64_t ctas = std::max<int64_t>(1, p.batch * p.heads_kv);
+      splits = std::min(key_blocks, std::max<int64_t>(1, (256 + ctas - 1) / ctas));
+    }
+    dsum_bytes = rows * p.heads_q * 4;
+    accum_offset = (dsum_bytes + 255) / 256 * 256;
+  }
+  size_t bytes() const { return static_cast<size_t>(accum_offset + splits * rows * heads_q * head_dim * 4); }
+};
+
+AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWorkspace& layout, void* workspace) {
+  AttentionBwdParams params{};
+  params.q = p.q.data, params.k = p.k.data, params.v = p.v.data, params.out = p.out.data, params.dout = p.dout.data;
+  params.lse = p.lse.data;
+  params.dq = p.dq.data, params.dk = p.dk.data, params.dv = p.dv.data;
+  params.dsum = static_cast<float*>(workspace);
+  params.dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + layout.accum_offset);
+  params.dq_accum_split_stride = layout.rows * p.heads_q * layout.head_dim;
+  const auto strides = [](const Operand& o, long long& batch, long long& row, long long& head) {
+    batch = o.batch_stride, row = o.row_stride, head = o.head_stride;
+  };
+  strides(p.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride);
+  strides(p.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
+  strides(p.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
+  strides(p.out, params.out_batch_stride, params.out_row_stride, params.out_head_stride);
+  strides(p.dout, params.dout_batch_stride, params.dout_row_stride, params.dout_head_stride);
+  strides(p.dq, params.dq_batch_stride, params.dq_row_stride, params.dq_head_stride);
+  strides(p.dk, params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride);
+  strides(p.dv, params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride);
+  params.lse_batch_stride = p.lse.batch_stride, params.lse_head_stride = p.lse.head_stride;
+  params.lse_row_stride = p.lse.row_stride;
+  params.cu_seqlens_q = p.cu_seqlens_q, params.cu_seqlens_k = p.cu_seqlens_k;
+  params.seqlen_q = static_cast<int>(p.seqlen_q), params.seqlen_k = static_cast<int>(p.seqlen_k);
+  params.heads_q = static_cast<int>(p.heads_q), params.group_size = static_cast<int>(p.group_size());
+  params.head_dim = static_cast<int>(p.head_dim);
+  params.splits = static_cast<int>(layout.splits);
+  params.deterministic = p.deterministic ? 1 : 0;
+  params.vector_loads = vector_loads(p, {&p.q, &p.k, &p.v, &p.dout});
+  params.scale = p.softmax_scale, params.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  params.softcap = p.softcap;
+  params.window_left = p.window.left, params.window_right = p.window.right;
+  params.alibi = p.alibi_slopes, params.alibi_batch_stride = p.alibi_batch_stride;
+  params.dropout_threshold = p.dropout_p > 0.0f ? dropout_threshold(p.dropout_p) : 0u;
+  params.dropout_scale = 1.0f / (1.0f - p.dropout_p);
+  params.dropout_seed = p.dropout_seed, params.dropout_offset = p.dropout_offset;
   return params;
 }
 
@@ -143,15 +224,16 @@ class CudaBackend final : public Backend {
   }
 
   std::string unsupported_reason(const AttentionProblem& problem) const override {
-    if (problem.direction == Direction::kBackward) return "the backward is not implemented on CUDA yet";
     if (problem.dtype == FAP_DTYPE_FLOAT32) return "float32 tensors: the CUDA kernels take float16 and bfloat16";
     if (problem.probs.data) return "attn_probs is not implemented on CUDA yet";
     return {};
   }
 
-  size_t workspace_size(const AttentionProblem&) const override { return 0; }
+  size_t workspace_size(const AttentionProblem& problem) const override {
+    return problem.direction == Direction::kBackward ? BackwardWorkspace(problem).bytes() : 0;
+  }
 
-  void run(const AttentionProblem& problem, void* stream, void*, size_t) const override {
+  void run(const AttentionProblem& problem, void* stream, void* workspace, size_t) const override {
     std::string reason;
     const DriverApi* api = driver(&reason);
     if (!api) fail(FAP_ERROR_BACKEND_UNAVAILABLE, reason);
@@ -160,23 +242,60 @@ class CudaBackend final : public Backend {
       fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': compute capability ", device.compute_capability / 10, ".",
            device.compute_capability % 10, " found; the kernels need 8.0 (Ampere) or newer");
     }
-    const ForwardConfig config = choose_forward_config(problem, device.compute_capability);
-    if (config.shared_bytes() > device.max_shared) {
-      fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': ", config.name(), " needs ", config.shared_bytes(),
-           " bytes of shared memory, the device allows ", device.max_shared);
+    if (problem.direction == Direction::kForward) {
+      run_forward(*api, device, problem, static_cast<CUstream>(stream));
+    } else {
+      run_backward(*api, device, problem, static_cast<CUstream>(stream), workspace);
     }
-    static KernelRegistry registry;
-    CUfunction function = registry.forward(*api, device, config);
-    AttentionFwdParams params = forward_params(problem);
-    void* arguments[] = {&params};
-    const auto blocks = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
-    if (blocks == 0) return;
-    check(*api,
-          api->cuLaunchKernel(function, blocks, static_cast<unsigned int>(problem.batch),
-                              static_cast<unsigned int>(problem.heads_q), static_cast<unsigned int>(config.warps * 32), 1,
-                              1, static_cast<unsigned int>(config.shared_bytes()), static_cast<CUstream>(stream),
-                              arguments, nullptr),
+  }
+
+ private:
+  static void require_shared(const DeviceInfo& device, const std::string& name, int bytes) {
+    if (bytes > device.max_shared) {
+      fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': ", name, " needs ", bytes, " bytes of shared memory, the device allows ",
+           device.max_shared);
+    }
+  }
+
+  static void launch(const DriverApi& api, CUfunction function, unsigned int blocks_x, int64_t blocks_y, int64_t blocks_z,
+                     int threads, int shared_bytes, CUstream stream, void* params) {
+    if (blocks_x == 0 || blocks_y == 0 || blocks_z == 0) return;
+    void* arguments[] = {params};
+    check(api,
+          api.cuLaunchKernel(function, blocks_x, static_cast<unsigned int>(blocks_y), static_cast<unsigned int>(blocks_z),
+                             static_cast<unsigned int>(threads), 1, 1, static_cast<unsigned int>(shared_bytes), stream,
+                             arguments, nullptr),
           "cuLaunchKernel");
+  }
+
+  static void run_forward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
+                          CUstream stream) {
+    const ForwardConfig config = choose_forward_config(problem, device.compute_capability);
+    require_shared(device, config.name(), config.shared_bytes());
+    const CUfunction function = registry().functions(
+        api, device, {config.name(), forward_kernel_sources(), config.defines(), {"attention_fwd"}, config.shared_bytes()})[0];
+    AttentionFwdParams params = forward_params(problem);
+    const auto blocks = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
+    launch(api, function, blocks, problem.batch, problem.heads_q, config.warps * 32, config.shared_bytes(), stream,
+           &params);
+  }
+
+  static void run_backward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
+                           CUstream stream, void* workspace) {
+    const BackwardConfig config = choose_backward_config(problem, device.compute_capability);
+    require_shared(device, config.name(), config.shared_bytes());
+    const std::vector<CUfunction> kernels = registry().functions(
+        api, device,
+        {config.name(), backward_kernel_sources(), config.defines(),
+         {"attention_bwd_preprocess", "attention_bwd", "attention_bwd_convert"}, config.shared_bytes()});
+    const BackwardWorkspace layout(problem);
+    AttentionBwdParams params = backward_params(problem, layout, workspace);
+    const auto row_blocks = static_cast<unsigned int>((problem.seqlen_q + 3) / 4);  // 4 rows per CTA
+    launch(api, kernels[0], row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
+    const auto key_blocks = static_cast<unsigned int>((problem.seqlen_k + config.block_n - 1) / config.block_n);
+    launch(api, kernels[1], problem.deterministic ? static_cast<unsigned int>(layout.splits) : key_blocks, problem.batch,
+           problem.heads_kv, config.warps * 32, config.shared_bytes(), stream, &params);
+    launch(api, kernels[2], row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
   }
 };
 

@@ -1,5 +1,5 @@
-// The forward dispatch table (a pure function, checked here without a GPU) and the compilation of the
-// kernels it selects through NVRTC for sm_80 and sm_90a, failing on compile errors, register spills and
+// The forward and backward dispatch tables (pure functions, checked here without a GPU) and the
+// compilation of the kernels they select through NVRTC for sm_80 and sm_90a, failing on compile errors, register spills and
 // local memory (ptxas warnings promoted to errors). NVRTC needs no GPU.
 #include <gtest/gtest.h>
 
@@ -80,6 +80,12 @@ TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
   EXPECT_EQ(names.size(), 2u * 16u * 16u);
+  for (const BackwardConfig& config : all_backward_configs()) {
+    EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
+    EXPECT_EQ(config.block_n * config.dkv_split, 16 * config.warps) << config.name();
+    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+  }
+  EXPECT_EQ(names.size(), 2u * 2u * 16u * 16u);
 }
 
 TEST(AttentionConfig, ArchitectureNames) {
@@ -89,11 +95,12 @@ TEST(AttentionConfig, ArchitectureNames) {
 }
 
 // Every head dim and dtype with all features off and all on, and each feature alone at d = 64 and 128:
-// the code paths of all 512 configurations, at a compile time CI can afford (the full product is
-// 1024 compilations of about 1.5 s).
-std::vector<ForwardConfig> compile_test_configs() {
-  std::vector<ForwardConfig> selected;
-  for (const ForwardConfig& config : all_forward_configs()) {
+// the code paths of every configuration, at a compile time CI can afford (the full products are 2 x 512
+// compilations of 1.5-4 s each per architecture).
+template <typename Config>
+std::vector<Config> compile_test_configs(const std::vector<Config>& all) {
+  std::vector<Config> selected;
+  for (const Config& config : all) {
     const int features = config.window + config.softcap + config.alibi + config.dropout;
     if (features == 0 || features == 4 || (features == 1 && (config.head_dim == 64 || config.head_dim == 128))) {
       selected.push_back(config);
@@ -102,13 +109,14 @@ std::vector<ForwardConfig> compile_test_configs() {
   return selected;
 }
 
-TEST(AttentionKernelCompile, EverySelectedConfigurationCompilesWithoutSpills) {
-  std::string reason;
-  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+// Compiles every configuration for sm_80 and sm_90a on all cores; returns the number that compiled and
+// reports each failure.
+template <typename Config>
+size_t compile_all(const std::vector<Config>& configs, const std::vector<std::string>& files) {
   const Compiler compiler = nvrtc_compiler();
-  const std::string source = assemble_source({"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "attention_fwd.cuh"});
+  const std::string source = assemble_source(files);
   std::vector<CompileRequest> requests;
-  for (const ForwardConfig& config : compile_test_configs()) {
+  for (const Config& config : configs) {
     for (const char* arch : {"sm_80", "sm_90a"}) {
       CompileRequest request{config.name(), source, config.defines(), arch};
       for (const char* option : {"--ptxas-options=--warn-on-spills", "--ptxas-options=--warn-on-local-memory-usage",
@@ -140,8 +148,25 @@ TEST(AttentionKernelCompile, EverySelectedConfigurationCompilesWithoutSpills) {
     ++failed;
     ADD_FAILURE() << requests[i].name << " for " << requests[i].arch << ": " << failures[i];
   }
-  std::printf("NVRTC compiled %zu of %zu kernel configurations (%zu forward configurations x sm_80, sm_90a)\n",
-              requests.size() - failed, requests.size(), requests.size() / 2);
+  return requests.size() - failed;
+}
+
+TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  const auto configs = compile_test_configs(all_forward_configs());
+  const size_t compiled = compile_all(configs, forward_kernel_sources());
+  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu of %zu configurations x sm_80, sm_90a)\n", compiled,
+              2 * configs.size(), configs.size(), all_forward_configs().size());
+}
+
+TEST(AttentionKernelCompile, BackwardConfigurationsCompileWithoutSpills) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  const auto configs = compile_test_configs(all_backward_configs());
+  const size_t compiled = compile_all(configs, backward_kernel_sources());
+  std::printf("NVRTC compiled %zu of %zu backward kernels (%zu of %zu configurations x sm_80, sm_90a)\n", compiled,
+              2 * configs.size(), configs.size(), all_backward_configs().size());
 }
 
 }  // namespace

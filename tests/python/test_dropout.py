@@ -45,8 +45,6 @@ def test_s_dmask_is_the_applied_mask(device, dtype, causal, window, seqlen_q, se
     assert (probs - probs_ref).abs().max().item() < 1e-2
 
     dout = torch.randn_like(out)
-    if device.type == "cuda" and not conftest.CUDA_BACKWARD:
-        return
     out.backward(dout)
     out_ref.backward(dout.double())
     out_pt.backward(dout)
@@ -79,9 +77,6 @@ def test_same_seed_same_mask_new_call_new_mask(device):
 
 
 def test_checkpoint_recomputation_replays_the_mask(device):
-    if device.type == "cuda" and not conftest.CUDA_BACKWARD:
-        pytest.skip("the CUDA backward is not implemented yet")
-
     def block(q, k, v):
         return fap.flash_attn_func(q, k, v, dropout_p=P, causal=True) * 2
 
@@ -100,3 +95,30 @@ def test_dropout_is_unbiased(device):
     q, k, v = (torch.randn(1, 64, 2, 32, dtype=torch.float16, device=device) for _ in range(3))
     mean = sum(fap.flash_attn_func(q, k, v, dropout_p=0.5).float() for _ in range(200)) / 200
     assert (mean - fap.flash_attn_func(q, k, v).float()).abs().mean().item() < 0.03
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads_k", [4, 2])
+def test_cuda_dropout_gradients_match_the_cpu_backend_under_the_same_mask(device, causal, heads_k):
+    """The mask is the same Philox function on both backends, so the CPU backend in float32, replaying the
+    CUDA call's rng_state, is a reference for the CUDA backward with dropout (S_dmask is CPU-only)."""
+    if device.type != "cuda":
+        pytest.skip("compares the CUDA backend with the CPU backend")
+    from flash_attn_plus.interface import _flash_attn_backward, _flash_attn_forward
+    q = torch.randn(2, 97, 4, 64, dtype=torch.bfloat16, device=device)
+    k, v = (torch.randn(2, 130, heads_k, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    out, lse, _, rng_state = _flash_attn_forward(q, k, v, P, 0.125, causal, -1, -1, 0.0, None, False)
+    dout = torch.randn_like(out)
+
+    def gradients(tensors):
+        dq, dk, dv = (torch.empty_like(x) for x in tensors[:3])
+        _flash_attn_backward(tensors[3], *tensors[:3], tensors[4], tensors[5], dq, dk, dv, P, 0.125, causal, -1, -1,
+                             0.0, None, False, rng_state)
+        return dq, dk, dv
+
+    on_cuda = gradients([q, k, v, dout, out, lse])
+    host = [x.cpu() for x in (q, k, v, dout, out)] + [lse.cpu()]
+    exact = gradients([x.float() for x in host[:5]] + [host[5]])
+    low = gradients(host)
+    for name, mine, reference, plain in zip("qkv", on_cuda, exact, low):
+        check_rule(f"d{name}", mine.cpu(), reference, plain, 3)

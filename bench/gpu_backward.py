@@ -1,0 +1,100 @@
+"""Backward on the GPU: TFLOP/s of our CUDA backward beside torch SDPA's flash and cuDNN backwards (same run,
+bf16, 16k tokens per shape), the deterministic mode's bitwise reproducibility over 10 runs and its cost.
+FLOPs: FlashAttention's convention, backward = 2.5 x forward (4 b h s^2 d, half when causal).
+
+    python bench/gpu_backward.py --out DIR      (needs flash_attn_plus importable and a CUDA GPU)
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_attn_plus as fap
+
+
+def time_ms(fn, warmup=3, repeat=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def backward_ms(forward, inputs, dout):
+    """Median time of the backward alone (the graph is kept between runs)."""
+    out = forward(*inputs)
+    return time_ms(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
+
+
+def benchmark():
+    rows = []
+    for d, heads in ((64, 32), (128, 16), (256, 8)):
+        for causal in (False, True):
+            for s in (2048, 4096, 8192, 16384):
+                b = 16384 // s
+                q, k, v = (torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                dout = torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16)
+                flops = 2.5 * 4 * b * heads * s * s * d / (2 if causal else 1)
+                row = {"d": d, "heads": heads, "batch": b, "seqlen": s, "causal": causal}
+                row["ours_ms"] = backward_ms(lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
+                if d == 128:
+                    row["ours_deterministic_ms"] = backward_ms(
+                        lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal, deterministic=True), (q, k, v), dout)
+                tq, tk, tv = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+                for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    try:
+                        with sdpa_kernel(backend):
+                            row[name + "_ms"] = backward_ms(
+                                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (tq, tk, tv),
+                                dout.transpose(1, 2))
+                    except RuntimeError as error:
+                        row[name + "_ms"], row[name + "_error"] = None, str(error)[:200]
+                for key in ("ours", "ours_deterministic", "sdpa_flash", "sdpa_cudnn"):
+                    if row.get(key + "_ms"):
+                        row[key + "_tflops"] = flops / row[key + "_ms"] / 1e9
+                rows.append(row)
+                print(f"bwd d={d} s={s} causal={causal}: ours {row['ours_tflops']:.0f} flash "
+                      f"{row.get('sdpa_flash_tflops', 0):.0f} cudnn {row.get('sdpa_cudnn_tflops', 0):.0f} TFLOP/s",
+                      flush=True)
+    return rows
+
+
+def determinism(runs=10):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4096, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    result = {}
+    for deterministic in (True, False):
+        grads = []
+        for _ in range(runs):
+            out = fap.flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
+            grads.append(torch.autograd.grad(out, (q, k, v), dout))
+        identical = all(torch.equal(a, b) for run in grads[1:] for a, b in zip(grads[0], run))
+        result["deterministic" if deterministic else "default"] = {"runs": runs, "bitwise_identical": identical}
+    print("determinism:", result, flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "determinism": determinism(),
+              "benchmark": benchmark()}
+    with open(os.path.join(args.out, "gpu_backward.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+// Tensor-core building blocks shared by the attention kernels (sm_80+): fp16/bf16 storage and rounding,
+// cp.async, ldmatrix and mma.sync.m16n8k16 wrappers, and the shared-memory tile loader. Header-free: NVRTC
+// compiles it with no toolkit headers.
+//
+// Needs FAP_HEAD_DIM (head dim rounded up to a multiple of 16), FAP_WARPS and FAP_BF16.
+
+#define FAP_STRIDE (FAP_HEAD_DIM + 8)  // shared-memory row stride in halves: +16 bytes avoids bank conflicts
+#define FAP_INFINITY __int_as_float(0x7f800000)  // no math.h under NVRTC
+
+namespace fap {
+
+typedef unsigned short storage_t;  // the bits of one fp16 or bf16 element
+
+#if FAP_BF16
+__device__ __forceinline__ storage_t from_float(float x) {
+  unsigned int bits = __float_as_uint(x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (storage_t)((bits >> 16) | 0x40u);
+  return (storage_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  unsigned int result;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(result) : "f"(hi), "f"(lo));
+  return result;
+}
+__device__ __forceinline__ float to_float(storage_t x) { return __uint_as_float((unsigned int)x << 16); }
+#define FAP_MMA_TYPES "bf16.bf16"
+#else
+__device__ __forceinline__ storage_t from_float(float x) {
+  storage_t result;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result) : "f"(x));
+  return result;
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  unsigned int result;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(result) : "f"(hi), "f"(lo));
+  return result;
+}
+__device__ __forceinline__ float to_float(storage_t x) {
+  float result;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(x));
+  return result;
+}
+#define FAP_MMA_TYPES "f16.f16"
+#endif
+
+__device__ __forceinline__ unsigned int shared_address(const void* pointer) {
+  return (unsigned int)__cvta_generic_to_shared(pointer);
+}
+
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+
+// D (16x8 fp32) += A (16x16) * B (16x8).
+__device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." FAP_MMA_TYPES ".f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copies the first `count` rows x head_dim of a (row, dim) operand into a shared tile of ROWS rows (row
+// stride FAP_STRIDE), zero-filling rows beyond count and columns beyond head_dim. vector_loads: every row
+// starts 16-byte aligned and head_dim % 8 == 0 (then cp.async, else element copies).
+template <int ROWS>
+__device__ __forceinline__ void load_tile(storage_t* tile, const storage_t* base, long long row_stride, int count,
+                                          int head_dim, int vector_loads) {
+  const int chunks_per_row = FAP_HEAD_DIM / 8;
+  for (int chunk = threadIdx.x; chunk < ROWS * chunks_per_row; chunk += FAP_WARPS * 32) {
+    const int row = chunk / chunks_per_row, col = (chunk % chunks_per_row) * 8;
+    storage_t* target = tile + row * FAP_STRIDE + col;
+    const storage_t* source = base + row * row_stride + col;
+    if (vector_loads && row < count && col + 8 <= head_dim) {
+      cp_async_16(target, source);
+    } else {
+      for (int e = 0; e < 8; ++e) target[e] = (row < count && col + e < head_dim) ? source[e] : (storage_t)0;
+    }
+  }
+}
+
+}  // namespace fap
