@@ -27,7 +27,7 @@ int ForwardConfig::shared_bytes() const {
 
 std::string BackwardConfig::name() const {
   std::string text = concat("attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
-                            "_w", warps, "_s", dkv_split);
+                            "_w", warps, "_s", dkv_split, "_q", q_stages);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
   if (alibi) text += "_alibi";
@@ -38,30 +38,31 @@ std::string BackwardConfig::name() const {
 std::vector<std::string> BackwardConfig::defines() const {
   return {concat("-DFAP_HEAD_DIM=", head_dim),   concat("-DFAP_BLOCK_M=", block_m),
           concat("-DFAP_BLOCK_N=", block_n),     concat("-DFAP_WARPS=", warps),
-          concat("-DFAP_DKV_SPLIT=", dkv_split), concat("-DFAP_BF16=", int{bf16}),
+          concat("-DFAP_DKV_SPLIT=", dkv_split), concat("-DFAP_Q_STAGES=", q_stages),
+          concat("-DFAP_BF16=", int{bf16}),
           concat("-DFAP_SOFTCAP=", int{softcap}), concat("-DFAP_ALIBI=", int{alibi}),
           concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
 }
 
 int BackwardConfig::shared_bytes() const {
-  // K, V, Q, dO tiles (rows padded by 8 halves), the dS^T tile, and two floats per query row.
-  return (2 * block_n + 2 * block_m) * (head_dim + 8) * 2 + block_n * (block_m + 8) * 2 + 2 * block_m * 4;
+  // K and V tiles, two stages of Q and dO tiles (rows padded by 8 halves), the P^T and dS^T tiles, and two
+  // stages of two floats per query row.
+  return (2 * block_n + 2 * q_stages * block_m) * (head_dim + 8) * 2 + 2 * block_n * (block_m + 8) * 2 +
+         2 * q_stages * block_m * 4;
 }
 
 namespace {
 
-// Backward tiles per head dim. A warp owns 16 keys and keeps dK and dV for them in registers (head_dim /
-// dkv_split columns each, 4 floats per 8 columns per thread) beside S^T and dP^T for block_m queries; the
-// warps sharing 16 keys (dkv_split of them) each recompute S^T and dP^T. The shapes are the widest that
-// ptxas compiles without spills for every feature combination on sm_80 and sm_90a (the compile test checks).
+// Backward tiles per head dim: 8 warps; dkv_split warps share 16 keys (each computes S^T and dP^T for
+// 1/dkv_split of the step's block_m queries and keeps dK, dV for 1/dkv_split of the head dim), so the
+// registers hold 16 x head_dim / dkv_split of dK and of dV per warp. Q/dO tiles are double-buffered where
+// the shared memory allows it on every sm_80+ GPU with more than 100 KB per block (A100, H100, B200);
+// above d = 128 they are single-buffered. The compile test checks that no combination spills.
 void set_backward_tiles(BackwardConfig& config) {
-  if (config.head_dim <= 64) {
-    config.warps = 4, config.dkv_split = 1, config.block_m = 32;
-  } else if (config.head_dim <= 128) {
-    config.warps = 8, config.dkv_split = 2, config.block_m = 16;
-  } else {
-    config.warps = 8, config.dkv_split = 4, config.block_m = 16;
-  }
+  config.warps = 8;
+  config.block_m = config.head_dim > 64 && config.head_dim <= 128 ? 32 : 64;  // 64 spills at d = 112, 128
+  config.dkv_split = config.head_dim <= 128 ? 2 : 4;
+  config.q_stages = config.head_dim <= 128 ? 2 : 1;
   config.block_n = 16 * config.warps / config.dkv_split;
 }
 

@@ -26,10 +26,11 @@ struct ForwardConfig {
 struct BackwardConfig {
   bool bf16 = false;
   int head_dim = 64;
-  int block_m = 64, block_n = 64, warps = 4, dkv_split = 1;  // block_n = 16 * warps / dkv_split
+  int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = 16 * warps / dkv_split
+  int q_stages = 2;                                           // 2: Q/dO tiles double-buffered
   bool softcap = false, alibi = false, dropout = false, window = false;  // deterministic mode is a run-time flag
 
-  std::string name() const;  // e.g. attention_bwd_bf16_d128_m32_n64_w4_s1_window
+  std::string name() const;  // e.g. attention_bwd_bf16_d128_m64_n64_w8_s2_q2_window
   std::vector<std::string> defines() const;
   int shared_bytes() const;
 };

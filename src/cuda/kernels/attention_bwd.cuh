@@ -6,25 +6,28 @@
 //                             dS^T = P^T (dP^T - D); accumulates dV += P^T dO and dK += dS^T Q in registers
 //                             and adds dQ += dS K to the fp32 accumulator
 //   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
-// Keys are the MMA's M dimension, so dK and dV stay in registers (a warp owns 16 keys, and with
-// FAP_DKV_SPLIT = 2 half of the head dim) and the query-side operands are read from shared memory.
+// Keys are the MMA's M dimension, so dK and dV stay in registers. FAP_DKV_SPLIT warps share 16 keys: for
+// S^T and dP^T each takes a slice of the step's queries, they exchange P^T and dS^T through shared memory,
+// and for dK and dV each keeps a slice of the head dim. With FAP_Q_STAGES = 2 the query tiles (Q, dO, LSE,
+// D) are double-buffered: the next step's load runs under this step's math.
 // dQ: atomics into one fp32 buffer; in deterministic mode (p.deterministic) each CTA owns a slice of the
 // buffer and its key blocks in a fixed order (blockIdx.x, + gridDim.x, ...), so every sum is taken in the
 // same order.
 //
 // Compile-time configuration: FAP_HEAD_DIM, FAP_BLOCK_M (queries per step), FAP_BLOCK_N (keys per CTA),
-// FAP_WARPS, FAP_DKV_SPLIT, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
+// FAP_WARPS, FAP_DKV_SPLIT, FAP_Q_STAGES, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
 // Needs philox.h, mask.h, attention_params.cuh and tensor_core.cuh before it.
 
 #define FAP_DS_STRIDE (FAP_BLOCK_M + 8)              // dS^T tile row stride (halves): conflict-free ldmatrix
 #define FAP_DKV_COLS (FAP_HEAD_DIM / FAP_DKV_SPLIT)  // dK/dV columns per warp
+#define FAP_Q_COLS (FAP_BLOCK_M / FAP_DKV_SPLIT)      // S^T / dP^T query columns per warp
 #define FAP_LOG2E 1.4426950408889634f
 
 namespace fap {
 
 struct SequenceRows {
-  long long q_start, k_start;  // first row of the sequence in q / k
-  long long global_row0;       // its first row in the workspace buffers
+  int q_start, k_start;  // first row of the sequence in q / k
+  int global_row0;       // its first row in the workspace buffers (row counts fit in int, as in FA2)
   int len_q, len_k;
 };
 
@@ -33,11 +36,11 @@ __device__ __forceinline__ SequenceRows sequence_rows(const AttentionBwdParams& 
   if (p.cu_seqlens_q) {
     s.q_start = s.global_row0 = p.cu_seqlens_q[batch];
     s.k_start = p.cu_seqlens_k[batch];
-    s.len_q = p.cu_seqlens_q[batch + 1] - (int)s.q_start;
-    s.len_k = p.cu_seqlens_k[batch + 1] - (int)s.k_start;
+    s.len_q = p.cu_seqlens_q[batch + 1] - s.q_start;
+    s.len_k = p.cu_seqlens_k[batch + 1] - s.k_start;
   } else {
     s.q_start = s.k_start = 0;
-    s.global_row0 = (long long)batch * p.seqlen_q;
+    s.global_row0 = batch * p.seqlen_q;
     s.len_q = p.seqlen_q;
     s.len_k = p.seqlen_k;
   }
@@ -58,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const
   float sum = 0.0f;
   for (int d = lane; d < p.head_dim; d += 32) sum += to_float(out[d]) * to_float(dout[d]);
   for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  const long long slot = (s.global_row0 + row) * p.heads_q + head;
+  const long long slot = (long long)(s.global_row0 + row) * p.heads_q + head;
   if (lane == 0) p.dsum[slot] = sum;
   for (int split = 0; split < p.splits; ++split)
     for (int d = lane; d < FAP_HEAD_DIM; d += 32) p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d] = 0.0f;
@@ -71,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
   const SequenceRows s = sequence_rows(p, batch);
   const int row = blockIdx.x * 4 + warp;
   if (row >= s.len_q) return;
-  const long long slot = (s.global_row0 + row) * p.heads_q + head;
+  const long long slot = (long long)(s.global_row0 + row) * p.heads_q + head;
   storage_t* dq = static_cast<storage_t*>(p.dq) + batch * p.dq_batch_stride + (s.q_start + row) * p.dq_row_stride +
                   head * p.dq_head_stride;
   for (int d = lane; d < p.head_dim; d += 32) {
@@ -94,42 +97,25 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   storage_t* k_tile = reinterpret_cast<storage_t*>(shared_bytes);
   storage_t* v_tile = k_tile + FAP_BLOCK_N * FAP_STRIDE;
-  storage_t* q_tile = v_tile + FAP_BLOCK_N * FAP_STRIDE;
-  storage_t* do_tile = q_tile + FAP_BLOCK_M * FAP_STRIDE;
-  storage_t* ds_tile = do_tile + FAP_BLOCK_M * FAP_STRIDE;                            // dS^T, [key][query]
-  float* lse_rows = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_DS_STRIDE);  // log2 units
-  float* dsum_rows = lse_rows + FAP_BLOCK_M;
+  storage_t* q_tiles = v_tile + FAP_BLOCK_N * FAP_STRIDE;                  // FAP_Q_STAGES stages
+  storage_t* do_tiles = q_tiles + FAP_Q_STAGES * FAP_BLOCK_M * FAP_STRIDE;
+  storage_t* p_tile = do_tiles + FAP_Q_STAGES * FAP_BLOCK_M * FAP_STRIDE;   // P^T after dropout, [key][query]
+  storage_t* ds_tile = p_tile + FAP_BLOCK_N * FAP_DS_STRIDE;     // dS^T, [key][query]
+  float* lse_rows = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_DS_STRIDE);  // per stage, log2 units
+  float* dsum_rows = lse_rows + FAP_Q_STAGES * FAP_BLOCK_M;
 
   const int batch = blockIdx.y, kv_head = blockIdx.z;
   const SequenceRows s = sequence_rows(p, batch);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
   const int m = lane / 8, r = lane % 8;  // ldmatrix: this lane addresses row r of matrix m
-  const int key_tile = warp / FAP_DKV_SPLIT;
-  const int dkv_col0 = (warp % FAP_DKV_SPLIT) * FAP_DKV_COLS;
-  const long long offset = (long long)s.len_k - s.len_q;
+  const int key_tile = warp / FAP_DKV_SPLIT, part = warp % FAP_DKV_SPLIT;
+  const int dkv_col0 = part * FAP_DKV_COLS, query_col0 = part * FAP_Q_COLS;
+  const int offset = s.len_k - s.len_q;
   const int key_blocks = (s.len_k + FAP_BLOCK_N - 1) / FAP_BLOCK_N;
-  float* dq_accum = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0);
 
   for (int key_block = blockIdx.x; key_block < key_blocks; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-    __syncthreads();  // the previous key block's readers are done with the tiles
-    load_tile<FAP_BLOCK_N>(k_tile,
-                           static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride +
-                               (s.k_start + key0) * p.k_row_stride + kv_head * p.k_head_stride,
-                           p.k_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
-    load_tile<FAP_BLOCK_N>(v_tile,
-                           static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride +
-                               (s.k_start + key0) * p.v_row_stride + kv_head * p.v_head_stride,
-                           p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
-    cp_async_commit();  // waited for with the first query block's tiles
-
-    float dk[FAP_DKV_COLS / 8][4], dv[FAP_DKV_COLS / 8][4];
-#pragma unroll
-    for (int i = 0; i < FAP_DKV_COLS / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
-
     // The query rows that may see a key of this block (the mask is monotone in the row).
     long long row_begin = 0, row_end = s.len_q;
 #if FAP_WINDOW
@@ -141,77 +127,115 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     }
 #endif
     const int first_block = (int)(row_begin / FAP_BLOCK_M);
-    const int end_block = row_end > row_begin ? (int)((row_end + FAP_BLOCK_M - 1) / FAP_BLOCK_M) : first_block;
+    const int query_blocks = row_end > row_begin ? (int)((row_end + FAP_BLOCK_M - 1) / FAP_BLOCK_M) - first_block : 0;
+    const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
     const bool keys_past_end = key0 + FAP_BLOCK_N > s.len_k;
 
-    for (int h = 0; h < p.group_size; ++h) {
-      const int head = kv_head * p.group_size + h;
+    // Issues the loads of step `step` into stage `stage`: Q and dO tiles by cp.async, LSE and D directly.
+    auto load_step = [&](int step, int stage) {
+      const int head = kv_head * p.group_size + step / query_blocks;
+      const int q0 = (first_block + step % query_blocks) * FAP_BLOCK_M;
+      load_tile<FAP_BLOCK_M>(q_tiles + stage * FAP_BLOCK_M * FAP_STRIDE,
+                             static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride +
+                                 (s.q_start + q0) * p.q_row_stride + head * p.q_head_stride,
+                             p.q_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+      load_tile<FAP_BLOCK_M>(do_tiles + stage * FAP_BLOCK_M * FAP_STRIDE,
+                             static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
+                                 (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
+                             p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+      for (int i = threadIdx.x; i < FAP_BLOCK_M; i += FAP_WARPS * 32) {
+        const int row = q0 + i;
+        const bool inside = row < s.len_q;  // rows past the sequence get P = 0 through lse = +inf
+        lse_rows[stage * FAP_BLOCK_M + i] =
+            inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] *
+                         FAP_LOG2E
+                   : FAP_INFINITY;
+        dsum_rows[stage * FAP_BLOCK_M + i] = inside ? p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] : 0.0f;
+      }
+    };
+
+    __syncthreads();  // the previous key block's readers are done with every tile
+    load_tile<FAP_BLOCK_N>(k_tile,
+                           static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride +
+                               (s.k_start + key0) * p.k_row_stride + kv_head * p.k_head_stride,
+                           p.k_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
+    load_tile<FAP_BLOCK_N>(v_tile,
+                           static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride +
+                               (s.k_start + key0) * p.v_row_stride + kv_head * p.v_head_stride,
+                           p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
+    if (steps > 0) load_step(0, 0);
+    cp_async_commit();
+
+    float dk[FAP_DKV_COLS / 8][4], dv[FAP_DKV_COLS / 8][4];
+#pragma unroll
+    for (int i = 0; i < FAP_DKV_COLS / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
+
+    for (int step = 0; step < steps; ++step) {
+      const int stage = FAP_Q_STAGES == 2 ? step & 1 : 0;
+      const int head = kv_head * p.group_size + step / query_blocks;
+      const int q0 = (first_block + step % query_blocks) * FAP_BLOCK_M;
+      const storage_t* q_tile = q_tiles + stage * FAP_BLOCK_M * FAP_STRIDE;
+      const storage_t* do_tile = do_tiles + stage * FAP_BLOCK_M * FAP_STRIDE;
+      const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
+      const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;
+      if (FAP_Q_STAGES == 1 && step > 0) {
+        __syncthreads();  // the previous step is finished with the tiles
+        load_step(step, 0);
+        cp_async_commit();
+      }
+      cp_async_wait_all();
+      __syncthreads();  // this stage's tiles are in; the previous step is finished with the other stage
+      if (FAP_Q_STAGES == 2 && step + 1 < steps) load_step(step + 1, stage ^ 1);
+      cp_async_commit();
 #if FAP_ALIBI
       const float slope = p.alibi[batch * p.alibi_batch_stride + head];
 #endif
-      for (int query_block = first_block; query_block < end_block; ++query_block) {
-        const int q0 = query_block * FAP_BLOCK_M;
-        __syncthreads();  // the previous step's readers of the query-side tiles are done
-        load_tile<FAP_BLOCK_M>(q_tile,
-                               static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride +
-                                   (s.q_start + q0) * p.q_row_stride + head * p.q_head_stride,
-                               p.q_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-        load_tile<FAP_BLOCK_M>(do_tile,
-                               static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
-                                   (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
-                               p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-        cp_async_commit();
-        for (int i = threadIdx.x; i < FAP_BLOCK_M; i += FAP_WARPS * 32) {
-          const int row = q0 + i;
-          const bool inside = row < s.len_q;  // rows past the sequence get P = 0 through lse = +inf
-          lse_rows[i] = inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride +
-                                       (s.q_start + row) * p.lse_row_stride] * FAP_LOG2E
-                               : FAP_INFINITY;
-          dsum_rows[i] = inside ? p.dsum[(s.global_row0 + row) * p.heads_q + head] : 0.0f;
-        }
-        cp_async_wait_all();
-        __syncthreads();
 
-        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the block's queries.
-        float st[FAP_BLOCK_M / 8][4], dpt[FAP_BLOCK_M / 8][4];
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and its slice of the queries.
+      float st[FAP_Q_COLS / 8][4], dpt[FAP_Q_COLS / 8][4];
 #pragma unroll
-        for (int j = 0; j < FAP_BLOCK_M / 8; ++j)
+      for (int j = 0; j < FAP_Q_COLS / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
+#pragma unroll 8  // fully unrolled up to d = 128; beyond, the unrolled addresses would crowd the registers
+      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        unsigned int a_k[4], a_v[4];
+        ldmatrix_x4(a_k, k_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m / 2) * 8);
+        ldmatrix_x4(a_v, v_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m / 2) * 8);
 #pragma unroll
-        for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-          unsigned int a_k[4], a_v[4];
-          ldmatrix_x4(a_k, k_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m / 2) * 8);
-          ldmatrix_x4(a_v, v_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m / 2) * 8);
-#pragma unroll
-          for (int j = 0; j < FAP_BLOCK_M / 16; ++j) {
-            unsigned int b[4];
-            ldmatrix_x4(b, q_tile + (j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
-            mma_16816(st[2 * j], a_k, b[0], b[1]);
-            mma_16816(st[2 * j + 1], a_k, b[2], b[3]);
-            ldmatrix_x4(b, do_tile + (j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
-            mma_16816(dpt[2 * j], a_v, b[0], b[1]);
-            mma_16816(dpt[2 * j + 1], a_v, b[2], b[3]);
-          }
+        for (int j = 0; j < FAP_Q_COLS / 16; ++j) {
+          unsigned int b[4];
+          ldmatrix_x4(b, q_tile + (query_col0 + j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
+          mma_16816(st[2 * j], a_k, b[0], b[1]);
+          mma_16816(st[2 * j + 1], a_k, b[2], b[3]);
+          ldmatrix_x4(b, do_tile + (query_col0 + j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
+          mma_16816(dpt[2 * j], a_v, b[0], b[1]);
+          mma_16816(dpt[2 * j + 1], a_v, b[2], b[3]);
         }
+      }
 
-        // st <- P^T after dropout, dpt <- dS^T (the derivative with respect to the scaled, capped score).
-        bool needs_mask = keys_past_end;
+      // P^T after dropout and dS^T (the derivative with respect to the scaled, capped score) into shared memory.
+      bool needs_mask = keys_past_end;
 #if FAP_WINDOW
-        needs_mask = needs_mask || key0 < (long long)q0 + FAP_BLOCK_M - 1 + offset - p.window_left ||
-                     key0 + FAP_BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
-        // Key j is allowed for row i iff i + window_low <= j <= i + window_high (both fit in int here:
-        // windows are normalised to at most max_seqlen_k).
-        const int window_low = (int)(offset - p.window_left), window_high = (int)(offset + p.window_right);
+      needs_mask = needs_mask || key0 < (long long)q0 + FAP_BLOCK_M - 1 + offset - p.window_left ||
+                   key0 + FAP_BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
+      // Key j is allowed for row i iff i + window_low <= j <= i + window_high (both fit in int here:
+      // windows are normalised to at most max_seqlen_k).
+      const int window_low = (int)(offset - p.window_left), window_high = (int)(offset + p.window_right);
 #endif
 #pragma unroll
-        for (int j = 0; j < FAP_BLOCK_M / 8; ++j)
+      for (int j = 0; j < FAP_Q_COLS / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int query_local = j * 8 + quad * 2 + (e % 2);
-            const int key = key0 + key_tile * 16 + group + 8 * (e / 2);
+        for (int half = 0; half < 2; ++half) {
+          float prob_out[2], ds_out[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int query_local = query_col0 + j * 8 + quad * 2 + c;
+            const int key = key0 + key_tile * 16 + group + 8 * half;
             const int row = q0 + query_local;
-            float x = st[j][e];
+            float x = st[j][2 * half + c];
             float cap_derivative = 1.0f;
 #if FAP_SOFTCAP || FAP_ALIBI
             x *= p.scale;
@@ -227,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 #else
             x *= p.scale_log2;
 #endif
-            float prob = exp2f(x - lse_rows[query_local]);
+            float prob = exp2f(x - lse_stage[query_local]);
             if (needs_mask) {
               bool allowed = key < s.len_k;
 #if FAP_WINDOW
@@ -235,74 +259,68 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 #endif
               if (!allowed) prob = 0.0f;
             }
-            float dp = dpt[j][e];
+            float dp = dpt[j][2 * half + c];
 #if FAP_DROPOUT
             const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset,
                                                 (unsigned int)(batch * p.heads_q + head), (unsigned int)row,
                                                 (unsigned int)key / 4);
             const float kept = philox_word(words, (unsigned int)key % 4) >= p.dropout_threshold ? p.dropout_scale : 0.0f;
             dp *= kept;
-            st[j][e] = prob * kept;
+            prob_out[c] = prob * kept;
 #else
-            st[j][e] = prob;
+            prob_out[c] = prob;
 #endif
-            dpt[j][e] = prob * (dp - dsum_rows[query_local]) * cap_derivative;
+            ds_out[c] = prob * (dp - dsum_stage[query_local]) * cap_derivative;
           }
-
-        if (warp % FAP_DKV_SPLIT == 0) {  // dS^T into shared memory for dQ, once per key tile
-#pragma unroll
-          for (int j = 0; j < FAP_BLOCK_M / 8; ++j)
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-              *reinterpret_cast<unsigned int*>(ds_tile + (key_tile * 16 + group + 8 * half) * FAP_DS_STRIDE + j * 8 +
-                                               quad * 2) = pack2(dpt[j][2 * half], dpt[j][2 * half + 1]);
+          const int element = (key_tile * 16 + group + 8 * half) * FAP_DS_STRIDE + query_col0 + j * 8 + quad * 2;
+          *reinterpret_cast<unsigned int*>(p_tile + element) = pack2(prob_out[0], prob_out[1]);
+          *reinterpret_cast<unsigned int*>(ds_tile + element) = pack2(ds_out[0], ds_out[1]);
         }
+      __syncthreads();  // P^T and dS^T are complete
 
-        // dV += P^T dO and dK += dS^T Q over this warp's columns; the A operands come from the accumulators.
+      // dV += P^T dO and dK += dS^T Q over this warp's 16 keys and columns; every query of the step.
 #pragma unroll
-        for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
-          const unsigned int a_p[4] = {pack2(st[2 * kk][0], st[2 * kk][1]), pack2(st[2 * kk][2], st[2 * kk][3]),
-                                       pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                       pack2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-          const unsigned int a_ds[4] = {pack2(dpt[2 * kk][0], dpt[2 * kk][1]), pack2(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                        pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                        pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
+        unsigned int a_p[4], a_ds[4];
+        ldmatrix_x4(a_p, p_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_DS_STRIDE + kk * 16 + (m / 2) * 8);
+        ldmatrix_x4(a_ds, ds_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_DS_STRIDE + kk * 16 + (m / 2) * 8);
 #pragma unroll
-          for (int i = 0; i < FAP_DKV_COLS / 16; ++i) {
-            unsigned int b[4];
-            ldmatrix_x4_trans(b, do_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + i * 16 + (m / 2) * 8);
-            mma_16816(dv[2 * i], a_p, b[0], b[1]);
-            mma_16816(dv[2 * i + 1], a_p, b[2], b[3]);
-            ldmatrix_x4_trans(b, q_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + i * 16 + (m / 2) * 8);
-            mma_16816(dk[2 * i], a_ds, b[0], b[1]);
-            mma_16816(dk[2 * i + 1], a_ds, b[2], b[3]);
-          }
+        for (int i = 0; i < FAP_DKV_COLS / 16; ++i) {
+          unsigned int b[4];
+          ldmatrix_x4_trans(b, do_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + i * 16 + (m / 2) * 8);
+          mma_16816(dv[2 * i], a_p, b[0], b[1]);
+          mma_16816(dv[2 * i + 1], a_p, b[2], b[3]);
+          ldmatrix_x4_trans(b, q_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + i * 16 + (m / 2) * 8);
+          mma_16816(dk[2 * i], a_ds, b[0], b[1]);
+          mma_16816(dk[2 * i + 1], a_ds, b[2], b[3]);
         }
-        __syncthreads();  // dS^T is complete
+      }
 
-        // dQ += dS K: work items (16 query rows, 16 head-dim columns) spread over the warps.
-        for (int item = warp; item < (FAP_BLOCK_M / 16) * (FAP_HEAD_DIM / 16); item += FAP_WARPS) {
-          const int t = item / (FAP_HEAD_DIM / 16), i = item % (FAP_HEAD_DIM / 16);
-          float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      // dQ += dS K: work items (16 query rows, 16 head-dim columns) spread over the warps (one at a time:
+      // unrolled, their accumulators would compete with dK and dV for registers).
+#pragma unroll 1
+      for (int item = warp; item < (FAP_BLOCK_M / 16) * (FAP_HEAD_DIM / 16); item += FAP_WARPS) {
+        const int t = item / (FAP_HEAD_DIM / 16), i = item % (FAP_HEAD_DIM / 16);
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-          for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
-            unsigned int a[4], b[4];
-            ldmatrix_x4_trans(a, ds_tile + (kk * 16 + (m / 2) * 8 + r) * FAP_DS_STRIDE + t * 16 + (m % 2) * 8);
-            ldmatrix_x4_trans(b, k_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + i * 16 + (m / 2) * 8);
-            mma_16816(acc[0], a, b[0], b[1]);
-            mma_16816(acc[1], a, b[2], b[3]);
-          }
+        for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
+          unsigned int a[4], b[4];
+          ldmatrix_x4_trans(a, ds_tile + (kk * 16 + (m / 2) * 8 + r) * FAP_DS_STRIDE + t * 16 + (m % 2) * 8);
+          ldmatrix_x4_trans(b, k_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + i * 16 + (m / 2) * 8);
+          mma_16816(acc[0], a, b[0], b[1]);
+          mma_16816(acc[1], a, b[2], b[3]);
+        }
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int query_local = t * 16 + group + 8 * half;
-            if (q0 + query_local >= s.len_q) continue;
-            float* target = dq_accum + ((s.global_row0 + q0 + query_local) * p.heads_q + head) * FAP_HEAD_DIM +
-                            i * 16 + quad * 2;
+        for (int half = 0; half < 2; ++half) {
+          const int query_local = t * 16 + group + 8 * half;
+          if (q0 + query_local >= s.len_q) continue;
+          float* target = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0) +
+                          ((long long)(s.global_row0 + q0 + query_local) * p.heads_q + head) * FAP_HEAD_DIM + i * 16 +
+                          quad * 2;
 #pragma unroll
-            for (int n = 0; n < 2; ++n) {
-              add_to_dq(target + n * 8, acc[n][2 * half], p.deterministic);
-              add_to_dq(target + n * 8 + 1, acc[n][2 * half + 1], p.deterministic);
-            }
+          for (int n = 0; n < 2; ++n) {
+            add_to_dq(target + n * 8, acc[n][2 * half], p.deterministic);
+            add_to_dq(target + n * 8 + 1, acc[n][2 * half + 1], p.deterministic);
           }
         }
       }
