@@ -64,6 +64,9 @@ void set_backward_tiles(BackwardConfig& config) {
   config.dkv_split = config.head_dim <= 128 ? 2 : 4;
   config.q_stages = config.head_dim <= 128 ? 2 : 1;
   config.block_n = 16 * config.warps / config.dkv_split;
+  // Each warp's dK/dV columns are whole 16-column MMA tiles: pad the head dim (with zero columns) to that.
+  const int multiple = 16 * config.dkv_split;
+  config.head_dim = (config.head_dim + multiple - 1) / multiple * multiple;
 }
 
 // Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register
@@ -123,7 +126,7 @@ std::vector<BackwardConfig> all_backward_configs() {
         config.alibi = features & 4;
         config.dropout = features & 8;
         set_backward_tiles(config);
-        configs.push_back(config);
+        if (config.head_dim == head_dim) configs.push_back(config);  // padded head dims are listed once
       }
   return configs;
 }

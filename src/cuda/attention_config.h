@@ -25,7 +25,7 @@ struct ForwardConfig {
 // dkv_split columns of dK and dV), block_m queries per step.
 struct BackwardConfig {
   bool bf16 = false;
-  int head_dim = 64;
+  int head_dim = 64;  // the kernel's head dim: the problem's rounded up to a multiple of 16 * dkv_split
   int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = 16 * warps / dkv_split
   int q_stages = 2;                                           // 2: Q/dO tiles double-buffered
   bool softcap = false, alibi = false, dropout = false, window = false;  // deterministic mode is a run-time flag

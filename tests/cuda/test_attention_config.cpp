@@ -83,9 +83,10 @@ TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
   for (const BackwardConfig& config : all_backward_configs()) {
     EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
     EXPECT_EQ(config.block_n * config.dkv_split, 16 * config.warps) << config.name();
+    EXPECT_EQ(config.head_dim % (16 * config.dkv_split), 0) << config.name();  // whole MMA tiles per warp
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
-  EXPECT_EQ(names.size(), 2u * 2u * 16u * 16u);
+  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 6u * 16u);  // backward head dims: 32, 64, 96, 128, 192, 256
 }
 
 TEST(AttentionConfig, ArchitectureNames) {
