@@ -148,10 +148,13 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
 struct BackwardWorkspace {
   int64_t rows, heads_q, splits = 1, head_dim, dsum_bytes, accum_offset;
 
-  explicit BackwardWorkspace(const AttentionProblem& p)
-      : rows(p.varlen ? p.total_q : p.batch * p.total_q), heads_q(p.heads_q), head_dim((p.head_dim + 15) / 16 * 16) {
+  // The layout depends on the tile shape only (the same on every architecture today).
+  explicit BackwardWorkspace(const AttentionProblem& p) : BackwardWorkspace(p, choose_backward_config(p, 80)) {}
+
+  BackwardWorkspace(const AttentionProblem& p, const BackwardConfig& config)
+      : rows(p.varlen ? p.total_q : p.batch * p.total_q), heads_q(p.heads_q), head_dim(config.head_dim) {
     if (p.deterministic) {
-      const int64_t block_n = choose_backward_config(p, 80).block_n;
+      const int64_t block_n = config.block_n;
       const int64_t key_blocks = std::max<int64_t>(1, (p.seqlen_k + block_n - 1) / block_n);
       const int64_t ctas = std::max<int64_t>(1, p.batch * p.heads_kv);
       splits = std::min(key_blocks, std::max<int64_t>(1, (256 + ctas - 1) / ctas));
@@ -233,7 +236,7 @@ class CudaBackend final : public Backend {
     return problem.direction == Direction::kBackward ? BackwardWorkspace(problem).bytes() : 0;
   }
 
-  void run(const AttentionProblem& problem, void* stream, void* workspace, size_t) const override {
+  void run(const AttentionProblem& problem, void* stream, void* workspace, size_t workspace_bytes) const override {
     std::string reason;
     const DriverApi* api = driver(&reason);
     if (!api) fail(FAP_ERROR_BACKEND_UNAVAILABLE, reason);
@@ -245,7 +248,7 @@ class CudaBackend final : public Backend {
     if (problem.direction == Direction::kForward) {
       run_forward(*api, device, problem, static_cast<CUstream>(stream));
     } else {
-      run_backward(*api, device, problem, static_cast<CUstream>(stream), workspace);
+      run_backward(*api, device, problem, static_cast<CUstream>(stream), workspace, workspace_bytes);
     }
   }
 
@@ -281,14 +284,18 @@ class CudaBackend final : public Backend {
   }
 
   static void run_backward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
-                           CUstream stream, void* workspace) {
+                           CUstream stream, void* workspace, size_t workspace_bytes) {
     const BackwardConfig config = choose_backward_config(problem, device.compute_capability);
     require_shared(device, config.name(), config.shared_bytes());
     const std::vector<CUfunction> kernels = registry().functions(
         api, device,
         {config.name(), backward_kernel_sources(), config.defines(),
          {"attention_bwd_preprocess", "attention_bwd", "attention_bwd_convert"}, config.shared_bytes()});
-    const BackwardWorkspace layout(problem);
+    const BackwardWorkspace layout(problem, config);
+    if (layout.bytes() > workspace_bytes) {  // workspace_size() and this call chose different tiles
+      fail(FAP_ERROR_INTERNAL, "backend 'cuda': ", config.name(), " needs ", layout.bytes(), " workspace bytes, got ",
+           workspace_bytes);
+    }
     AttentionBwdParams params = backward_params(problem, layout, workspace);
     const auto row_blocks = static_cast<unsigned int>((problem.seqlen_q + 3) / 4);  // 4 rows per CTA
     launch(api, kernels[0], row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
