@@ -10,9 +10,11 @@
 // S^T and dP^T each takes a slice of the step's queries, they exchange P^T and dS^T through shared memory,
 // and for dK and dV each keeps a slice of the head dim. With FAP_Q_STAGES = 2 the query tiles (Q, dO, LSE,
 // D) are double-buffered: the next step's load runs under this step's math.
-// dQ: atomics into one fp32 buffer; in deterministic mode (p.deterministic) each CTA owns a slice of the
-// buffer and its key blocks in a fixed order (blockIdx.x, + gridDim.x, ...), so every sum is taken in the
-// same order.
+// dQ: fp32 atomics into one buffer shared by every CTA. In deterministic mode (p.deterministic) each CTA
+// owns a slice of the buffer and its key blocks in a fixed order (blockIdx.x, + gridDim.x, ...), and an
+// element of the slice is only ever added to by one thread (the dQ work items map to warps and lanes the
+// same way at every step); a thread's atomics to one address take effect in program order, so every sum
+// is taken in the same order, without the stall of a read-add-write.
 //
 // Compile-time configuration: FAP_HEAD_DIM, FAP_BLOCK_M (queries per step), FAP_BLOCK_N (keys per CTA),
 // FAP_WARPS, FAP_DKV_SPLIT, FAP_Q_STAGES, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
@@ -81,14 +83,6 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
     float sum = 0.0f;
     for (int split = 0; split < p.splits; ++split) sum += p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d];
     dq[d] = from_float(sum * p.scale);
-  }
-}
-
-__device__ __forceinline__ void add_to_dq(float* target, float value, bool deterministic) {
-  if (deterministic) {
-    *target += value;  // this CTA owns the slice; one thread per element per step
-  } else {
-    atomicAdd(target, value);
   }
 }
 
@@ -319,8 +313,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                           quad * 2;
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
-            add_to_dq(target + n * 8, acc[n][2 * half], p.deterministic);
-            add_to_dq(target + n * 8 + 1, acc[n][2 * half + 1], p.deterministic);
+            atomicAdd(target + n * 8, acc[n][2 * half]);
+            atomicAdd(target + n * 8 + 1, acc[n][2 * half + 1]);
           }
         }
       }

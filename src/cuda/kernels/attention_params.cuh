@@ -66,7 +66,7 @@ struct AttentionBwdParams {
   int heads_q, group_size;
   int head_dim;
   int splits;               // dq_accum slices: 1, or the deterministic mode's CTAs per (batch, kv head)
-  int deterministic;        // 1: each CTA adds into its own slice, no atomics
+  int deterministic;        // 1: each CTA adds into its own slice, in a fixed order
   int vector_loads;         // 1 when every row of q, k, v, dout starts 16-byte aligned and head_dim % 8 == 0
   float scale, scale_log2;
   float softcap;
