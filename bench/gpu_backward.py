@@ -13,27 +13,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_plus as fap
-
-
-def time_ms(fn, warmup=3, repeat=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from timing import time_ms
 
 
 def backward_ms(forward, inputs, dout):
     """Median time of the backward alone (the graph is kept between runs)."""
     out = forward(*inputs)
-    return time_ms(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
+    return time_ms(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True), warmup=3, repeat=10)
 
 
 def benchmark():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fap_ctypes  # noqa: E402
+from timing import time_ms
 
 LIB = fap_ctypes.load()
 
@@ -181,22 +182,6 @@ def correctness_cases():
                     case.update(features)
                     cases.append(case)
     return cases
-
-
-def time_ms(fn, warmup=5, repeat=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def benchmark():

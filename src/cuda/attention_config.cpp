@@ -113,41 +113,33 @@ BackwardConfig choose_backward_config(const AttentionProblem& problem, int) {
   return config;
 }
 
-std::vector<BackwardConfig> all_backward_configs() {
-  std::vector<BackwardConfig> configs;
+namespace {
+
+// Every dtype x head dim (multiples of 16) x feature combination with its tile shape; a head dim the tile
+// rule pads to a larger one is left out (the larger one is listed).
+template <typename Config>
+std::vector<Config> every_config(void (*set_tile_shape)(Config&)) {
+  std::vector<Config> configs;
   for (int bf16 = 0; bf16 < 2; ++bf16)
     for (int head_dim = 16; head_dim <= 256; head_dim += 16)
       for (int features = 0; features < 16; ++features) {
-        BackwardConfig config;
+        Config config;
         config.bf16 = bf16 != 0;
         config.head_dim = head_dim;
         config.window = features & 1;
         config.softcap = features & 2;
         config.alibi = features & 4;
         config.dropout = features & 8;
-        set_backward_tiles(config);
-        if (config.head_dim == head_dim) configs.push_back(config);  // padded head dims are listed once
+        set_tile_shape(config);
+        if (config.head_dim == head_dim) configs.push_back(config);
       }
   return configs;
 }
 
-std::vector<ForwardConfig> all_forward_configs() {
-  std::vector<ForwardConfig> configs;
-  for (int bf16 = 0; bf16 < 2; ++bf16)
-    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
-      for (int features = 0; features < 16; ++features) {
-        ForwardConfig config;
-        config.bf16 = bf16 != 0;
-        config.head_dim = head_dim;
-        config.window = features & 1;
-        config.softcap = features & 2;
-        config.alibi = features & 4;
-        config.dropout = features & 8;
-        set_tiles(config);
-        configs.push_back(config);
-      }
-  return configs;
-}
+}  // namespace
+
+std::vector<ForwardConfig> all_forward_configs() { return every_config(set_tiles); }
+std::vector<BackwardConfig> all_backward_configs() { return every_config(set_backward_tiles); }
 
 std::vector<std::string> forward_kernel_sources() {
   return {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh", "attention_fwd.cuh"};
