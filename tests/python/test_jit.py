@@ -1,0 +1,48 @@
+"""The CUDA kernels are compiled once per configuration: new batch sizes and sequence lengths reuse the
+compiled kernel (they are kernel arguments), and a new process finds it in the disk cache."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+CALLS = r"""
+import torch, flash_attn_plus as fap
+for batch, seqlen_q, seqlen_k in ((1, 128, 128), (3, 77, 300), (8, 1000, 999), (2, 1, 4096)):
+    q = torch.randn(batch, seqlen_q, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, seqlen_k, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    fap.flash_attn_func(q, k, v, causal=True).sum().backward()
+torch.cuda.synchronize()
+"""
+
+
+def _compile_log(cache_dir, code=CALLS):
+    """The lines of stderr that report a compilation or a marker, for `code` run in a new process."""
+    env = {key: value for key, value in os.environ.items() if key != "FLASH_ATTENTION_PLUS_JIT_QUIET"}
+    env["FLASH_ATTENTION_PLUS_CACHE_DIR"] = str(cache_dir)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stderr.splitlines() if "compiling" in line or line == "MARK"]
+
+
+def test_batch_and_sequence_lengths_never_recompile(device, tmp_path):
+    if device.type != "cuda":
+        pytest.skip("compiles CUDA kernels")
+    first = _compile_log(tmp_path)
+    assert len(first) == 2, first  # one forward and one backward configuration for all four shapes
+    assert _compile_log(tmp_path) == []  # a new process: both from the disk cache
+
+
+def test_precompile_compiles_what_the_calls_use(device, tmp_path):
+    if device.type != "cuda":
+        pytest.skip("compiles CUDA kernels")
+    log = _compile_log(tmp_path, "import sys, torch, flash_attn_plus as fap\n"
+                                 "fap.precompile(head_dims=(64,), causal=(True,))\n"
+                                 "print('MARK', file=sys.stderr, flush=True)\n" + CALLS)
+    assert len(log) == 3 and log[-1] == "MARK", log  # forward and backward compiled before the calls
+
+
+def test_precompile_is_for_cuda():
+    import flash_attn_plus as fap
+    with pytest.raises(fap.InvalidArgumentError, match="device"):
+        fap.precompile(head_dims=(64,), device="cpu")
