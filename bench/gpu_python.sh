@@ -24,3 +24,4 @@ python3 -c "import flash_attn_plus as f; f.info()" | tee "$out/info.txt"
 python3 -m pytest -q --device cuda -n 8 -p no:cacheprovider --tb=short -rfs tests/python "$@" 2>&1 | tee "$out/pytest_cuda.log" | tail -60
 python3 examples/hf_llama.py --out "$out/hf_llama.json"
 python3 bench/gpu_backward.py --out "$out"
+python3 bench/plot.py "$out/gpu_backward.json" "$out/backward.png" --title "Backward, bf16"
