@@ -16,7 +16,8 @@ std::string ForwardConfig::name() const {
 
 std::vector<std::string> ForwardConfig::defines() const {
   return {concat("-DFAP_HEAD_DIM=", head_dim), concat("-DFAP_BLOCK_M=", block_m), concat("-DFAP_BLOCK_N=", block_n),
-          concat("-DFAP_WARPS=", warps),       concat("-DFAP_ROW_TILES=", row_tiles),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
+          concat("-DFAP_WARPS=", warps),       concat("-DFAP_ROW_TILES=", row_tiles),
+          concat("-DFAP_MIN_BLOCKS=", min_blocks),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
           concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
 }
 
@@ -77,7 +78,16 @@ void set_backward_tiles(BackwardConfig& config) {
 // tiles spill or, with a mask, run slower. Above d = 128, 4 warps and 32-key tiles.
 void set_tiles(ForwardConfig& config) {
   const bool plain_scores = !config.window && !config.softcap && !config.alibi && !config.dropout;
-  if (config.head_dim > 64 && config.head_dim <= 128 && plain_scores) {
+  if (config.dropout) {
+    // Philox rounds for every score: all registers to one CTA (else ptxas spills at some head dims), and
+    // above d = 64 the 4-warp, 32-key shape.
+    config.min_blocks = 1;
+    if (config.head_dim <= 64) {
+      config.block_n = 64, config.warps = 8, config.row_tiles = 1;
+    } else {
+      config.block_n = 32, config.warps = 4, config.row_tiles = 1;
+    }
+  } else if (config.head_dim > 64 && config.head_dim <= 128 && plain_scores) {
     config.block_n = 32, config.warps = 4, config.row_tiles = 2;
   } else if (config.head_dim <= 128) {
     config.block_n = 64, config.warps = 8, config.row_tiles = 1;

@@ -14,6 +14,7 @@ struct ForwardConfig {
   bool bf16 = false;
   int head_dim = 64;  // the kernel's head dim: the problem's rounded up to a multiple of 16
   int block_m = 128, block_n = 64, warps = 4, row_tiles = 2;  // block_m = 16 * row_tiles * warps
+  int min_blocks = 0;  // __launch_bounds__ hint: 0 none, 1 all registers to one CTA
   bool softcap = false, alibi = false, dropout = false, window = false;
 
   std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window

@@ -49,8 +49,9 @@ TEST(AttentionConfig, FeaturesFollowTheProblem) {
   const float slopes[] = {0.5f};
   p.alibi_slopes = slopes;
   const ForwardConfig config = choose_forward_config(p, 80);
-  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m128_n64_w8_window_softcap_alibi_dropout");
+  EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m64_n32_w4_window_softcap_alibi_dropout");
   const std::vector<std::string> defines = config.defines();
+  EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_MIN_BLOCKS=1"), defines.end());
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_DROPOUT=1"), defines.end());
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_HEAD_DIM=128"), defines.end());
 }

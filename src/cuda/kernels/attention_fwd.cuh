@@ -8,13 +8,21 @@
 // Compile-time configuration (defines, set by the host's KernelConfig):
 //   FAP_HEAD_DIM  head dim rounded up to a multiple of 16     FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS, FAP_ROW_TILES
 //   FAP_BF16      1: bfloat16, 0: float16                      FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW
+//   FAP_MIN_BLOCKS  0 or 1 (see the launch bounds below)
 // Needs philox.h, mask.h, attention_params.cuh and tensor_core.cuh before it (the host concatenates the
 // sources).
 
 namespace fap {
 
-extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32)
-    attention_fwd(const AttentionFwdParams p) {
+// FAP_MIN_BLOCKS = 1 lets ptxas use every register (dropout's Philox rounds need them); 0 leaves the
+// default, which keeps two 8-warp CTAs per SM.
+#if FAP_MIN_BLOCKS
+#define FAP_FWD_LAUNCH_BOUNDS __launch_bounds__(FAP_WARPS * 32, FAP_MIN_BLOCKS)
+#else
+#define FAP_FWD_LAUNCH_BOUNDS __launch_bounds__(FAP_WARPS * 32)
+#endif
+
+extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFwdParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
   storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;         // 2 stages
