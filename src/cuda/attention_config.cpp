@@ -99,28 +99,28 @@ void set_tiles(ForwardConfig& config) {
 
 }  // namespace
 
-ForwardConfig choose_forward_config(const AttentionProblem& problem, int) {
-  ForwardConfig config;
+namespace {
+
+// The problem's dtype, head dim (rounded up to a multiple of 16) and features, then the tile shape.
+template <typename Config>
+Config config_for(const AttentionProblem& problem, void (*set_tile_shape)(Config&)) {
+  Config config;
   config.bf16 = problem.dtype == FAP_DTYPE_BFLOAT16;
   config.head_dim = static_cast<int>((problem.head_dim + 15) / 16 * 16);
   config.softcap = problem.softcap > 0.0f;
   config.alibi = problem.alibi_slopes != nullptr;
   config.dropout = problem.dropout_p > 0.0f;
   config.window = problem.window.active();
-  set_tiles(config);
+  set_tile_shape(config);
   return config;
 }
 
+}  // namespace
+
+ForwardConfig choose_forward_config(const AttentionProblem& problem, int) { return config_for(problem, set_tiles); }
+
 BackwardConfig choose_backward_config(const AttentionProblem& problem, int) {
-  BackwardConfig config;
-  config.bf16 = problem.dtype == FAP_DTYPE_BFLOAT16;
-  config.head_dim = static_cast<int>((problem.head_dim + 15) / 16 * 16);
-  config.softcap = problem.softcap > 0.0f;
-  config.alibi = problem.alibi_slopes != nullptr;
-  config.dropout = problem.dropout_p > 0.0f;
-  config.window = problem.window.active();
-  set_backward_tiles(config);
-  return config;
+  return config_for(problem, set_backward_tiles);
 }
 
 namespace {
