@@ -1,10 +1,13 @@
 """GPU check of the CUDA backend, one call on the device machine: correctness of every forward feature
 against a float64 reference with FlashAttention-2's rule, then forward timings against torch SDPA (flash
-and cuDNN backends) in the same run. Writes JSON under --out.
+and cuDNN backends) in the same run. Both forward kernels are checked and timed where the GPU has its own
+(Hopper: the wgmma kernel, and the portable mma.sync one through FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1).
+Writes JSON under --out.
 
     FAP_LIBRARY=build/libflash_attn_plus.so python bench/gpu_check.py --out DIR
 """
 import argparse
+import contextlib
 import ctypes
 import itertools
 import json
@@ -184,6 +187,24 @@ def correctness_cases():
     return cases
 
 
+# (FLASH_ATTENTION_PLUS_PORTABLE_KERNELS value, result key): the kernels the GPU runs by default, and on a GPU
+# with kernels of its own (Hopper) also the portable ones.
+KERNELS = [("0", "ours")]
+
+
+@contextlib.contextmanager
+def kernels(portable):
+    previous = os.environ.get("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS")
+    os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"] = portable
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"]
+        else:
+            os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"] = previous
+
+
 def benchmark():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
@@ -195,7 +216,9 @@ def benchmark():
                 out = torch.empty_like(q)
                 flops = 4 * b * heads * s * s * d / (2 if causal else 1)
                 row = {"d": d, "heads": heads, "batch": b, "seqlen": s, "causal": causal}
-                row["ours_ms"] = time_ms(lambda: fap_forward(q, k, v, causal))
+                for kernel, key in KERNELS:
+                    with kernels(kernel):
+                        row[key + "_ms"] = time_ms(lambda: fap_forward(q, k, v, causal))
                 tq, tk, tv = (t.transpose(1, 2) for t in (q, k, v))
                 for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                                       ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -206,13 +229,13 @@ def benchmark():
                     except RuntimeError as error:
                         row[name + "_ms"] = None
                         row[name + "_error"] = str(error)[:200]
-                for key in ("ours", "sdpa_flash", "sdpa_cudnn"):
+                for key in [key for _, key in KERNELS] + ["sdpa_flash", "sdpa_cudnn"]:
                     ms = row.get(key + "_ms")
                     row[key + "_tflops"] = flops / ms / 1e9 if ms else None
                 rows.append(row)
-                print(f"d={d} s={s} causal={causal}: ours {row['ours_tflops']:.0f} flash "
-                      f"{row['sdpa_flash_tflops'] or 0:.0f} cudnn {row['sdpa_cudnn_tflops'] or 0:.0f} TFLOP/s",
-                      flush=True)
+                print(f"d={d} s={s} causal={causal}: " + ", ".join(
+                    f"{key} {row[key + '_tflops'] or 0:.0f}" for key in [key for _, key in KERNELS] +
+                    ["sdpa_flash", "sdpa_cudnn"]) + " TFLOP/s", flush=True)
     return rows
 
 
@@ -220,15 +243,22 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--default-kernels-only", action="store_true",
+                        help="on Hopper, leave out the portable (mma.sync) kernels")
     args = parser.parse_args()
     set_backend("auto")
+    if torch.cuda.get_device_capability() == (9, 0) and not args.default_kernels_only:
+        KERNELS.append(("1", "ours_mma_sync"))
     results = []
-    for case in correctness_cases():
-        results.append(check_case(case))
-        if not results[-1]["passed"]:
-            print("FAILED", results[-1], flush=True)
-    failed = [r for r in results if not r["passed"]]
-    print(f"correctness: {len(results) - len(failed)} passed, {len(failed)} failed")
+    for portable, key in KERNELS:
+        with kernels(portable):
+            for case in correctness_cases():
+                results.append({"kernel": key, **check_case(case)})
+                if not results[-1]["passed"]:
+                    print("FAILED", results[-1], flush=True)
+        failed = [r for r in results if not r["passed"] and r["kernel"] == key]
+        print(f"correctness ({key}): {sum(r['kernel'] == key for r in results) - len(failed)} passed, "
+              f"{len(failed)} failed", flush=True)
     bench = [] if args.skip_bench else benchmark()
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "correctness": results,

@@ -5,8 +5,9 @@
 namespace fap::cuda {
 
 std::string ForwardConfig::name() const {
-  std::string text = concat("attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
+  std::string text = concat(wgmma ? "attention_fwd_sm90_" : "attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
                             "_w", warps);
+  if (wgmma) text += concat("_s", stages);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
   if (alibi) text += "_alibi";
@@ -18,12 +19,23 @@ std::vector<std::string> ForwardConfig::defines() const {
   return {concat("-DFAP_HEAD_DIM=", head_dim), concat("-DFAP_BLOCK_M=", block_m), concat("-DFAP_BLOCK_N=", block_n),
           concat("-DFAP_WARPS=", warps),       concat("-DFAP_ROW_TILES=", row_tiles),
           concat("-DFAP_MIN_BLOCKS=", min_blocks),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
-          concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
+          concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window}),
+          concat("-DFAP_STAGES=", stages)};
+}
+
+std::vector<std::string> ForwardConfig::sources() const {
+  std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
+  if (wgmma) files.emplace_back("hopper.cuh");
+  files.emplace_back("attention_fwd_common.cuh");
+  files.emplace_back(wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh");
+  return files;
 }
 
 int ForwardConfig::shared_bytes() const {
-  // Q tile plus two stages of K and V tiles, rows padded by 8 elements of 2 bytes.
-  return (block_m + 4 * block_n) * (head_dim + 8) * 2;
+  // Q tile plus two (wgmma: `stages`) stages of K and V tiles: mma.sync rows padded by 8 elements of 2
+  // bytes; wgmma tiles unpadded (swizzled), 1024 bytes to align them and 128 for the mbarriers.
+  return wgmma ? (block_m + 2 * stages * block_n) * head_dim * 2 + 1024 + 128
+               : (block_m + 4 * block_n) * (head_dim + 8) * 2;
 }
 
 std::string BackwardConfig::name() const {
@@ -97,6 +109,21 @@ void set_tiles(ForwardConfig& config) {
   config.block_m = 16 * config.row_tiles * config.warps;
 }
 
+// The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
+// 64-column blocks of the 128-byte swizzle. A consumer thread holds d / 2 registers of output and block_n / 2
+// of scores: 128-key tiles up to d = 128 and 64 above; dropout's Philox rounds take registers too, so it
+// gets half as many keys (the compile test checks that nothing spills).
+void set_sm90_tiles(ForwardConfig& config) {
+  config.wgmma = true;
+  config.head_dim = (config.head_dim + 63) / 64 * 64;
+  config.warps = 12, config.row_tiles = 1, config.min_blocks = 1;
+  config.block_m = 128;
+  config.block_n = (config.head_dim <= 128 ? 128 : 64) / (config.dropout ? 2 : 1);
+  // Three stages where they fit in the 227 KB a block may have on sm_90, so that the producer runs ahead.
+  config.stages = 3;
+  if (config.shared_bytes() > 227 * 1024) config.stages = 2;
+}
+
 }  // namespace
 
 namespace {
@@ -117,7 +144,9 @@ Config config_for(const AttentionProblem& problem, void (*set_tile_shape)(Config
 
 }  // namespace
 
-ForwardConfig choose_forward_config(const AttentionProblem& problem, int) { return config_for(problem, set_tiles); }
+ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute_capability) {
+  return config_for(problem, compute_capability == 90 ? set_sm90_tiles : set_tiles);
+}
 
 BackwardConfig choose_backward_config(const AttentionProblem& problem, int) {
   return config_for(problem, set_backward_tiles);
@@ -148,14 +177,12 @@ std::vector<Config> every_config(void (*set_tile_shape)(Config&)) {
 
 }  // namespace
 
-std::vector<ForwardConfig> all_forward_configs() { return every_config(set_tiles); }
+std::vector<ForwardConfig> all_forward_configs(int compute_capability) {
+  return every_config(compute_capability == 90 ? set_sm90_tiles : set_tiles);
+}
 std::vector<BackwardConfig> all_backward_configs() { return every_config(set_backward_tiles); }
 
-std::vector<std::string> forward_kernel_sources() {
-  return {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh", "attention_fwd.cuh"};
-}
-
-std::vector<std::string> backward_kernel_sources() {
+std::vector<std::string> BackwardConfig::sources() const {
   return {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh", "attention_bwd.cuh"};
 }
 

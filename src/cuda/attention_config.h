@@ -10,15 +10,20 @@
 
 namespace fap::cuda {
 
+// Two kernels implement the forward: attention_fwd.cuh (mma.sync, sm_80 and later) and, on sm_90,
+// attention_fwd_sm90.cuh (warpgroup MMAs, one warpgroup per 64 rows).
 struct ForwardConfig {
+  bool wgmma = false;  // the sm_90 kernel
   bool bf16 = false;
-  int head_dim = 64;  // the kernel's head dim: the problem's rounded up to a multiple of 16
-  int block_m = 128, block_n = 64, warps = 4, row_tiles = 2;  // block_m = 16 * row_tiles * warps
+  int head_dim = 64;   // the kernel's head dim: the problem's rounded up to a multiple of 16 (64 for wgmma)
+  int block_m = 128, block_n = 64, warps = 4, row_tiles = 2;  // mma.sync: block_m = 16 * row_tiles * warps
   int min_blocks = 0;  // __launch_bounds__ hint: 0 none, 1 all registers to one CTA
+  int stages = 2;      // wgmma: K/V tiles in flight
   bool softcap = false, alibi = false, dropout = false, window = false;
 
-  std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window
+  std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window, attention_fwd_sm90_bf16_d128_...
   std::vector<std::string> defines() const;
+  std::vector<std::string> sources() const;  // the embedded files the kernel is compiled from, in order
   int shared_bytes() const;
 };
 
@@ -33,6 +38,7 @@ struct BackwardConfig {
 
   std::string name() const;  // e.g. attention_bwd_bf16_d128_m64_n64_w8_s2_q2_window
   std::vector<std::string> defines() const;
+  std::vector<std::string> sources() const;  // the embedded files the kernels are compiled from, in order
   int shared_bytes() const;
 };
 
@@ -40,13 +46,10 @@ struct BackwardConfig {
 ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute_capability);
 BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability);
 
-// Every configuration choose_forward_config can return (for compile tests and precompilation).
-std::vector<ForwardConfig> all_forward_configs();
+// Every configuration choose_forward_config can return for a compute capability (for compile tests and
+// precompilation).
+std::vector<ForwardConfig> all_forward_configs(int compute_capability);
 std::vector<BackwardConfig> all_backward_configs();
-
-// The embedded files each kernel family is compiled from, in order.
-std::vector<std::string> forward_kernel_sources();
-std::vector<std::string> backward_kernel_sources();
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);

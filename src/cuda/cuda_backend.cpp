@@ -1,8 +1,9 @@
 // The CUDA backend: kernels compiled at run time for the exact GPU (jit_cache), launched in the caller's
 // current CUDA context on the caller's stream: forward and backward, float16/bfloat16, sm_80+.
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -271,12 +272,19 @@ class CudaBackend final : public Backend {
           "cuLaunchKernel");
   }
 
+  // FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 runs the kernels every sm_80+ GPU gets (mma.sync) also where
+  // an architecture has its own (Hopper's wgmma forward): for testing those on any GPU, and as a fallback.
+  static int dispatch_capability(const DeviceInfo& device) {
+    const char* portable = std::getenv("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS");
+    return portable && std::string(portable) == "1" ? 80 : device.compute_capability;
+  }
+
   static void run_forward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
                           CUstream stream) {
-    const ForwardConfig config = choose_forward_config(problem, device.compute_capability);
+    const ForwardConfig config = choose_forward_config(problem, dispatch_capability(device));
     require_shared(device, config.name(), config.shared_bytes());
     const CUfunction function = registry().functions(
-        api, device, {config.name(), forward_kernel_sources(), config.defines(), {"attention_fwd"}, config.shared_bytes()})[0];
+        api, device, {config.name(), config.sources(), config.defines(), {"attention_fwd"}, config.shared_bytes()})[0];
     AttentionFwdParams params = forward_params(problem);
     const auto blocks = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
     launch(api, function, blocks, problem.batch, problem.heads_q, config.warps * 32, config.shared_bytes(), stream,
@@ -289,7 +297,7 @@ class CudaBackend final : public Backend {
     require_shared(device, config.name(), config.shared_bytes());
     const std::vector<CUfunction> kernels = registry().functions(
         api, device,
-        {config.name(), backward_kernel_sources(), config.defines(),
+        {config.name(), config.sources(), config.defines(),
          {"attention_bwd_preprocess", "attention_bwd", "attention_bwd_convert"}, config.shared_bytes()});
     const BackwardWorkspace layout(problem, config);
     if (layout.bytes() > workspace_bytes) {  // workspace_size() and this call chose different tiles

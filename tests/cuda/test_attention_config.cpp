@@ -28,21 +28,43 @@ AttentionProblem problem(fap_dtype dtype, int64_t head_dim) {
   return p;
 }
 
-TEST(AttentionConfig, HeadDimIsRoundedUpToSixteen) {
-  for (int64_t d = 1; d <= 256; ++d) {
-    const ForwardConfig config = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d), 90);
-    EXPECT_GE(config.head_dim, d);
-    EXPECT_LT(config.head_dim, d + 16);
-    EXPECT_EQ(config.head_dim % 16, 0);
-    EXPECT_EQ(config.block_m, 16 * config.row_tiles * config.warps) << "a warp takes row_tiles tiles of 16 rows";
-    EXPECT_EQ(config.block_n % 16, 0);
-  }
+TEST(AttentionConfig, HeadDimIsRoundedUpToSixteenForMmaSync) {
+  for (int compute_capability : {80, 86, 89, 100, 120})
+    for (int64_t d = 1; d <= 256; ++d) {
+      const ForwardConfig config = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d), compute_capability);
+      EXPECT_FALSE(config.wgmma);
+      EXPECT_GE(config.head_dim, d);
+      EXPECT_LT(config.head_dim, d + 16);
+      EXPECT_EQ(config.head_dim % 16, 0);
+      EXPECT_EQ(config.block_m, 16 * config.row_tiles * config.warps) << "a warp takes row_tiles tiles of 16 rows";
+      EXPECT_EQ(config.block_n % 16, 0);
+    }
+}
+
+TEST(AttentionConfig, HopperRunsTheWgmmaKernelOnWhole64ColumnBlocks) {
+  for (int64_t d = 1; d <= 256; ++d)
+    for (bool dropout : {false, true}) {
+      AttentionProblem p = problem(FAP_DTYPE_FLOAT16, d);
+      p.dropout_p = dropout ? 0.1f : 0.0f;
+      const ForwardConfig config = choose_forward_config(p, 90);
+      EXPECT_TRUE(config.wgmma);
+      EXPECT_GE(config.head_dim, d);
+      EXPECT_LT(config.head_dim, d + 64);
+      EXPECT_EQ(config.head_dim % 64, 0) << "the 128-byte swizzle takes 64 columns at a time";
+      EXPECT_EQ(config.block_m, 16 * (config.warps - 4)) << "a producer warpgroup, and consumers of 4 warps x 16 rows";
+      EXPECT_TRUE(config.block_n == 32 || config.block_n == 64 || config.block_n == 128) << "wgmma_ss widths";
+      const std::vector<std::string> sources = config.sources();
+      EXPECT_NE(std::find(sources.begin(), sources.end(), "hopper.cuh"), sources.end());
+      EXPECT_EQ(sources.back(), "attention_fwd_sm90.cuh");
+    }
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128), 90).name(), "attention_fwd_sm90_bf16_d128_m128_n128_w12_s3");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256), 90).name(), "attention_fwd_sm90_bf16_d256_m128_n64_w12_s2");
 }
 
 TEST(AttentionConfig, FeaturesFollowTheProblem) {
   AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
   EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n32_w4");
-  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64), 90).name(), "attention_fwd_bf16_d64_m128_n64_w8");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64), 80).name(), "attention_fwd_bf16_d64_m128_n64_w8");
   p.window = normalize_window(-1, -1, true, 100);
   p.softcap = 30.0f;
   p.dropout_p = 0.1f;
@@ -75,19 +97,23 @@ TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
 TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
   constexpr int kSm80OptIn = 163 * 1024, kSm90OptIn = 227 * 1024;
   std::set<std::string> names;
-  for (const ForwardConfig& config : all_forward_configs()) {
+  for (const ForwardConfig& config : all_forward_configs(80)) {
     EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
-    EXPECT_LE(config.shared_bytes(), kSm90OptIn) << config.name();
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
   EXPECT_EQ(names.size(), 2u * 16u * 16u);
+  for (const ForwardConfig& config : all_forward_configs(90)) {
+    EXPECT_LE(config.shared_bytes(), kSm90OptIn) << config.name();
+    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+  }
+  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u);  // sm_90 head dims: 64, 128, 192, 256
   for (const BackwardConfig& config : all_backward_configs()) {
     EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
     EXPECT_EQ(config.block_n * config.dkv_split, 16 * config.warps) << config.name();
     EXPECT_EQ(config.head_dim % (16 * config.dkv_split), 0) << config.name();  // whole MMA tiles per warp
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
-  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 6u * 16u);  // backward head dims: 32, 64, 96, 128, 192, 256
+  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u + 2u * 6u * 16u);  // backward: d = 32, 64, 96, 128, 192, 256
 }
 
 TEST(AttentionConfig, ArchitectureNames) {
@@ -96,22 +122,19 @@ TEST(AttentionConfig, ArchitectureNames) {
   EXPECT_EQ(nvrtc_arch(90), "sm_90a");
 }
 
-// Compiles every configuration for sm_80 and sm_90a on all cores; returns the number that compiled and
+// Compiles every (configuration, architecture) pair on all cores; returns the number that compiled and
 // reports each failure.
 template <typename Config>
-size_t compile_all(const std::vector<Config>& configs, const std::vector<std::string>& files) {
+size_t compile_all(const std::vector<std::pair<Config, const char*>>& targets) {
   const Compiler compiler = nvrtc_compiler();
-  const std::string source = assemble_source(files);
   std::vector<CompileRequest> requests;
-  for (const Config& config : configs) {
-    for (const char* arch : {"sm_80", "sm_90a"}) {
-      CompileRequest request{config.name(), source, config.defines(), arch};
-      for (const char* option : {"--ptxas-options=--warn-on-spills", "--ptxas-options=--warn-on-local-memory-usage",
-                                 "--ptxas-options=--warning-as-error"}) {
-        request.options.emplace_back(option);
-      }
-      requests.push_back(request);
+  for (const auto& [config, arch] : targets) {
+    CompileRequest request{config.name(), assemble_source(config.sources()), config.defines(), arch};
+    for (const char* option : {"--ptxas-options=--warn-on-spills", "--ptxas-options=--warn-on-local-memory-usage",
+                               "--ptxas-options=--warning-as-error"}) {
+      request.options.emplace_back(option);
     }
+    requests.push_back(request);
   }
   std::atomic<size_t> next{0};
   std::vector<std::string> failures(requests.size());
@@ -138,20 +161,31 @@ size_t compile_all(const std::vector<Config>& configs, const std::vector<std::st
   return requests.size() - failed;
 }
 
+// The mma.sync forward configurations run on every sm_80+ GPU but Hopper, which runs the wgmma ones; both are
+// compiled for sm_80 and sm_90a (the mma.sync kernel is what every other architecture gets).
 TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
   std::string reason;
   if (!nvrtc(&reason)) GTEST_SKIP() << reason;
-  const auto configs = all_forward_configs();
-  const size_t compiled = compile_all(configs, forward_kernel_sources());
-  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu configurations x sm_80, sm_90a)\n", compiled,
-              2 * configs.size(), configs.size());
+  std::vector<std::pair<ForwardConfig, const char*>> targets;
+  for (const ForwardConfig& config : all_forward_configs(80)) {
+    targets.emplace_back(config, "sm_80");
+    targets.emplace_back(config, "sm_90a");
+  }
+  const size_t mma_sync = targets.size();
+  for (const ForwardConfig& config : all_forward_configs(90)) targets.emplace_back(config, "sm_90a");
+  const size_t compiled = compile_all(targets);
+  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu mma.sync configurations x sm_80, sm_90a; %zu wgmma "
+              "configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2, targets.size() - mma_sync);
 }
 
 TEST(AttentionKernelCompile, BackwardConfigurationsCompileWithoutSpills) {
   std::string reason;
   if (!nvrtc(&reason)) GTEST_SKIP() << reason;
   const auto configs = all_backward_configs();
-  const size_t compiled = compile_all(configs, backward_kernel_sources());
+  std::vector<std::pair<BackwardConfig, const char*>> targets;
+  for (const BackwardConfig& config : configs)
+    for (const char* arch : {"sm_80", "sm_90a"}) targets.emplace_back(config, arch);
+  const size_t compiled = compile_all(targets);
   std::printf("NVRTC compiled %zu of %zu backward kernels (%zu configurations x sm_80, sm_90a)\n", compiled,
               2 * configs.size(), configs.size());
 }

@@ -9,8 +9,8 @@
 //   FAP_HEAD_DIM  head dim rounded up to a multiple of 16     FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS, FAP_ROW_TILES
 //   FAP_BF16      1: bfloat16, 0: float16                      FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW
 //   FAP_MIN_BLOCKS  0 or 1 (see the launch bounds below)
-// Needs philox.h, mask.h, attention_params.cuh and tensor_core.cuh before it (the host concatenates the
-// sources).
+// Needs philox.h, mask.h, attention_params.cuh, tensor_core.cuh and attention_fwd_common.cuh before it (the
+// host concatenates the sources).
 
 namespace fap {
 
@@ -30,45 +30,25 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
 
   const int block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
   const int kv_head = head / p.group_size;
-  long long q_start = 0, k_start = 0;
-  int len_q = p.seqlen_q, len_k = p.seqlen_k;
-  if (p.cu_seqlens_q) {
-    q_start = p.cu_seqlens_q[batch];
-    k_start = p.cu_seqlens_k[batch];
-    len_q = p.cu_seqlens_q[batch + 1] - (int)q_start;
-    len_k = p.cu_seqlens_k[batch + 1] - (int)k_start;
-  }
+  const ForwardSequence seq = forward_sequence(p, batch);
   const int row_begin = block * FAP_BLOCK_M;
-  if (row_begin >= len_q) return;
+  if (row_begin >= seq.len_q) return;
 
-  const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
-  const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + k_start * p.k_row_stride + kv_head * p.k_head_stride;
-  const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + k_start * p.v_row_stride + kv_head * p.v_head_stride;
+  const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
+  const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+  const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+  const KeyTiles tiles = key_tiles<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin);
 
-  // Keys any row of this block may see (the mask is monotone in the row).
-  const long long offset = (long long)len_k - len_q;
-  long long key_begin = 0, key_end = len_k;
-#if FAP_WINDOW
-  {
-    const long long first = row_begin + offset - p.window_left;
-    const long long last = (long long)min(row_begin + FAP_BLOCK_M, len_q) - 1 + offset + p.window_right + 1;
-    key_begin = first > 0 ? first : 0;
-    key_end = last < len_k ? last : len_k;
-  }
-#endif
-  const int first_tile = (int)(key_begin / FAP_BLOCK_N);
-  const int end_tile = key_end > key_begin ? (int)((key_end + FAP_BLOCK_N - 1) / FAP_BLOCK_N) : first_tile;
-
-  load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, len_q - row_begin, p.head_dim, p.vector_loads);
-  if (first_tile < end_tile) {
-    const int key0 = first_tile * FAP_BLOCK_N;
-    load_tile<FAP_BLOCK_N>(k_tiles, k + key0 * p.k_row_stride, p.k_row_stride, len_k - key0, p.head_dim, p.vector_loads);
-    load_tile<FAP_BLOCK_N>(v_tiles, v + key0 * p.v_row_stride, p.v_row_stride, len_k - key0, p.head_dim, p.vector_loads);
+  load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, seq.len_q - row_begin, p.head_dim, p.vector_loads);
+  if (tiles.first < tiles.end) {
+    const int key0 = tiles.first * FAP_BLOCK_N;
+    load_tile<FAP_BLOCK_N>(k_tiles, k + key0 * p.k_row_stride, p.k_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
+    load_tile<FAP_BLOCK_N>(v_tiles, v + key0 * p.v_row_stride, p.v_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
   }
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group = lane / 4, quad = lane % 4;
+  const int group = lane / 4;
   // Row tile t of this warp covers block rows warp_row + 16 t .. + 15; this thread holds rows group and
   // group + 8 of each tile.
   const int warp_row = warp * 16 * FAP_ROW_TILES;
@@ -88,20 +68,18 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
     row_max[t][0] = row_max[t][1] = -FAP_INFINITY;
     row_sum[t][0] = row_sum[t][1] = 0.0f;
   }
-#if FAP_ALIBI
-  const float slope = p.alibi[batch * p.alibi_batch_stride + head];
-#endif
+  const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
 
-  for (int tile = first_tile; tile < end_tile; ++tile) {
-    const int stage = (tile - first_tile) & 1;
+  for (int tile = tiles.first; tile < tiles.end; ++tile) {
+    const int stage = (tile - tiles.first) & 1;
     cp_async_wait_all();
     __syncthreads();
-    if (tile + 1 < end_tile) {  // prefetch the next tile into the other stage
+    if (tile + 1 < tiles.end) {  // prefetch the next tile into the other stage
       const int key0 = (tile + 1) * FAP_BLOCK_N;
       load_tile<FAP_BLOCK_N>(k_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, k + key0 * p.k_row_stride,
-                             p.k_row_stride, len_k - key0, p.head_dim, p.vector_loads);
+                             p.k_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
       load_tile<FAP_BLOCK_N>(v_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, v + key0 * p.v_row_stride,
-                             p.v_row_stride, len_k - key0, p.head_dim, p.vector_loads);
+                             p.v_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
     }
     cp_async_commit();
     const storage_t* k_tile = k_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
@@ -133,85 +111,12 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
     }
 
     const int key0 = tile * FAP_BLOCK_N;
-    // Most tiles lie wholly inside every row's allowed keys: only the others pay for the mask.
-    bool needs_mask = key0 + FAP_BLOCK_N > len_k;
-#if FAP_WINDOW
-    needs_mask = needs_mask || key0 < (long long)row_begin + FAP_BLOCK_M - 1 + offset - p.window_left ||
-                 key0 + FAP_BLOCK_N - 1 > (long long)row_begin + offset + p.window_right;
-#endif
+    const bool needs_mask = tile_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin, key0);
 #pragma unroll
     for (int t = 0; t < FAP_ROW_TILES; ++t) {
-      // Scores in base-2 units (log2(e) folded in), masked to -inf outside the allowed keys.
-      float tile_max[2] = {-FAP_INFINITY, -FAP_INFINITY};
-#pragma unroll
-      for (int j = 0; j < FAP_BLOCK_N / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int half = e / 2;
-          const long long row = rows[t][half];
-          const long long key = key0 + j * 8 + quad * 2 + (e % 2);
-          float x = s[t][j][e];
-#if FAP_SOFTCAP || FAP_ALIBI
-          x *= p.scale;
-#if FAP_SOFTCAP
-          x = p.softcap * tanhf(x / p.softcap);
-#endif
-#if FAP_ALIBI
-          x += alibi_bias(slope, row, key, len_q, len_k);
-#endif
-          x *= 1.4426950408889634f;
-#else
-          x *= p.scale_log2;
-#endif
-          if (needs_mask) {
-            bool allowed = key < len_k;
-#if FAP_WINDOW
-            allowed = allowed && key >= row + offset - p.window_left && key <= row + offset + p.window_right;
-#endif
-            if (!allowed) x = -FAP_INFINITY;
-          }
-          s[t][j][e] = x;
-          tile_max[half] = fmaxf(tile_max[half], s[t][j][e]);
-        }
       float correction[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
-        tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
-        const float new_max = fmaxf(row_max[t][half], tile_max[half]);
-        // A row with nothing allowed so far keeps max -inf: use 0 as the shift so exp2 gives exact zeros.
-        const float shift = new_max == -FAP_INFINITY ? 0.0f : new_max;
-        correction[half] = exp2f(row_max[t][half] - shift);
-        row_max[t][half] = new_max;
-        row_sum[t][half] *= correction[half];
-#pragma unroll
-        for (int j = 0; j < FAP_BLOCK_N / 8; ++j) {
-          s[t][j][2 * half] = exp2f(s[t][j][2 * half] - shift);
-          s[t][j][2 * half + 1] = exp2f(s[t][j][2 * half + 1] - shift);
-          row_sum[t][half] += s[t][j][2 * half] + s[t][j][2 * half + 1];  // per-thread partial, reduced at the end
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) {
-        acc[t][i][0] *= correction[0];
-        acc[t][i][1] *= correction[0];
-        acc[t][i][2] *= correction[1];
-        acc[t][i][3] *= correction[1];
-      }
-#if FAP_DROPOUT
-#pragma unroll
-      for (int j = 0; j < FAP_BLOCK_N / 8; ++j)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const unsigned int key = (unsigned int)(key0 + j * 8 + quad * 2);
-          const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset,
-                                              (unsigned int)(batch * p.heads_q + head), (unsigned int)rows[t][half],
-                                              key / 4);
-          const unsigned int w0 = philox_word(words, key % 4), w1 = philox_word(words, key % 4 + 1);
-          s[t][j][2 * half] *= w0 >= p.dropout_threshold ? p.dropout_scale : 0.0f;
-          s[t][j][2 * half + 1] *= w1 >= p.dropout_threshold ? p.dropout_scale : 0.0f;
-        }
-#endif
+      softmax_tile(s[t], p, seq, batch, head, rows[t], key0, needs_mask, slope, row_max[t], row_sum[t], correction);
+      rescale_rows(acc[t], correction);
     }
 
     // O += P V: P from the accumulators (16 keys per k-step), V through ldmatrix.trans.
@@ -219,12 +124,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
     for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
       unsigned int a[FAP_ROW_TILES][4];
 #pragma unroll
-      for (int t = 0; t < FAP_ROW_TILES; ++t) {
-        a[t][0] = pack2(s[t][2 * kk][0], s[t][2 * kk][1]);
-        a[t][1] = pack2(s[t][2 * kk][2], s[t][2 * kk][3]);
-        a[t][2] = pack2(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
-        a[t][3] = pack2(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
-      }
+      for (int t = 0; t < FAP_ROW_TILES; ++t) pack_probabilities(a[t], s[t], kk);
 #pragma unroll
       for (int i = 0; i < FAP_HEAD_DIM / 16; ++i) {
         unsigned int b[4];
@@ -239,30 +139,8 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
   }
   cp_async_wait_all();
 
-  // Finish: reduce the row sums over the quad, normalise, store out and lse.
 #pragma unroll
-  for (int t = 0; t < FAP_ROW_TILES; ++t)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      row_sum[t][half] += __shfl_xor_sync(0xffffffffu, row_sum[t][half], 1);
-      row_sum[t][half] += __shfl_xor_sync(0xffffffffu, row_sum[t][half], 2);
-      const int row = rows[t][half];
-      if (row >= len_q) continue;
-      const bool empty = row_sum[t][half] == 0.0f;
-      const float inverse = empty ? 0.0f : 1.0f / row_sum[t][half];
-      storage_t* out = static_cast<storage_t*>(p.out) + batch * p.out_batch_stride +
-                       (q_start + row) * p.out_row_stride + head * p.out_head_stride;
-#pragma unroll
-      for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) {
-        const int col = i * 8 + quad * 2;
-        if (col < p.head_dim) out[col] = from_float(acc[t][i][2 * half] * inverse);
-        if (col + 1 < p.head_dim) out[col + 1] = from_float(acc[t][i][2 * half + 1] * inverse);
-      }
-      if (p.lse && quad == 0) {
-        p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (q_start + row) * p.lse_row_stride] =
-            empty ? FAP_INFINITY : (row_max[t][half] + __log2f(row_sum[t][half])) * 0.6931471805599453f;
-      }
-    }
+  for (int t = 0; t < FAP_ROW_TILES; ++t) store_rows(p, seq, batch, head, rows[t], acc[t], row_sum[t], row_max[t]);
 }
 
 }  // namespace fap

@@ -1,0 +1,244 @@
+// The parts of the attention forward that do not depend on how the tensor cores are driven, shared by the
+// mma.sync kernel (attention_fwd.cuh, sm_80+) and the warpgroup-MMA kernel (attention_fwd_sm90.cuh):
+// where a block's sequence and keys are, the score transform and mask, the online softmax, dropout, and
+// the final normalisation and stores.
+//
+// Score and output fragments are in the accumulator layout of mma.sync.m16n8k16, which wgmma's m64 tiles
+// share per warp: fragment [j][e] holds row `rows[e / 2]` and column 8 j + 2 quad + e % 2, quad = lane % 4.
+// Needs FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW and the sources tensor_core.cuh needs, before it.
+
+namespace fap {
+
+// One query block's sequence: where its rows and keys start and how many there are.
+struct ForwardSequence {
+  long long q_start, k_start;
+  int len_q, len_k;
+  int offset;  // len_k - len_q: the bottom-right diagonal
+};
+
+__device__ __forceinline__ ForwardSequence forward_sequence(const AttentionFwdParams& p, int batch) {
+  ForwardSequence sequence{0, 0, p.seqlen_q, p.seqlen_k, 0};
+  if (p.cu_seqlens_q) {
+    sequence.q_start = p.cu_seqlens_q[batch];
+    sequence.k_start = p.cu_seqlens_k[batch];
+    sequence.len_q = p.cu_seqlens_q[batch + 1] - (int)sequence.q_start;
+    sequence.len_k = p.cu_seqlens_k[batch + 1] - (int)sequence.k_start;
+  }
+  sequence.offset = sequence.len_k - sequence.len_q;
+  return sequence;
+}
+
+// The key tiles [first, end) that any of the rows row_begin .. row_begin + BLOCK_M - 1 may see (the mask
+// is monotone in the row).
+struct KeyTiles {
+  int first, end;
+};
+
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ KeyTiles key_tiles(const AttentionFwdParams& p, const ForwardSequence& s, int row_begin) {
+  long long key_begin = 0, key_end = s.len_k;
+#if FAP_WINDOW
+  const long long first = row_begin + s.offset - p.window_left;
+  const long long last = (long long)min(row_begin + BLOCK_M, s.len_q) - 1 + s.offset + p.window_right + 1;
+  key_begin = first > 0 ? first : 0;
+  key_end = last < s.len_k ? last : s.len_k;
+#endif
+  const int first_tile = (int)(key_begin / BLOCK_N);
+  return {first_tile, key_end > key_begin ? (int)((key_end + BLOCK_N - 1) / BLOCK_N) : first_tile};
+}
+
+// Whether some key of the tile starting at key0 is outside some row's allowed range (most tiles lie wholly
+// inside: only the others pay for the per-element mask).
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ bool tile_needs_mask(const AttentionFwdParams& p, const ForwardSequence& s, int row_begin,
+                                                int key0) {
+  bool needs_mask = key0 + BLOCK_N > s.len_k;
+#if FAP_WINDOW
+  needs_mask = needs_mask || key0 < (long long)row_begin + BLOCK_M - 1 + s.offset - p.window_left ||
+               key0 + BLOCK_N - 1 > (long long)row_begin + s.offset + p.window_right;
+#endif
+  return needs_mask;
+}
+
+// Raw products -> scores for the softmax. SCALED: to base-2 units (scale, softcap, ALiBi, log2(e)); else
+// they stay raw products and online_softmax folds the scale into its multiply-add, which needs a positive
+// scale. MASKED: -inf outside the allowed keys (only tiles that cross a boundary pay for it). Positions are
+// int arithmetic (sequence lengths are int32, FlashAttention-2's limit): 64-bit index math here costs
+// registers the wgmma kernel needs.
+template <bool MASKED, bool SCALED, int N8>
+__device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
+                                               const int (&rows)[2], int key0, float slope) {
+  const int first_key = key0 + threadIdx.x % 4 * 2;
+#if FAP_ALIBI || FAP_WINDOW
+  const int diagonal[2] = {rows[0] + seq.offset, rows[1] + seq.offset};  // the key on each row's diagonal
+#endif
+#pragma unroll
+  for (int j = 0; j < N8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = first_key + j * 8 + (e % 2);
+      float x = s[j][e];
+      if (SCALED) {
+        x *= p.scale;
+#if FAP_SOFTCAP
+        x = p.softcap * tanhf(x / p.softcap);
+#endif
+#if FAP_ALIBI
+        x -= slope * (float)abs(diagonal[e / 2] - key);  // mask.h's alibi_bias
+#endif
+        x *= 1.4426950408889634f;
+      }
+      if (MASKED) {
+        bool allowed = key < seq.len_k;
+#if FAP_WINDOW
+        allowed = allowed && key >= diagonal[e / 2] - (int)p.window_left && key <= diagonal[e / 2] + (int)p.window_right;
+#endif
+        if (!allowed) x = -FAP_INFINITY;
+      }
+      s[j][e] = x;
+    }
+}
+
+// prepare_scores for one tile, each case its own code (no per-element selects); returns the factor that
+// takes the prepared scores to base-2 units.
+template <int N8>
+__device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const AttentionFwdParams& p,
+                                                     const ForwardSequence& seq, const int (&rows)[2], int key0,
+                                                     bool needs_mask, float slope) {
+  const bool scaled = FAP_SOFTCAP || FAP_ALIBI || !(p.scale_log2 > 0.0f);  // zero or negative scales can't fold
+  if (scaled) {
+    if (needs_mask) {
+      prepare_scores<true, true>(s, p, seq, rows, key0, slope);
+    } else {
+      prepare_scores<false, true>(s, p, seq, rows, key0, slope);
+    }
+    return 1.0f;
+  }
+  if (needs_mask) prepare_scores<true, false>(s, p, seq, rows, key0, slope);
+  return p.scale_log2;
+}
+
+// exp2 on the special function unit, flushing results below 2^-126 to zero (the exponentials of the
+// softmax are of differences <= 0: nothing else is lost).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The online softmax step for one tile of scores (scores * fold in base-2 units, fold > 0): updates the
+// running row maxima (base-2 units) and per-thread partial sums, turns the scores into
+// exp2(score * fold - max) in place, and returns in `correction` the factor by which the output
+// accumulated so far must be multiplied.
+template <int N8>
+__device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, float (&row_max)[2], float (&row_sum)[2],
+                                               float (&correction)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float tile_max = -FAP_INFINITY;
+#pragma unroll
+    for (int j = 0; j < N8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(row_max[half], tile_max * fold);
+    // A row with nothing allowed so far keeps max -inf: use 0 as the shift so exp2 gives exact zeros.
+    const float shift = new_max == -FAP_INFINITY ? 0.0f : new_max;
+    correction[half] = fast_exp2(row_max[half] - shift);
+    row_max[half] = new_max;
+    row_sum[half] *= correction[half];
+#pragma unroll
+    for (int j = 0; j < N8; ++j) {
+      s[j][2 * half] = fast_exp2(s[j][2 * half] * fold - shift);
+      s[j][2 * half + 1] = fast_exp2(s[j][2 * half + 1] * fold - shift);
+      row_sum[half] += s[j][2 * half] + s[j][2 * half + 1];  // reduced over the quad at the end
+    }
+  }
+}
+
+#if FAP_DROPOUT
+// Multiplies each probability by 1 / (1 - p) or 0 from philox.h's mask (the CPU backend's, bit for bit).
+template <int N8>
+__device__ __forceinline__ void apply_dropout(float (&s)[N8][4], const AttentionFwdParams& p, int batch, int head,
+                                              const int (&rows)[2], int key0) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < N8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const unsigned int key = (unsigned int)(key0 + j * 8 + quad * 2);
+      const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset, (unsigned int)(batch * p.heads_q + head),
+                                          (unsigned int)rows[half], key / 4);
+      const unsigned int w0 = philox_word(words, key % 4), w1 = philox_word(words, key % 4 + 1);
+      s[j][2 * half] *= w0 >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+      s[j][2 * half + 1] *= w1 >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+    }
+}
+#endif
+
+// One tile's softmax: scores (masked only where the tile crosses a boundary) -> probabilities, with the
+// correction for the output accumulated so far. Dropout is applied after the row sums, which count every
+// probability.
+template <int N8>
+__device__ __forceinline__ void softmax_tile(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
+                                             int batch, int head, const int (&rows)[2], int key0, bool needs_mask,
+                                             float slope, float (&row_max)[2], float (&row_sum)[2],
+                                             float (&correction)[2]) {
+  const float fold = prepare_tile_scores(s, p, seq, rows, key0, needs_mask, slope);
+  online_softmax(s, fold, row_max, row_sum, correction);
+#if FAP_DROPOUT
+  apply_dropout(s, p, batch, head, rows, key0);
+#endif
+}
+
+template <int D8>
+__device__ __forceinline__ void rescale_rows(float (&acc)[D8][4], const float (&correction)[2]) {
+#pragma unroll
+  for (int i = 0; i < D8; ++i) {
+    acc[i][0] *= correction[0];
+    acc[i][1] *= correction[0];
+    acc[i][2] *= correction[1];
+    acc[i][3] *= correction[1];
+  }
+}
+
+
+// Probabilities of 16 keys (fragments 2 kk and 2 kk + 1) as the A operand of the P V product.
+template <int N8>
+__device__ __forceinline__ void pack_probabilities(unsigned int (&a)[4], const float (&s)[N8][4], int kk) {
+  a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The end of a row block: reduces the row sums over the quad, normalises, stores out and lse. Rows with
+// nothing to attend to get zeros and lse = +inf.
+template <int D8>
+__device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const ForwardSequence& seq, int batch, int head,
+                                           const int (&rows)[2], const float (&acc)[D8][4], float (&row_sum)[2],
+                                           const float (&row_max)[2]) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
+    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+    const int row = rows[half];
+    if (row >= seq.len_q) continue;
+    const bool empty = row_sum[half] == 0.0f;
+    const float inverse = empty ? 0.0f : 1.0f / row_sum[half];
+    storage_t* out = static_cast<storage_t*>(p.out) + batch * p.out_batch_stride +
+                     (seq.q_start + row) * p.out_row_stride + head * p.out_head_stride;
+#pragma unroll
+    for (int i = 0; i < D8; ++i) {
+      const int col = i * 8 + quad * 2;
+      if (col < p.head_dim) out[col] = from_float(acc[i][2 * half] * inverse);
+      if (col + 1 < p.head_dim) out[col + 1] = from_float(acc[i][2 * half + 1] * inverse);
+    }
+    if (p.lse && quad == 0) {
+      p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (seq.q_start + row) * p.lse_row_stride] =
+          empty ? FAP_INFINITY : (row_max[half] + __log2f(row_sum[half])) * 0.6931471805599453f;
+    }
+  }
+}
+
+}  // namespace fap

@@ -1,0 +1,230 @@
+// Attention forward for Hopper (sm_90a): FlashAttention-2's algorithm on warpgroup MMAs, with the loads
+// and the two kinds of work split between warpgroups (FlashAttention-3's warp specialisation). One CTA per
+// (block of FAP_BLOCK_M = 128 query rows, batch, head), three warpgroups:
+// - the producer (warpgroup 0) copies Q once and K, V tiles of FAP_BLOCK_N keys with cp.async into a
+//   ring of FAP_STAGES stages in shared memory, handing each tile over through an mbarrier ("full") and waiting for
+//   the consumers to hand the stage back ("empty");
+// - two consumers own 64 query rows each: S = Q K^T with both operands in shared memory, the online softmax
+//   in registers, O += P V with P from registers. They take turns at the tensor cores (named barriers), so
+//   that one's softmax runs while the other's products do ("ping-pong").
+// Tiles are in the 128-byte-swizzled layout wgmma reads (hopper.cuh). The producer gives most of its
+// registers to the consumers (setmaxnreg).
+//
+// Compile-time configuration: FAP_HEAD_DIM (a multiple of 64), FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS (12), FAP_STAGES,
+// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW. Needs philox.h, mask.h, attention_params.cuh,
+// tensor_core.cuh, hopper.cuh and attention_fwd_common.cuh before it.
+
+namespace fap {
+
+#define FAP_PRODUCER_REGISTERS 40
+#define FAP_CONSUMER_REGISTERS 232
+#define FAP_CONSUMER_THREADS 256
+
+__device__ __forceinline__ void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(copy ? 16 : 0));
+}
+
+// The producer's copy of `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x
+// FAP_HEAD_DIM, zero-filling the rest, then its arrival on `full`. With vector_loads (every row starts
+// 16-byte aligned and head_dim % 8 == 0) each producer thread copies one 16-byte column chunk of every
+// kRowsPerPass-th row with cp.async and arrives when its copies land; otherwise element copies and a plain
+// arrival, which releases them. This address arithmetic is the producer's whole cost: keep it lean.
+template <int ROWS>
+__device__ __forceinline__ void produce_tile(unsigned char* tile, unsigned int full, const storage_t* source,
+                                             long long row_stride, int count, int head_dim, int vector_loads) {
+  constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = 128 / kChunksPerRow;
+  const int col = threadIdx.x % kChunksPerRow * 8, first_row = threadIdx.x / kChunksPerRow;
+  if (vector_loads) {
+    if (first_row < kRowsPerPass) {  // 128 % kChunksPerRow threads idle at d = 192
+      const storage_t* from = source + first_row * row_stride + col;
+      const long long step = kRowsPerPass * row_stride;
+#pragma unroll 4
+      for (int row = first_row; row < ROWS; row += kRowsPerPass, from += step) {
+        const bool inside = row < count && col < head_dim;
+        cp_async_16_or_zero(tile + swizzled_offset<ROWS>(row, col), inside ? from : source, inside);
+      }
+    }
+    mbarrier_arrive_after_copies(full);
+    return;
+  }
+  for (int chunk = threadIdx.x; chunk < ROWS * kChunksPerRow; chunk += 128) {
+    const int row = chunk / kChunksPerRow, col8 = chunk % kChunksPerRow * 8;
+    const storage_t* from = source + row * row_stride + col8;
+    unsigned int words[4];
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      const unsigned int lo = (row < count && col8 + e < head_dim) ? from[e] : 0u;
+      const unsigned int hi = (row < count && col8 + e + 1 < head_dim) ? from[e + 1] : 0u;
+      words[e / 2] = lo | hi << 16;
+    }
+    uint4 chunk16;
+    chunk16.x = words[0], chunk16.y = words[1], chunk16.z = words[2], chunk16.w = words[3];
+    *reinterpret_cast<uint4*>(tile + swizzled_offset<ROWS>(row, col8)) = chunk16;
+  }
+  mbarrier_arrive(full);
+}
+
+// The shared-memory ring: the Q tile, FAP_STAGES stages of K and V tiles, and their mbarriers.
+struct ForwardShared {
+  enum : int { kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2, kKvBytes = FAP_BLOCK_N * FAP_HEAD_DIM * 2 };
+  unsigned char* q;
+  unsigned char* k;  // stage s at k + s * kKvBytes
+  unsigned char* v;
+  unsigned int barriers;  // shared address of: q_full, then k_full, k_empty, v_full, v_empty per stage
+
+  __device__ unsigned int q_full() const { return barriers; }
+  __device__ unsigned int k_full(int stage) const { return barriers + 8 * (1 + stage); }
+  __device__ unsigned int k_empty(int stage) const { return barriers + 8 * (1 + FAP_STAGES + stage); }
+  __device__ unsigned int v_full(int stage) const { return barriers + 8 * (1 + 2 * FAP_STAGES + stage); }
+  __device__ unsigned int v_empty(int stage) const { return barriers + 8 * (1 + 3 * FAP_STAGES + stage); }
+};
+
+// Tile `index` (counted from the block's first key tile) sits in stage index % FAP_STAGES, in the stage's
+// (index / FAP_STAGES)-th use: the parity its "full" phase completes with.
+__device__ __forceinline__ int stage_of(int index) { return index % FAP_STAGES; }
+__device__ __forceinline__ unsigned int parity_of(int index) { return (unsigned int)(index / FAP_STAGES) & 1u; }
+
+extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(const AttentionFwdParams p) {
+  extern __shared__ __align__(1024) unsigned char shared_raw[];
+  // The swizzle atoms need 1024-byte alignment; the host adds 1024 bytes for this.
+  ForwardShared shared;
+  shared.q = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
+  shared.k = shared.q + ForwardShared::kQBytes;
+  shared.v = shared.k + FAP_STAGES * ForwardShared::kKvBytes;
+  shared.barriers = shared_address(shared.v + FAP_STAGES * ForwardShared::kKvBytes);
+
+  // Blocks with the most keys first under a causal mask, so the long ones do not finish last.
+  const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
+  const ForwardSequence seq = forward_sequence(p, batch);
+  const int row_begin = block * FAP_BLOCK_M;
+  if (row_begin >= seq.len_q) return;
+  const KeyTiles tiles = key_tiles<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin);
+  const int tile_count = tiles.end - tiles.first;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(shared.q_full(), 128);
+    for (int stage = 0; stage < FAP_STAGES; ++stage) {
+      mbarrier_init(shared.k_full(stage), 128);
+      mbarrier_init(shared.v_full(stage), 128);
+      mbarrier_init(shared.k_empty(stage), FAP_CONSUMER_THREADS);
+      mbarrier_init(shared.v_empty(stage), FAP_CONSUMER_THREADS);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  // Broadcast from lane 0 so that the compiler knows the role is uniform in each warp (else it treats the
+  // roles' code as divergent and serialises the wgmmas).
+  const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
+  if (warpgroup == 0) {
+    lower_registers<FAP_PRODUCER_REGISTERS>();
+    if (tile_count == 0) return;
+    const int kv_head = head / p.group_size;
+    const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
+    const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+    const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    produce_tile<FAP_BLOCK_M>(shared.q, shared.q_full(), q, p.q_row_stride, seq.len_q - row_begin, p.head_dim,
+                              p.vector_loads);
+    for (int index = 0; index < tile_count; ++index) {
+      const int stage = stage_of(index), key0 = (tiles.first + index) * FAP_BLOCK_N;
+      mbarrier_wait(shared.k_empty(stage), parity_of(index) ^ 1u);
+      produce_tile<FAP_BLOCK_N>(shared.k + stage * ForwardShared::kKvBytes, shared.k_full(stage),
+                                k + key0 * p.k_row_stride, p.k_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
+      mbarrier_wait(shared.v_empty(stage), parity_of(index) ^ 1u);
+      produce_tile<FAP_BLOCK_N>(shared.v + stage * ForwardShared::kKvBytes, shared.v_full(stage),
+                                v + key0 * p.v_row_stride, p.v_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
+    }
+    return;
+  }
+
+  raise_registers<FAP_CONSUMER_REGISTERS>();
+  const int consumer = warpgroup - 1, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
+  const int rows[2] = {row_begin + consumer * 64 + warp * 16 + lane / 4, row_begin + consumer * 64 + warp * 16 + lane / 4 + 8};
+  float acc[FAP_HEAD_DIM / 8][4];
+#pragma unroll
+  for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
+
+  if (tile_count > 0) {
+    const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
+    const unsigned int q_address = shared_address(shared.q), k_address = shared_address(shared.k),
+                       v_address = shared_address(shared.v);
+    float s[FAP_BLOCK_N / 8][4];
+    unsigned int probabilities[FAP_BLOCK_N / 16][4];  // P of the latest tile: the A operand of its P V
+
+    // Each consumer issues its products in turns with the other: round r (r = 0 .. tile_count) is
+    // O += P_{r-1} V_{r-1} and S_r = Q K_r^T.
+    const auto take_turn = [&] { named_barrier_sync(1 + consumer, FAP_CONSUMER_THREADS); };
+    const auto pass_turn = [&] { named_barrier_arrive(2 - consumer, FAP_CONSUMER_THREADS); };
+    // Data first, then the turn: a consumer never holds the tensor cores while it waits for a tile.
+    const auto wait_for = [&](unsigned int full, int index) {
+      mbarrier_wait(full, parity_of(index));
+      fence_proxy_async();
+    };
+    const auto issue_scores = [&](int index) {
+      wgmma_fence();
+      const unsigned int k_tile = k_address + stage_of(index) * ForwardShared::kKvBytes;
+#pragma unroll
+      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        wgmma_ss<FAP_BLOCK_N>(&s[0][0], k_major_descriptor<FAP_BLOCK_M>(q_address, consumer * 64, kk),
+                              k_major_descriptor<FAP_BLOCK_N>(k_tile, 0, kk), kk > 0);
+      }
+    };
+    const auto issue_product = [&](int index) {
+      wgmma_fence();
+      const unsigned int v_tile = v_address + stage_of(index) * ForwardShared::kKvBytes;
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk)
+        wgmma_rs<FAP_HEAD_DIM>(&acc[0][0], probabilities[kk], mn_major_descriptor<FAP_BLOCK_N>(v_tile, kk), 1);
+    };
+    // After a round's products: softmax of S_index, O rescaled, P kept for the next round.
+    const auto softmax = [&](int index) {
+      const int key0 = (tiles.first + index) * FAP_BLOCK_N;
+      float correction[2];
+      softmax_tile(s, p, seq, batch, head, rows, key0, tile_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin, key0),
+                   slope, row_max, row_sum, correction);
+      rescale_rows(acc, correction);
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_probabilities(probabilities[kk], s, kk);
+    };
+    const auto finish_round = [&] {
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
+      fence_registers<FAP_BLOCK_N / 2>(&s[0][0]);
+    };
+
+    mbarrier_wait(shared.q_full(), 0);
+    if (consumer == 1) pass_turn();  // consumer 0 goes first
+    wait_for(shared.k_full(0), 0);
+    take_turn();
+    issue_scores(0);
+    finish_round();
+    mbarrier_arrive(shared.k_empty(0));
+    softmax(0);
+    for (int index = 1; index < tile_count; ++index) {
+      wait_for(shared.k_full(stage_of(index)), index);
+      wait_for(shared.v_full(stage_of(index - 1)), index - 1);
+      take_turn();
+      issue_scores(index);
+      issue_product(index - 1);
+      finish_round();
+      mbarrier_arrive(shared.k_empty(stage_of(index)));
+      mbarrier_arrive(shared.v_empty(stage_of(index - 1)));
+      softmax(index);
+    }
+    wait_for(shared.v_full(stage_of(tile_count - 1)), tile_count - 1);
+    take_turn();
+    issue_product(tile_count - 1);
+    wgmma_commit();
+    if (consumer == 0) pass_turn();  // consumer 1's last turn; nothing waits for consumer 0 after that
+    wgmma_wait<0>();
+    fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
+  }
+
+  store_rows(p, seq, batch, head, rows, acc, row_sum, row_max);
+}
+
+}  // namespace fap
