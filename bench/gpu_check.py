@@ -187,6 +187,18 @@ def correctness_cases():
     return cases
 
 
+def _flaggems():
+    """FlagGems' FA2-style forward (flag_gems.ops.flash_api), timed beside ours when it is installed."""
+    try:
+        import flag_gems.ops.flash_api as api
+        return api
+    except Exception as error:  # noqa: BLE001 - not installed, or not importable with this Triton
+        print(f"flaggems column left out: {type(error).__name__}: {error}", flush=True)
+        return None
+
+
+FLAGGEMS = None
+
 # (FLASH_ATTENTION_PLUS_PORTABLE_KERNELS value, result key): the kernels the GPU runs by default, and on a GPU
 # with kernels of its own (Hopper) also the portable ones.
 KERNELS = [("0", "ours")]
@@ -219,6 +231,9 @@ def benchmark():
                 for kernel, key in KERNELS:
                     with kernels(kernel):
                         row[key + "_ms"] = time_ms(lambda: fap_forward(q, k, v, causal))
+                if FLAGGEMS:
+                    row["flaggems_ms"] = time_ms(lambda: FLAGGEMS.mha_fwd(q, k, v, None, None, 0.0, d ** -0.5, causal,
+                                                                          -1, -1, 0.0, False))
                 tq, tk, tv = (t.transpose(1, 2) for t in (q, k, v))
                 for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                                       ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -229,13 +244,13 @@ def benchmark():
                     except RuntimeError as error:
                         row[name + "_ms"] = None
                         row[name + "_error"] = str(error)[:200]
-                for key in [key for _, key in KERNELS] + ["sdpa_flash", "sdpa_cudnn"]:
+                columns = [key for _, key in KERNELS] + ["flaggems"] * bool(FLAGGEMS) + ["sdpa_flash", "sdpa_cudnn"]
+                for key in columns:
                     ms = row.get(key + "_ms")
                     row[key + "_tflops"] = flops / ms / 1e9 if ms else None
                 rows.append(row)
                 print(f"d={d} s={s} causal={causal}: " + ", ".join(
-                    f"{key} {row[key + '_tflops'] or 0:.0f}" for key in [key for _, key in KERNELS] +
-                    ["sdpa_flash", "sdpa_cudnn"]) + " TFLOP/s", flush=True)
+                    f"{key} {row[key + '_tflops'] or 0:.0f}" for key in columns) + " TFLOP/s", flush=True)
     return rows
 
 
@@ -243,6 +258,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--default-kernels-only", action="store_true",
                         help="on Hopper, leave out the portable (mma.sync) kernels")
     args = parser.parse_args()
@@ -250,7 +266,7 @@ def main():
     if torch.cuda.get_device_capability() == (9, 0) and not args.default_kernels_only:
         KERNELS.append(("1", "ours_mma_sync"))
     results = []
-    for portable, key in KERNELS:
+    for portable, key in [] if args.skip_correctness else KERNELS:
         with kernels(portable):
             for case in correctness_cases():
                 results.append({"kernel": key, **check_case(case)})
@@ -259,6 +275,8 @@ def main():
         failed = [r for r in results if not r["passed"] and r["kernel"] == key]
         print(f"correctness ({key}): {sum(r['kernel'] == key for r in results) - len(failed)} passed, "
               f"{len(failed)} failed", flush=True)
+    global FLAGGEMS
+    FLAGGEMS = None if args.skip_bench else _flaggems()
     bench = [] if args.skip_bench else benchmark()
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "correctness": results,

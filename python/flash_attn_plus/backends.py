@@ -7,22 +7,15 @@ original FlashAttention-Plus switch FLASH_ATTENTION_USE_FLAGGEMS=1; set_backend(
 context manager change it at run time (process-wide).
 """
 import contextlib
-import importlib.util
 import os
 import threading
 
-from . import _errors
+from . import _errors, flaggems
 from ._library import _C
 
 _PYTHON_BACKENDS = ("flaggems",)
 _lock = threading.Lock()
 _python_choice = None  # a backend served from Python, or None when the C library's choice applies
-
-
-def _flaggems_unusable_reason():
-    if importlib.util.find_spec("flag_gems") is None:
-        return "the flag_gems package is not installed (pip install flash-attn-plus[flaggems])"
-    return "the FlagGems mapping of the FlashAttention-2 API is not part of this version yet"
 
 
 def set_backend(name):
@@ -33,9 +26,10 @@ def set_backend(name):
     name = name.strip().lower()
     with _lock:
         if name in _PYTHON_BACKENDS:
-            reason = _flaggems_unusable_reason()
+            reason = flaggems.unusable_reason()
             if reason:
                 raise _errors.BackendUnavailableError(f"backend '{name}' is unusable: {reason}")
+            _C.set_backend("auto")  # what the Python backend leaves to the library (backwards) runs on `auto`
             _python_choice = name
             return
         _errors.check(_C.set_backend(name))
@@ -62,8 +56,8 @@ def available_backends():
     """[(name, usable, reason, details)] for every backend, in the order `auto` tries them."""
     listed = [tuple(entry) for entry in _C.backends()]
     for name in _PYTHON_BACKENDS:
-        reason = _flaggems_unusable_reason()
-        listed.append((name, not reason, reason, ""))
+        reason = flaggems.unusable_reason()
+        listed.append((name, not reason, reason, "" if reason else flaggems.versions()))
     return listed
 
 
@@ -91,11 +85,14 @@ def _apply_environment():
         _python_choice = requested
 
 
-def require_library_backend():
-    """Raises the selection's reason when a Python-served backend is selected but cannot run."""
+def python_backend():
+    """The selected backend served from Python ('flaggems'), or None when the library's selection applies.
+    Raises the reason when one is selected (through the environment) but cannot run."""
     if _python_choice is not None:
-        reason = _flaggems_unusable_reason()
-        raise _errors.BackendUnavailableError(f"backend '{_python_choice}' is unusable: {reason}")
+        reason = flaggems.unusable_reason()
+        if reason:
+            raise _errors.BackendUnavailableError(f"backend '{_python_choice}' is unusable: {reason}")
+    return _python_choice
 
 
 _apply_environment()

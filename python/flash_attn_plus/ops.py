@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _errors, backends
+from . import _errors, backends, flaggems
 from ._library import _C
 from ._tensors import spec, stream_of, workspace_allocator
 
@@ -45,6 +45,13 @@ def _options(softmax_scale, causal, window_left, window_right, softcap, alibi_sl
              deterministic=False):
     return (float(softmax_scale), bool(causal), int(window_left), int(window_right), float(softcap),
             spec(alibi_slopes), float(dropout_p), seed % _UINT64, offset % _UINT64, bool(deterministic))
+
+
+def _check_for_python_backend(status):
+    """The core's verdict on a call a Python-served backend will run: argument errors are raised; that the
+    library itself could not run the call (no usable CUDA backend, a feature it lacks) does not matter."""
+    if status not in (_C.SUCCESS, _C.ERROR_BACKEND_UNAVAILABLE, _C.ERROR_UNSUPPORTED):
+        _errors.check(status)
 
 
 def _forward_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, with_probs):
@@ -105,11 +112,23 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Te
                       alibi_slopes: Optional[Tensor], dropout_p: float, return_softmax: bool,
                       deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, softmax_lse, S_dmask, rng_state); S_dmask is empty unless return_softmax and dropout_p > 0."""
-    backends.require_library_backend()
     varlen = cu_seqlens_q is not None
     if block_table is not None:
         k, v = _gather_pages(k, v, block_table, cu_seqlens_k)
     out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_softmax and dropout_p > 0)
+    if backends.python_backend() == "flaggems":
+        reason = flaggems.fallback_reason(varlen, causal, window_left, window_right, softcap, alibi_slopes, dropout_p)
+        if not reason:
+            options = _options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, 0.0)
+            _check_for_python_backend(_C.check_forward(varlen, spec(q), spec(k), spec(v), spec(out), spec(lse),
+                                                       spec(cu_seqlens_q), spec(cu_seqlens_k), max_seqlen_q,
+                                                       max_seqlen_k, options))
+            flaggems.check_tensors(q)
+            with _device_guard(q):
+                flaggems.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
+            return out, lse, probs, torch.zeros(2, dtype=torch.int64)
+        flaggems.warn_fallback(reason)
     seed = offset = 0
     if dropout_p > 0:
         batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -137,8 +156,8 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
                        softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Tensor,
                        deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for the forward that produced out, softmax_lse and rng_state."""
-    backends.require_library_backend()
+    """(dq, dk, dv) for the forward that produced out, softmax_lse and rng_state (on the library's backend,
+    whichever backend ran the forward)."""
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     seed, offset = rng_state.tolist() if dropout_p > 0 else (0, 0)
     options = _options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset,

@@ -103,6 +103,8 @@ void set_tiles(ForwardConfig& config) {
     config.block_n = 32, config.warps = 4, config.row_tiles = 2;
   } else if (config.head_dim <= 128) {
     config.block_n = 64, config.warps = 8, config.row_tiles = 1;
+    // The window's per-row bounds spill a few registers at d <= 64 when ptxas keeps two CTAs per SM.
+    if (config.window && config.head_dim <= 64) config.min_blocks = 1;
   } else {
     config.block_n = 32, config.warps = 4, config.row_tiles = 1;
   }

@@ -79,10 +79,10 @@ int run_with_workspace(const Args& args, const fap_options& options, uintptr_t s
   return run_fn(&args, &options, reinterpret_cast<void*>(stream), workspace, bytes);
 }
 
-int forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
-            const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& attn_probs,
-            const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-            int64_t max_seqlen_k, const OptionsSpec& options, uintptr_t stream, const Allocator& allocate) {
+fap_fwd_args forward_args(const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
+                          const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& attn_probs,
+                          const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                          int64_t max_seqlen_k) {
   fap_fwd_args args{};
   args.q = to_tensor(q, "q");
   args.k = to_tensor(k, "k");
@@ -94,9 +94,31 @@ int forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const
   args.cu_seqlens_k = to_tensor(cu_seqlens_k, "cu_seqlens_k");
   args.max_seqlen_q = max_seqlen_q;
   args.max_seqlen_k = max_seqlen_k;
+  return args;
+}
+
+int forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
+            const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& attn_probs,
+            const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
+            int64_t max_seqlen_k, const OptionsSpec& options, uintptr_t stream, const Allocator& allocate) {
+  const fap_fwd_args args =
+      forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const fap_options opts = to_options(options);
   return varlen ? run_with_workspace(args, opts, stream, allocate, fap_mha_varlen_fwd_workspace_size, fap_mha_varlen_fwd)
                 : run_with_workspace(args, opts, stream, allocate, fap_mha_fwd_workspace_size, fap_mha_fwd);
+}
+
+// The core's checks of a forward call without running it (the workspace query validates every argument
+// first): for backends served from Python, which keep the one validation of the library.
+int check_forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
+                  const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& cu_seqlens_q,
+                  const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                  const OptionsSpec& options) {
+  const fap_fwd_args args =
+      forward_args(q, k, v, out, softmax_lse, std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const fap_options opts = to_options(options);
+  size_t bytes = 0;
+  return varlen ? fap_mha_varlen_fwd_workspace_size(&args, &opts, &bytes) : fap_mha_fwd_workspace_size(&args, &opts, &bytes);
 }
 
 int backward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
@@ -145,6 +167,7 @@ NB_MODULE(_C, m) {
   m.def("get_backend", [] { return std::string(fap_get_backend()); });
   m.def("backends", &backends);
   m.def("forward", &forward);
+  m.def("check_forward", &check_forward);
   m.def("backward", &backward);
   m.attr("SUCCESS") = static_cast<int>(FAP_SUCCESS);
   m.attr("ERROR_INVALID_ARGUMENT") = static_cast<int>(FAP_ERROR_INVALID_ARGUMENT);

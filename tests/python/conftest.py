@@ -25,6 +25,22 @@ def device(request):
     return torch.device(name)
 
 
+@pytest.fixture(params=["auto", "flaggems"])
+def api_backend(request, device):
+    """Runs a test on each backend of the selection: `auto` (the library) and `flaggems` where it is usable
+    (CUDA tensors, flag_gems installed and working); skipped with the reason elsewhere."""
+    if request.param == "flaggems":
+        import flash_attn_plus as fap
+        if device.type != "cuda":
+            pytest.skip("backend 'flaggems' runs on CUDA tensors (--device cuda)")
+        reason = fap.flaggems.unusable_reason()
+        if reason:
+            pytest.skip(f"backend 'flaggems' is unusable: {reason}")
+    import flash_attn_plus as fap
+    with fap.backend(request.param):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

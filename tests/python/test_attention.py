@@ -9,6 +9,8 @@ import flash_attn_plus as fap
 from attention_case import MASKS, Packing, check_lse, check_rule, feature_options, leaves
 from reference import attention
 
+pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
+
 DTYPES = [torch.float16, torch.bfloat16]
 FEATURES = ["plain", "softcap", "alibi", "alibi_batch"]
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA

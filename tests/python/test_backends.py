@@ -81,12 +81,14 @@ def _run_python(code, **env):
 def test_environment_variables_set_the_initial_choice():
     assert _run_python("import flash_attn_plus as f; print(f.get_backend())",
                        FLASH_ATTENTION_PLUS_BACKEND="cpu") == "cpu"
+    # CPU tensors: refused either way, as unusable (no flag_gems, no GPU) or as not FlagGems' device.
     code = ("import torch, flash_attn_plus as f\n"
             "print(f.get_backend())\n"
             "try:\n"
             "    f.flash_attn_func(*[torch.randn(1, 4, 1, 8, dtype=torch.float16)] * 3)\n"
-            "except f.BackendUnavailableError as e:\n"
+            "except (f.BackendUnavailableError, f.UnsupportedError) as e:\n"
             "    print('refused:', e)\n")
     for env in ({"FLASH_ATTENTION_USE_FLAGGEMS": "1"}, {"FLASH_ATTENTION_PLUS_BACKEND": "flaggems"}):
         output = _run_python(code, **env)
-        assert output.startswith("flaggems\nrefused: backend 'flaggems' is unusable: "), output
+        assert output.startswith(("flaggems\nrefused: backend 'flaggems' is unusable: ",
+                                  "flaggems\nrefused: q: backend 'flaggems' runs on CUDA tensors")), output

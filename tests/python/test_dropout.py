@@ -9,6 +9,8 @@ import flash_attn_plus as fap
 from attention_case import check_rule
 from reference import allowed_keys, attention
 
+pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
+
 P = 0.17
 
 

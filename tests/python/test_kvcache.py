@@ -9,6 +9,8 @@ import flash_attn_plus as fap
 from attention_case import check_lse, check_rule
 from reference import attention, rotate_reference
 
+pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
+
 HEAD_DIM = 64
 
 

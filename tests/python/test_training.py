@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 import flash_attn_plus as fap
 
+pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
+
 
 class Block(nn.Module):
     def __init__(self, dim, heads, kv_heads, use_flash):

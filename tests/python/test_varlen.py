@@ -12,6 +12,8 @@ from attention_case import MASKS, check_lse, check_rule, feature_options
 from flash_attn_plus.bert_padding import pad_input, unpad_input
 from reference import attention
 
+pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
+
 DTYPES = [torch.float16, torch.bfloat16]
 FEATURES = ["plain", "softcap", "alibi", "alibi_batch"]
 HEADS = [(4, 4), (4, 2), (4, 1)]
