@@ -34,6 +34,11 @@ def benchmark():
                 flops = 2.5 * 4 * b * heads * s * s * d / (2 if causal else 1)
                 row = {"d": d, "heads": heads, "batch": b, "seqlen": s, "causal": causal}
                 row["ours_ms"] = backward_ms(lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
+                if torch.cuda.get_device_capability() == (9, 0):  # the portable kernels on the same GPU
+                    os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"] = "1"
+                    row["ours_mma_sync_ms"] = backward_ms(lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal),
+                                                          (q, k, v), dout)
+                    del os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"]
                 if d == 128:
                     row["ours_deterministic_ms"] = backward_ms(
                         lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal, deterministic=True), (q, k, v), dout)
@@ -46,11 +51,12 @@ def benchmark():
                                 dout.transpose(1, 2))
                     except RuntimeError as error:
                         row[name + "_ms"], row[name + "_error"] = None, str(error)[:200]
-                for key in ("ours", "ours_deterministic", "sdpa_flash", "sdpa_cudnn"):
+                for key in ("ours", "ours_mma_sync", "ours_deterministic", "sdpa_flash", "sdpa_cudnn"):
                     if row.get(key + "_ms"):
                         row[key + "_tflops"] = flops / row[key + "_ms"] / 1e9
                 rows.append(row)
-                print(f"bwd d={d} s={s} causal={causal}: ours {row['ours_tflops']:.0f} flash "
+                print(f"bwd d={d} s={s} causal={causal}: ours {row['ours_tflops']:.0f} mma.sync "
+                      f"{row.get('ours_mma_sync_tflops', 0):.0f} flash "
                       f"{row.get('sdpa_flash_tflops', 0):.0f} cudnn {row.get('sdpa_cudnn_tflops', 0):.0f} TFLOP/s",
                       flush=True)
     return rows

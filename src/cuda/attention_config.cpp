@@ -39,7 +39,7 @@ int ForwardConfig::shared_bytes() const {
 }
 
 std::string BackwardConfig::name() const {
-  std::string text = concat("attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
+  std::string text = concat(wgmma ? "attention_bwd_sm90_" : "attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
                             "_w", warps, "_s", dkv_split, "_q", q_stages);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
@@ -58,6 +58,9 @@ std::vector<std::string> BackwardConfig::defines() const {
 }
 
 int BackwardConfig::shared_bytes() const {
+  // wgmma: K and V tiles, two stages of Q and dO tiles, the dS^T tile (all swizzled, 1024 bytes to align
+  // them), two stages of two floats per query row.
+  if (wgmma) return (2 * block_n + 4 * block_m) * head_dim * 2 + block_n * block_m * 2 + 4 * block_m * 4 + 1024;
   // K and V tiles, two stages of Q and dO tiles (rows padded by 8 halves), the P^T and dS^T tiles, and two
   // stages of two floats per query row.
   return (2 * block_n + 2 * q_stages * block_m) * (head_dim + 8) * 2 + 2 * block_n * (block_m + 8) * 2 +
@@ -80,6 +83,18 @@ void set_backward_tiles(BackwardConfig& config) {
   // Each warp's dK/dV columns are whole 16-column MMA tiles: pad the head dim (with zero columns) to that.
   const int multiple = 16 * config.dkv_split;
   config.head_dim = (config.head_dim + multiple - 1) / multiple * multiple;
+}
+
+// The sm_90 backward: d = 64 and 128 (the head dims whose rounding the mma.sync kernel shares, so that the
+// workspace layout is the same for both) without dropout; two warpgroups of 64 keys, 64 queries per step.
+// Everything else: the mma.sync tiles.
+void set_sm90_backward_tiles(BackwardConfig& config) {
+  if (config.dropout || (config.head_dim != 64 && config.head_dim != 128)) {
+    set_backward_tiles(config);
+    return;
+  }
+  config.wgmma = true;
+  config.warps = 8, config.block_m = 64, config.block_n = 128, config.dkv_split = 1, config.q_stages = 2;
 }
 
 // Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register
@@ -150,8 +165,10 @@ ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute
   return config_for(problem, compute_capability == 90 ? set_sm90_tiles : set_tiles);
 }
 
-BackwardConfig choose_backward_config(const AttentionProblem& problem, int) {
-  return config_for(problem, set_backward_tiles);
+BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability) {
+  // Two warpgroups add to every dQ element: no fixed order, so the deterministic mode stays on mma.sync.
+  const bool wgmma = compute_capability == 90 && !problem.deterministic;
+  return config_for(problem, wgmma ? set_sm90_backward_tiles : set_backward_tiles);
 }
 
 namespace {
@@ -182,10 +199,16 @@ std::vector<Config> every_config(void (*set_tile_shape)(Config&)) {
 std::vector<ForwardConfig> all_forward_configs(int compute_capability) {
   return every_config(compute_capability == 90 ? set_sm90_tiles : set_tiles);
 }
-std::vector<BackwardConfig> all_backward_configs() { return every_config(set_backward_tiles); }
+std::vector<BackwardConfig> all_backward_configs(int compute_capability) {
+  return every_config(compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
+}
 
 std::vector<std::string> BackwardConfig::sources() const {
-  return {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh", "attention_bwd.cuh"};
+  std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
+  if (wgmma) files.emplace_back("hopper.cuh");
+  files.emplace_back("attention_bwd_common.cuh");
+  files.emplace_back(wgmma ? "attention_bwd_sm90.cuh" : "attention_bwd.cuh");
+  return files;
 }
 
 std::string nvrtc_arch(int compute_capability) {

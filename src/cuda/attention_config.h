@@ -27,9 +27,12 @@ struct ForwardConfig {
   int shared_bytes() const;
 };
 
-// The backward kernels (attention_bwd.cuh): one CTA per block_n keys, warps of 16 keys (times head_dim /
-// dkv_split columns of dK and dV), block_m queries per step.
+// The backward kernels: attention_bwd.cuh (mma.sync, sm_80+): one CTA per block_n keys, warps of 16 keys
+// (times head_dim / dkv_split columns of dK and dV), block_m queries per step; on sm_90 for d = 64 and 128
+// without dropout or the deterministic mode, attention_bwd_sm90.cuh (wgmma, two warpgroups of 64 keys).
+// Both share attention_bwd_common.cuh's preprocess and conversion kernels.
 struct BackwardConfig {
+  bool wgmma = false;
   bool bf16 = false;
   int head_dim = 64;  // the kernel's head dim: the problem's rounded up to a multiple of 16 * dkv_split
   int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = 16 * warps / dkv_split
@@ -49,7 +52,7 @@ BackwardConfig choose_backward_config(const AttentionProblem& problem, int compu
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
 // precompilation).
 std::vector<ForwardConfig> all_forward_configs(int compute_capability);
-std::vector<BackwardConfig> all_backward_configs();
+std::vector<BackwardConfig> all_backward_configs(int compute_capability);
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);

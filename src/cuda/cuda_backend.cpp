@@ -293,7 +293,7 @@ class CudaBackend final : public Backend {
 
   static void run_backward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
                            CUstream stream, void* workspace, size_t workspace_bytes) {
-    const BackwardConfig config = choose_backward_config(problem, device.compute_capability);
+    const BackwardConfig config = choose_backward_config(problem, dispatch_capability(device));
     require_shared(device, config.name(), config.shared_bytes());
     const std::vector<CUfunction> kernels = registry().functions(
         api, device,

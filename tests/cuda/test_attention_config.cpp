@@ -107,13 +107,34 @@ TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
   EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u);  // sm_90 head dims: 64, 128, 192, 256
-  for (const BackwardConfig& config : all_backward_configs()) {
+  for (const BackwardConfig& config : all_backward_configs(80)) {
     EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
     EXPECT_EQ(config.block_n * config.dkv_split, 16 * config.warps) << config.name();
     EXPECT_EQ(config.head_dim % (16 * config.dkv_split), 0) << config.name();  // whole MMA tiles per warp
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
   EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u + 2u * 6u * 16u);  // backward: d = 32, 64, 96, 128, 192, 256
+  for (const BackwardConfig& config : all_backward_configs(90)) {
+    if (!config.wgmma) continue;  // the mma.sync ones are listed above
+    EXPECT_LE(config.shared_bytes(), kSm90OptIn) << config.name();
+    EXPECT_FALSE(config.dropout) << config.name();
+    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+  }
+  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u + 2u * 6u * 16u + 2u * 2u * 8u);  // wgmma: d = 64, 128
+}
+
+TEST(AttentionConfig, HopperBackwardKeepsTheWorkspaceLayoutAndLeavesDeterminismToMmaSync) {
+  for (int64_t d = 1; d <= 256; ++d)
+    for (bool deterministic : {false, true})
+      for (bool dropout : {false, true}) {
+        AttentionProblem p = problem(FAP_DTYPE_BFLOAT16, d);
+        p.deterministic = deterministic;
+        p.dropout_p = dropout ? 0.1f : 0.0f;
+        const BackwardConfig hopper = choose_backward_config(p, 90), portable = choose_backward_config(p, 80);
+        EXPECT_EQ(hopper.wgmma, !deterministic && !dropout && ((d > 48 && d <= 64) || (d > 112 && d <= 128))) << d;
+        EXPECT_EQ(hopper.head_dim, portable.head_dim) << "the workspace is sized with either";
+        EXPECT_FALSE(portable.wgmma);
+      }
 }
 
 TEST(AttentionConfig, ArchitectureNames) {
@@ -181,13 +202,15 @@ TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
 TEST(AttentionKernelCompile, BackwardConfigurationsCompileWithoutSpills) {
   std::string reason;
   if (!nvrtc(&reason)) GTEST_SKIP() << reason;
-  const auto configs = all_backward_configs();
   std::vector<std::pair<BackwardConfig, const char*>> targets;
-  for (const BackwardConfig& config : configs)
+  for (const BackwardConfig& config : all_backward_configs(80))
     for (const char* arch : {"sm_80", "sm_90a"}) targets.emplace_back(config, arch);
+  const size_t mma_sync = targets.size();
+  for (const BackwardConfig& config : all_backward_configs(90))
+    if (config.wgmma) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
-  std::printf("NVRTC compiled %zu of %zu backward kernels (%zu configurations x sm_80, sm_90a)\n", compiled,
-              2 * configs.size(), configs.size());
+  std::printf("NVRTC compiled %zu of %zu backward kernels (%zu mma.sync configurations x sm_80, sm_90a; %zu wgmma "
+              "configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2, targets.size() - mma_sync);
 }
 
 }  // namespace

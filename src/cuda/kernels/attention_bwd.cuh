@@ -1,11 +1,10 @@
-// Attention backward for sm_80+ (FlashAttention-2's algorithm on tensor cores), three kernels:
-//   attention_bwd_preprocess  D = rowsum(dO * O) per (row, head), and the dQ accumulator zeroed
+// Attention backward for sm_80+ (FlashAttention-2's algorithm on tensor cores), the main kernel (the
+// preprocess and conversion kernels around it are in attention_bwd_common.cuh):
 //   attention_bwd             per (key block of BLOCK_N keys, batch, kv head): loops over the group's query
 //                             heads and the query blocks that can see these keys; per block recomputes
 //                             S^T = K Q^T and P^T from the forward's LSE, dP^T = V dO^T and
 //                             dS^T = P^T (dP^T - D); accumulates dV += P^T dO and dK += dS^T Q in registers
 //                             and adds dQ += dS K to the fp32 accumulator
-//   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
 // Keys are the MMA's M dimension, so dK and dV stay in registers. FAP_DKV_SPLIT warps share 16 keys: for
 // S^T and dP^T each takes a slice of the step's queries, they exchange P^T and dS^T through shared memory,
 // and for dK and dV each keeps a slice of the head dim. With FAP_Q_STAGES = 2 the query tiles (Q, dO, LSE,
@@ -18,73 +17,13 @@
 //
 // Compile-time configuration: FAP_HEAD_DIM, FAP_BLOCK_M (queries per step), FAP_BLOCK_N (keys per CTA),
 // FAP_WARPS, FAP_DKV_SPLIT, FAP_Q_STAGES, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
-// Needs philox.h, mask.h, attention_params.cuh and tensor_core.cuh before it.
+// Needs philox.h, mask.h, attention_params.cuh, tensor_core.cuh and attention_bwd_common.cuh before it.
 
 #define FAP_DS_STRIDE (FAP_BLOCK_M + 8)              // dS^T tile row stride (halves): conflict-free ldmatrix
 #define FAP_DKV_COLS (FAP_HEAD_DIM / FAP_DKV_SPLIT)  // dK/dV columns per warp
 #define FAP_Q_COLS (FAP_BLOCK_M / FAP_DKV_SPLIT)      // S^T / dP^T query columns per warp
-#define FAP_LOG2E 1.4426950408889634f
 
 namespace fap {
-
-struct SequenceRows {
-  int q_start, k_start;  // first row of the sequence in q / k
-  int global_row0;       // its first row in the workspace buffers (row counts fit in int, as in FA2)
-  int len_q, len_k;
-};
-
-__device__ __forceinline__ SequenceRows sequence_rows(const AttentionBwdParams& p, int batch) {
-  SequenceRows s;
-  if (p.cu_seqlens_q) {
-    s.q_start = s.global_row0 = p.cu_seqlens_q[batch];
-    s.k_start = p.cu_seqlens_k[batch];
-    s.len_q = p.cu_seqlens_q[batch + 1] - s.q_start;
-    s.len_k = p.cu_seqlens_k[batch + 1] - s.k_start;
-  } else {
-    s.q_start = s.k_start = 0;
-    s.global_row0 = batch * p.seqlen_q;
-    s.len_q = p.seqlen_q;
-    s.len_k = p.seqlen_k;
-  }
-  return s;
-}
-
-// Grid (ceil(seqlen_q / 4), batch, heads), 4 warps, one row per warp.
-extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const AttentionBwdParams p) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int batch = blockIdx.y, head = blockIdx.z;
-  const SequenceRows s = sequence_rows(p, batch);
-  const int row = blockIdx.x * 4 + warp;
-  if (row >= s.len_q) return;
-  const storage_t* out = static_cast<const storage_t*>(p.out) + batch * p.out_batch_stride +
-                         (s.q_start + row) * p.out_row_stride + head * p.out_head_stride;
-  const storage_t* dout = static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
-                          (s.q_start + row) * p.dout_row_stride + head * p.dout_head_stride;
-  float sum = 0.0f;
-  for (int d = lane; d < p.head_dim; d += 32) sum += to_float(out[d]) * to_float(dout[d]);
-  for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  const long long slot = (long long)(s.global_row0 + row) * p.heads_q + head;
-  if (lane == 0) p.dsum[slot] = sum;
-  for (int split = 0; split < p.splits; ++split)
-    for (int d = lane; d < FAP_HEAD_DIM; d += 32) p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d] = 0.0f;
-}
-
-// Grid (ceil(seqlen_q / 4), batch, heads), 4 warps, one row per warp.
-extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const AttentionBwdParams p) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int batch = blockIdx.y, head = blockIdx.z;
-  const SequenceRows s = sequence_rows(p, batch);
-  const int row = blockIdx.x * 4 + warp;
-  if (row >= s.len_q) return;
-  const long long slot = (long long)(s.global_row0 + row) * p.heads_q + head;
-  storage_t* dq = static_cast<storage_t*>(p.dq) + batch * p.dq_batch_stride + (s.q_start + row) * p.dq_row_stride +
-                  head * p.dq_head_stride;
-  for (int d = lane; d < p.head_dim; d += 32) {
-    float sum = 0.0f;
-    for (int split = 0; split < p.splits; ++split) sum += p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d];
-    dq[d] = from_float(sum * p.scale);
-  }
-}
 
 // Grid (deterministic ? splits : key blocks, batch, kv heads).
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {

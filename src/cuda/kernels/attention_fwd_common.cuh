@@ -118,14 +118,6 @@ __device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const At
   return p.scale_log2;
 }
 
-// exp2 on the special function unit, flushing results below 2^-126 to zero (the exponentials of the
-// softmax are of differences <= 0: nothing else is lost).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // The online softmax step for one tile of scores (scores * fold in base-2 units, fold > 0): updates the
 // running row maxima (base-2 units) and per-thread partial sums, turns the scores into
 // exp2(score * fold - max) in place, and returns in `correction` the factor by which the output

@@ -43,6 +43,14 @@ __device__ __forceinline__ float to_float(storage_t x) {
 #define FAP_MMA_TYPES "f16.f16"
 #endif
 
+// exp2 on the special function unit, flushing results below 2^-126 to zero (the softmax exponentials are of
+// differences <= 0: nothing else is lost).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ unsigned int shared_address(const void* pointer) {
   return (unsigned int)__cvta_generic_to_shared(pointer);
 }

@@ -1,0 +1,290 @@
+// Attention backward for Hopper (sm_90a), the main kernel on warpgroup MMAs (the preprocess and conversion
+// kernels around it are in attention_bwd_common.cuh). One CTA per (block of FAP_BLOCK_N = 128 keys, batch,
+// kv head), two warpgroups of 64 keys; it loops over the group's query heads and the blocks of
+// FAP_BLOCK_M = 64 queries that can see its keys. Per step, each warpgroup:
+//   S^T = K Q^T and dP^T = V dO^T        (64 keys x 64 queries, both operands in shared memory)
+//   P^T, dS^T = P^T (dP^T - D)           (registers, from the forward's LSE)
+//   dV += P^T dO, dK += dS^T Q           (P^T and dS^T from registers; dK, dV stay in registers)
+//   dQ += dS K over its own 64 keys      (dS^T through shared memory, both operands transposed), added to the
+//                                        fp32 accumulator with vector atomics
+// Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
+// reads (hopper.cuh). Two warpgroups add to each dQ element, so there is no deterministic order: the
+// deterministic mode and dropout use the mma.sync kernel (the dispatch table decides).
+//
+// Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (64), FAP_BLOCK_N (128), FAP_WARPS (8),
+// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h, attention_params.cuh,
+// tensor_core.cuh, hopper.cuh and attention_bwd_common.cuh before it.
+
+namespace fap {
+
+// Copies `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x FAP_HEAD_DIM,
+// zero-filling the rest; all threads of the CTA, each a fixed 16-byte column chunk of every few rows.
+template <int ROWS>
+__device__ __forceinline__ void load_swizzled_tile(unsigned char* tile, const storage_t* source, long long row_stride,
+                                                   int count, int head_dim, int vector_loads) {
+  constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = FAP_WARPS * 32 / kChunksPerRow;
+  const int col = threadIdx.x % kChunksPerRow * 8;
+  const storage_t* from = source + threadIdx.x / kChunksPerRow * row_stride + col;
+#pragma unroll 4
+  for (int row = threadIdx.x / kChunksPerRow; row < ROWS; row += kRowsPerPass, from += kRowsPerPass * row_stride) {
+    unsigned char* target = tile + swizzled_offset<ROWS>(row, col);
+    if (vector_loads) {
+      const bool inside = row < count && col < head_dim;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(target)),
+                   "l"(inside ? from : source), "r"(inside ? 16 : 0));
+    } else {
+      unsigned int words[4];
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        const unsigned int lo = (row < count && col + e < head_dim) ? from[e] : 0u;
+        const unsigned int hi = (row < count && col + e + 1 < head_dim) ? from[e + 1] : 0u;
+        words[e / 2] = lo | hi << 16;
+      }
+      uint4 chunk16;
+      chunk16.x = words[0], chunk16.y = words[1], chunk16.z = words[2], chunk16.w = words[3];
+      *reinterpret_cast<uint4*>(target) = chunk16;
+    }
+  }
+}
+
+// S^T -> P^T and dP^T -> dS^T = P^T (dP^T - D) (times the softcap's derivative) in place, for one
+// warpgroup's 64 keys x FAP_BLOCK_M queries; MASKED tiles cross a mask boundary (separate code, so that the
+// others pay nothing for it).
+template <bool MASKED>
+__device__ __forceinline__ void softmax_gradients(float (&st)[FAP_BLOCK_M / 8][4], float (&dpt)[FAP_BLOCK_M / 8][4],
+                                                  const AttentionBwdParams& p, const SequenceRows& s, float slope,
+                                                  int q0, int key0, const int (&key_local)[2], const float* lse,
+                                                  const float* dsum) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < FAP_BLOCK_M / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int query_local = j * 8 + quad * 2 + e % 2;
+      float cap_derivative;
+      const float prob = backward_probability<MASKED>(st[j][e], p, s, slope, q0 + query_local, key0 + key_local[e / 2],
+                                                      lse[query_local], &cap_derivative);
+      st[j][e] = prob;
+      dpt[j][e] = prob * (dpt[j][e] - dsum[query_local]) * cap_derivative;
+    }
+}
+
+// Two fp32 additions to consecutive addresses, one instruction (sm_90).
+__device__ __forceinline__ void atomic_add2(float* target, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(target), "f"(a), "f"(b) : "memory");
+}
+
+// Grid (key blocks, batch, kv heads), 256 threads.
+extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
+  constexpr int kKvBytes = FAP_BLOCK_N * FAP_HEAD_DIM * 2, kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
+  extern __shared__ __align__(1024) unsigned char shared_raw[];
+  // The swizzle atoms need 1024-byte alignment; the host adds 1024 bytes for this.
+  unsigned char* k_tile = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
+  unsigned char* v_tile = k_tile + kKvBytes;
+  unsigned char* q_tiles = v_tile + kKvBytes;        // 2 stages
+  unsigned char* do_tiles = q_tiles + 2 * kQBytes;   // 2 stages
+  unsigned char* ds_tile = do_tiles + 2 * kQBytes;   // dS^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
+  float* lse_rows = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_BLOCK_M * 2);  // 2 stages, base 2
+  float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
+
+  const int batch = blockIdx.y, kv_head = blockIdx.z, key_block = blockIdx.x;
+  const SequenceRows s = sequence_rows(p, batch);
+  const int key0 = key_block * FAP_BLOCK_N;
+  if (key0 >= s.len_k) return;
+  // Broadcast from lane 0 so that the compiler knows the warpgroup is uniform in each warp.
+  const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
+  const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, quad = lane % 4;
+  const int key_local[2] = {warpgroup * 64 + warp * 16 + lane / 4, warpgroup * 64 + warp * 16 + lane / 4 + 8};
+#if FAP_WINDOW
+  const int offset = s.len_k - s.len_q;
+#endif
+
+  // The query rows that may see a key of this block (the mask is monotone in the row).
+  long long row_begin = 0, row_end = s.len_q;
+#if FAP_WINDOW
+  {
+    const long long last_key = (long long)min(key0 + FAP_BLOCK_N, s.len_k) - 1;
+    const long long first = key0 - offset - p.window_right, last = last_key - offset + p.window_left;
+    row_begin = first > 0 ? first : 0;
+    row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
+  }
+#endif
+  const int first_block = (int)(row_begin / FAP_BLOCK_M);
+  const int query_blocks = row_end > row_begin ? (int)((row_end + FAP_BLOCK_M - 1) / FAP_BLOCK_M) - first_block : 0;
+  const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
+
+  const auto step_head = [&](int step) { return kv_head * p.group_size + step / query_blocks; };
+  const auto step_q0 = [&](int step) { return (first_block + step % query_blocks) * FAP_BLOCK_M; };
+  // Issues the loads of step `step` into stage `stage`: Q and dO tiles by cp.async, LSE and D directly.
+  const auto load_step = [&](int step, int stage) {
+    const int head = step_head(step), q0 = step_q0(step);
+    load_swizzled_tile<FAP_BLOCK_M>(q_tiles + stage * kQBytes,
+                                    static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride +
+                                        (s.q_start + q0) * p.q_row_stride + head * p.q_head_stride,
+                                    p.q_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+    load_swizzled_tile<FAP_BLOCK_M>(do_tiles + stage * kQBytes,
+                                    static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
+                                        (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
+                                    p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+    for (int i = threadIdx.x; i < FAP_BLOCK_M; i += FAP_WARPS * 32) {
+      const int row = q0 + i;
+      const bool inside = row < s.len_q;  // rows past the sequence get P = 0 through lse = +inf
+      lse_rows[stage * FAP_BLOCK_M + i] =
+          inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] *
+                       FAP_LOG2E
+                 : FAP_INFINITY;
+      dsum_rows[stage * FAP_BLOCK_M + i] = inside ? p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] : 0.0f;
+    }
+  };
+
+  load_swizzled_tile<FAP_BLOCK_N>(k_tile,
+                                  static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride +
+                                      (s.k_start + key0) * p.k_row_stride + kv_head * p.k_head_stride,
+                                  p.k_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
+  load_swizzled_tile<FAP_BLOCK_N>(v_tile,
+                                  static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride +
+                                      (s.k_start + key0) * p.v_row_stride + kv_head * p.v_head_stride,
+                                  p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
+  if (steps > 0) load_step(0, 0);
+  cp_async_commit();
+
+  const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
+                     ds_address = shared_address(ds_tile);
+  float dk[FAP_HEAD_DIM / 8][4], dv[FAP_HEAD_DIM / 8][4];
+#pragma unroll
+  for (int i = 0; i < FAP_HEAD_DIM / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
+  const bool keys_past_end = key0 + FAP_BLOCK_N > s.len_k;
+
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step & 1, head = step_head(step), q0 = step_q0(step);
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage
+    if (step + 1 < steps) load_step(step + 1, stage ^ 1);
+    cp_async_commit();
+    const unsigned int q_address = shared_address(q_tiles + stage * kQBytes),
+                       do_address = shared_address(do_tiles + stage * kQBytes);
+    const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
+    const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys.
+    float st[FAP_BLOCK_M / 8][4], dpt[FAP_BLOCK_M / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+      wgmma_ss<FAP_BLOCK_M>(&st[0][0], k_major_descriptor<FAP_BLOCK_N>(k_address, warpgroup * 64, kk),
+                            k_major_descriptor<FAP_BLOCK_M>(q_address, 0, kk), kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+      wgmma_ss<FAP_BLOCK_M>(&dpt[0][0], k_major_descriptor<FAP_BLOCK_N>(v_address, warpgroup * 64, kk),
+                            k_major_descriptor<FAP_BLOCK_M>(do_address, 0, kk), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
+    fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
+
+    // P^T and dS^T (the derivative with respect to the scaled, capped score), in place.
+    bool needs_mask = keys_past_end;
+#if FAP_WINDOW
+    needs_mask = needs_mask || key0 < (long long)q0 + FAP_BLOCK_M - 1 + offset - p.window_left ||
+                 key0 + FAP_BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
+#endif
+    const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
+    if (needs_mask) {
+      softmax_gradients<true>(st, dpt, p, s, slope, q0, key0, key_local, lse_stage, dsum_stage);
+    } else {
+      softmax_gradients<false>(st, dpt, p, s, slope, q0, key0, key_local, lse_stage, dsum_stage);
+    }
+    unsigned int p_frag[FAP_BLOCK_M / 16][4], ds_frag[FAP_BLOCK_M / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
+      p_frag[kk][0] = pack2(st[2 * kk][0], st[2 * kk][1]);
+      p_frag[kk][1] = pack2(st[2 * kk][2], st[2 * kk][3]);
+      p_frag[kk][2] = pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      p_frag[kk][3] = pack2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      ds_frag[kk][0] = pack2(dpt[2 * kk][0], dpt[2 * kk][1]);
+      ds_frag[kk][1] = pack2(dpt[2 * kk][2], dpt[2 * kk][3]);
+      ds_frag[kk][2] = pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      ds_frag[kk][3] = pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+    }
+
+    // dV += P^T dO and dK += dS^T Q (dO and Q as k x n operands: queries x head dim).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+      wgmma_rs<FAP_HEAD_DIM>(&dv[0][0], p_frag[kk], mn_major_descriptor<FAP_BLOCK_M>(do_address, kk), 1);
+#pragma unroll
+    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+      wgmma_rs<FAP_HEAD_DIM>(&dk[0][0], ds_frag[kk], mn_major_descriptor<FAP_BLOCK_M>(q_address, kk), 1);
+    wgmma_commit();
+
+    // dS^T of this warpgroup's keys into shared memory, [key][query] swizzled: the A operand of dQ = dS K
+    // read transposed.
+#pragma unroll
+    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          *reinterpret_cast<unsigned int*>(ds_tile + swizzled_offset<FAP_BLOCK_N>(key_local[half], kk * 16 + n * 8 + quad * 2)) =
+              ds_frag[kk][2 * n + half];
+        }
+    fence_proxy_async();
+    named_barrier_sync(1 + warpgroup, 128);  // the warpgroup's dS^T rows are complete
+    wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
+    fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
+    fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
+
+    // dQ (64 queries x head dim) += dS K over this warpgroup's keys.
+    float dq[FAP_HEAD_DIM / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 64 / 16; ++kk) {
+      wgmma_ss<FAP_HEAD_DIM>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_address + warpgroup * 64 * 128, kk),
+                             mn_major_descriptor<FAP_BLOCK_N>(k_address + warpgroup * 64 * 128, kk), kk > 0,
+                             Transpose::kBoth);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers<FAP_HEAD_DIM / 2>(&dq[0][0]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int query_local = warp * 16 + lane / 4 + 8 * half;
+      if (q0 + query_local >= s.len_q) continue;
+      float* target = p.dq_accum + ((long long)(s.global_row0 + q0 + query_local) * p.heads_q + head) * FAP_HEAD_DIM +
+                      quad * 2;
+#pragma unroll
+      for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) atomic_add2(target + i * 8, dq[i][2 * half], dq[i][2 * half + 1]);
+    }
+  }
+  cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
+
+  // dK (with the softmax scale: scores are scale * q.k) and dV for this warpgroup's keys.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int key = key0 + key_local[half];
+    if (key >= s.len_k) continue;
+    storage_t* dk_row = static_cast<storage_t*>(p.dk) + batch * p.dk_batch_stride + (s.k_start + key) * p.dk_row_stride +
+                        kv_head * p.dk_head_stride;
+    storage_t* dv_row = static_cast<storage_t*>(p.dv) + batch * p.dv_batch_stride + (s.k_start + key) * p.dv_row_stride +
+                        kv_head * p.dv_head_stride;
+#pragma unroll
+    for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) {
+      const int col = i * 8 + quad * 2;
+      if (col < p.head_dim) {
+        dk_row[col] = from_float(dk[i][2 * half] * p.scale);
+        dv_row[col] = from_float(dv[i][2 * half]);
+      }
+      if (col + 1 < p.head_dim) {
+        dk_row[col + 1] = from_float(dk[i][2 * half + 1] * p.scale);
+        dv_row[col + 1] = from_float(dv[i][2 * half + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace fap
