@@ -5,15 +5,20 @@
 //   S^T = K Q^T and dP^T = V dO^T        (64 keys x 64 queries, both operands in shared memory)
 //   P^T, dS^T = P^T (dP^T - D)           (registers, from the forward's LSE)
 //   dV += P^T dO, dK += dS^T Q           (P^T and dS^T from registers; dK, dV stay in registers)
-//   dQ += dS K over its own 64 keys      (dS^T through shared memory, both operands transposed), added to the
-//                                        fp32 accumulator with vector atomics
+//   dQ += dS K                           (dS^T through shared memory, both operands transposed; d = 128: half
+//                                        the columns over all 128 keys, d = 64: all over its own keys),
+//                                        added to the fp32 accumulator with vector atomics
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
-// reads (hopper.cuh). Two warpgroups add to each dQ element, so there is no deterministic order: the
+// reads (hopper.cuh). Every CTA (and at d = 64 both warpgroups) adds to each dQ element: no fixed order, so the
 // deterministic mode and dropout use the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (64), FAP_BLOCK_N (128), FAP_WARPS (8),
 // FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h, attention_params.cuh,
 // tensor_core.cuh, hopper.cuh and attention_bwd_common.cuh before it.
+
+// How dQ = dS K is shared between the warpgroups: by columns (d = 128; a 32-column half at d = 64 would start
+// inside a swizzle row) unless softcap's registers make that spill; else by keys.
+#define FAP_DQ_BY_COLUMNS (FAP_HEAD_DIM == 128 && !FAP_SOFTCAP)
 
 namespace fap {
 
@@ -162,8 +167,6 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage
-    if (step + 1 < steps) load_step(step + 1, stage ^ 1);
-    cp_async_commit();
     const unsigned int q_address = shared_address(q_tiles + stage * kQBytes),
                        do_address = shared_address(do_tiles + stage * kQBytes);
     const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
@@ -183,6 +186,10 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                             k_major_descriptor<FAP_BLOCK_M>(do_address, 0, kk), kk > 0);
     }
     wgmma_commit();
+    // The next step's loads while the products run: its LSE and D loads stall their warps until the data
+    // arrive, which must not hold back a warpgroup's wgmma issue.
+    if (step + 1 < steps) load_step(step + 1, stage ^ 1);
+    cp_async_commit();
     wgmma_wait<0>();
     fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
     fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
@@ -234,31 +241,41 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
               ds_frag[kk][2 * n + half];
         }
     fence_proxy_async();
+#if FAP_DQ_BY_COLUMNS
+    __syncthreads();  // both warpgroups' dS^T rows are complete
+#else
     named_barrier_sync(1 + warpgroup, 128);  // the warpgroup's dS^T rows are complete
+#endif
     wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
     fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
     fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
 
-    // dQ (64 queries x head dim) += dS K over this warpgroup's keys.
-    float dq[FAP_HEAD_DIM / 8][4];
+    // dQ += dS K. FAP_DQ_BY_COLUMNS: each warpgroup takes 64 of the columns over all 128 keys, so that every dQ
+    // element gets one atomic per CTA (the atomics were the kernel's bottleneck); else each takes every column
+    // over its own 64 keys.
+    constexpr int kDqColumns = FAP_DQ_BY_COLUMNS ? 64 : FAP_HEAD_DIM, kDqKeys = FAP_DQ_BY_COLUMNS ? 128 : 64;
+    const unsigned int ds_keys = FAP_DQ_BY_COLUMNS ? ds_address : ds_address + warpgroup * 64 * 128;
+    const unsigned int k_part = FAP_DQ_BY_COLUMNS ? k_address + warpgroup * FAP_BLOCK_N * 128
+                                                  : k_address + warpgroup * 64 * 128;
+    const int dq_col0 = FAP_DQ_BY_COLUMNS ? warpgroup * 64 : 0;
+    float dq[kDqColumns / 8][4];
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 64 / 16; ++kk) {
-      wgmma_ss<FAP_HEAD_DIM>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_address + warpgroup * 64 * 128, kk),
-                             mn_major_descriptor<FAP_BLOCK_N>(k_address + warpgroup * 64 * 128, kk), kk > 0,
-                             Transpose::kBoth);
+    for (int kk = 0; kk < kDqKeys / 16; ++kk) {
+      wgmma_ss<kDqColumns>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_keys, kk),
+                           mn_major_descriptor<FAP_BLOCK_N>(k_part, kk), kk > 0, Transpose::kBoth);
     }
     wgmma_commit();
     wgmma_wait<0>();
-    fence_registers<FAP_HEAD_DIM / 2>(&dq[0][0]);
+    fence_registers<kDqColumns / 2>(&dq[0][0]);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int query_local = warp * 16 + lane / 4 + 8 * half;
       if (q0 + query_local >= s.len_q) continue;
       float* target = p.dq_accum + ((long long)(s.global_row0 + q0 + query_local) * p.heads_q + head) * FAP_HEAD_DIM +
-                      quad * 2;
+                      dq_col0 + quad * 2;
 #pragma unroll
-      for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) atomic_add2(target + i * 8, dq[i][2 * half], dq[i][2 * half + 1]);
+      for (int i = 0; i < kDqColumns / 8; ++i) atomic_add2(target + i * 8, dq[i][2 * half], dq[i][2 * half + 1]);
     }
   }
   cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
