@@ -74,9 +74,35 @@ __device__ __forceinline__ void softmax_gradients(float (&st)[FAP_BLOCK_M / 8][4
     }
 }
 
-// Two fp32 additions to consecutive addresses, one instruction (sm_90).
-__device__ __forceinline__ void atomic_add2(float* target, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(target), "f"(a), "f"(b) : "memory");
+// Four fp32 additions to consecutive (16-byte aligned) addresses, one instruction (sm_90).
+__device__ __forceinline__ void atomic_add4(float* target, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(target), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+
+// Adds a warp's 16 rows x (8 * COLUMNS8) columns of accumulator (mma layout: this thread holds rows lane / 4
+// and + 8, columns 8 i + 2 quad, + 1) to a row-major fp32 buffer, 16 bytes per atomic: lanes with quad 2 m
+// and 2 m + 1 swap halves so that one holds 4 columns of the upper row and the other of the lower.
+template <int COLUMNS8>
+__device__ __forceinline__ void add_rows_atomically(const float (&acc)[COLUMNS8][4], float* upper_row, float* lower_row,
+                                                    bool upper_inside, bool lower_inside) {
+  const int quad = threadIdx.x % 4;
+  const bool odd = quad & 1;
+  float* row = odd ? lower_row : upper_row;
+  const bool inside = odd ? lower_inside : upper_inside;
+  const int col = (quad / 2) * 4;
+#pragma unroll
+  for (int i = 0; i < COLUMNS8; ++i) {
+    // Even lanes send their lower-row pair and keep the upper; odd lanes the other way round.
+    const float send0 = odd ? acc[i][0] : acc[i][2], send1 = odd ? acc[i][1] : acc[i][3];
+    const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+    if (!inside) continue;
+    if (odd) {
+      atomic_add4(row + i * 8 + col, got0, got1, acc[i][2], acc[i][3]);
+    } else {
+      atomic_add4(row + i * 8 + col, acc[i][0], acc[i][1], got0, got1);
+    }
+  }
 }
 
 // Grid (key blocks, batch, kv heads), 256 threads.
@@ -268,15 +294,11 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers<kDqColumns / 2>(&dq[0][0]);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int query_local = warp * 16 + lane / 4 + 8 * half;
-      if (q0 + query_local >= s.len_q) continue;
-      float* target = p.dq_accum + ((long long)(s.global_row0 + q0 + query_local) * p.heads_q + head) * FAP_HEAD_DIM +
-                      dq_col0 + quad * 2;
-#pragma unroll
-      for (int i = 0; i < kDqColumns / 8; ++i) atomic_add2(target + i * 8, dq[i][2 * half], dq[i][2 * half + 1]);
-    }
+    const int upper = q0 + warp * 16 + lane / 4;
+    const auto dq_row = [&](int row) {
+      return p.dq_accum + ((long long)(s.global_row0 + row) * p.heads_q + head) * FAP_HEAD_DIM + dq_col0;
+    };
+    add_rows_atomically(dq, dq_row(upper), dq_row(upper + 8), upper < s.len_q, upper + 8 < s.len_q);
   }
   cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
 
