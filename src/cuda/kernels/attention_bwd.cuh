@@ -49,20 +49,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 
   for (int key_block = blockIdx.x; key_block < key_blocks; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-    // The query rows that may see a key of this block (the mask is monotone in the row).
-    long long row_begin = 0, row_end = s.len_q;
-#if FAP_WINDOW
-    {
-      const long long last_key = (long long)min(key0 + FAP_BLOCK_N, s.len_k) - 1;
-      const long long first = key0 - offset - p.window_right, last = last_key - offset + p.window_left;
-      row_begin = first > 0 ? first : 0;
-      row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
-    }
-#endif
-    const int first_block = (int)(row_begin / FAP_BLOCK_M);
-    const int query_blocks = row_end > row_begin ? (int)((row_end + FAP_BLOCK_M - 1) / FAP_BLOCK_M) - first_block : 0;
+    const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
+    const int first_block = blocks.first, query_blocks = blocks.count;
     const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
-    const bool keys_past_end = key0 + FAP_BLOCK_N > s.len_k;
 
     // Issues the loads of step `step` into stage `stage`: Q and dO tiles by cp.async, LSE and D directly.
     auto load_step = [&](int step, int stage) {
@@ -76,15 +65,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                              static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
                                  (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
                              p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-      for (int i = threadIdx.x; i < FAP_BLOCK_M; i += FAP_WARPS * 32) {
-        const int row = q0 + i;
-        const bool inside = row < s.len_q;  // rows past the sequence get P = 0 through lse = +inf
-        lse_rows[stage * FAP_BLOCK_M + i] =
-            inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] *
-                         FAP_LOG2E
-                   : FAP_INFINITY;
-        dsum_rows[stage * FAP_BLOCK_M + i] = inside ? p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] : 0.0f;
-      }
+      load_softmax_rows<FAP_BLOCK_M>(lse_rows + stage * FAP_BLOCK_M, dsum_rows + stage * FAP_BLOCK_M, p, s, batch, head, q0);
     };
 
     __syncthreads();  // the previous key block's readers are done with every tile
@@ -150,10 +131,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
 
       // P^T after dropout and dS^T (the derivative with respect to the scaled, capped score) into shared memory.
-      bool needs_mask = keys_past_end;
+      const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
 #if FAP_WINDOW
-      needs_mask = needs_mask || key0 < (long long)q0 + FAP_BLOCK_M - 1 + offset - p.window_left ||
-                   key0 + FAP_BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
       // Key j is allowed for row i iff i + window_low <= j <= i + window_high (both fit in int here:
       // windows are normalised to at most max_seqlen_k).
       const int window_low = (int)(offset - p.window_left), window_high = (int)(offset + p.window_right);
@@ -260,28 +239,10 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     }
     cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
 
-    // dK (with the softmax scale: scores are scale * q.k) and dV for this warp's keys and columns.
+    // dK and dV for this warp's keys and columns.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const long long key = key0 + key_tile * 16 + group + 8 * half;
-      if (key >= s.len_k) continue;
-      storage_t* dk_row = static_cast<storage_t*>(p.dk) + batch * p.dk_batch_stride + (s.k_start + key) * p.dk_row_stride +
-                          kv_head * p.dk_head_stride;
-      storage_t* dv_row = static_cast<storage_t*>(p.dv) + batch * p.dv_batch_stride + (s.k_start + key) * p.dv_row_stride +
-                          kv_head * p.dv_head_stride;
-#pragma unroll
-      for (int i = 0; i < FAP_DKV_COLS / 8; ++i) {
-        const int col = dkv_col0 + i * 8 + quad * 2;
-        if (col < p.head_dim) {
-          dk_row[col] = from_float(dk[i][2 * half] * p.scale);
-          dv_row[col] = from_float(dv[i][2 * half]);
-        }
-        if (col + 1 < p.head_dim) {
-          dk_row[col + 1] = from_float(dk[i][2 * half + 1] * p.scale);
-          dv_row[col + 1] = from_float(dv[i][2 * half + 1]);
-        }
-      }
-    }
+    for (int half = 0; half < 2; ++half)
+      store_key_gradients(p, s, batch, kv_head, key0 + key_tile * 16 + group + 8 * half, half, dkv_col0, dk, dv);
   }
 }
 

@@ -2,7 +2,8 @@
 // (attention_bwd_sm90.cuh) main kernels:
 //   attention_bwd_preprocess  D = rowsum(dO * O) per (row, head), and the dQ accumulator zeroed
 //   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
-// and where a batch entry's rows are. Needs FAP_HEAD_DIM and the sources tensor_core.cuh needs, before it.
+// and the pieces both main kernels share. Needs FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW and
+// tensor_core.cuh (with what it needs) before it.
 
 #define FAP_LOG2E 1.4426950408889634f
 
@@ -64,6 +65,78 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
     float sum = 0.0f;
     for (int split = 0; split < p.splits; ++split) sum += p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d];
     dq[d] = from_float(sum * p.scale);
+  }
+}
+
+// The query blocks of BLOCK_M rows that may see a key of [key0, key0 + BLOCK_N) (the mask is monotone in
+// the row): first, count.
+struct QueryBlocks {
+  int first, count;
+};
+
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ QueryBlocks query_blocks_for_keys(const AttentionBwdParams& p, const SequenceRows& s, int key0) {
+  long long row_begin = 0, row_end = s.len_q;
+#if FAP_WINDOW
+  const long long offset = s.len_k - s.len_q;
+  const long long last_key = (long long)min(key0 + BLOCK_N, s.len_k) - 1;
+  const long long first = key0 - offset - p.window_right, last = last_key - offset + p.window_left;
+  row_begin = first > 0 ? first : 0;
+  row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
+#endif
+  const int first_block = (int)(row_begin / BLOCK_M);
+  return {first_block, row_end > row_begin ? (int)((row_end + BLOCK_M - 1) / BLOCK_M) - first_block : 0};
+}
+
+// Whether some (row, key) of the step's tile is outside the allowed keys (else it skips the mask).
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ bool step_needs_mask(const AttentionBwdParams& p, const SequenceRows& s, int q0, int key0) {
+  bool needs_mask = key0 + BLOCK_N > s.len_k;
+#if FAP_WINDOW
+  const long long offset = s.len_k - s.len_q;
+  needs_mask = needs_mask || key0 < (long long)q0 + BLOCK_M - 1 + offset - p.window_left ||
+               key0 + BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
+#endif
+  return needs_mask;
+}
+
+// LSE (base-2 units) and D of the BLOCK_M query rows from q0 into shared memory; rows past the sequence get
+// lse = +inf, so that their P is 0.
+template <int BLOCK_M>
+__device__ __forceinline__ void load_softmax_rows(float* lse_rows, float* dsum_rows, const AttentionBwdParams& p,
+                                                  const SequenceRows& s, int batch, int head, int q0) {
+  for (int i = threadIdx.x; i < BLOCK_M; i += FAP_WARPS * 32) {
+    const int row = q0 + i;
+    const bool inside = row < s.len_q;
+    lse_rows[i] = inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] *
+                               FAP_LOG2E
+                         : FAP_INFINITY;
+    dsum_rows[i] = inside ? p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] : 0.0f;
+  }
+}
+
+// One key's dK (times the softmax scale: scores are scale * q.k) and dV from accumulator fragments: this
+// thread's columns col0 + 8 i + 2 quad and + 1, of the fragment rows `half`.
+template <int COLUMNS8>
+__device__ __forceinline__ void store_key_gradients(const AttentionBwdParams& p, const SequenceRows& s, int batch,
+                                                    int kv_head, int key, int half, int col0,
+                                                    const float (&dk)[COLUMNS8][4], const float (&dv)[COLUMNS8][4]) {
+  if (key >= s.len_k) return;
+  storage_t* dk_row = static_cast<storage_t*>(p.dk) + batch * p.dk_batch_stride + (s.k_start + key) * p.dk_row_stride +
+                      kv_head * p.dk_head_stride;
+  storage_t* dv_row = static_cast<storage_t*>(p.dv) + batch * p.dv_batch_stride + (s.k_start + key) * p.dv_row_stride +
+                      kv_head * p.dv_head_stride;
+#pragma unroll
+  for (int i = 0; i < COLUMNS8; ++i) {
+    const int col = col0 + i * 8 + threadIdx.x % 4 * 2;
+    if (col < p.head_dim) {
+      dk_row[col] = from_float(dk[i][2 * half] * p.scale);
+      dv_row[col] = from_float(dv[i][2 * half]);
+    }
+    if (col + 1 < p.head_dim) {
+      dk_row[col + 1] = from_float(dk[i][2 * half + 1] * p.scale);
+      dv_row[col + 1] = from_float(dv[i][2 * half + 1]);
+    }
   }
 }
 

@@ -38,16 +38,7 @@ __device__ __forceinline__ void load_swizzled_tile(unsigned char* tile, const st
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(target)),
                    "l"(inside ? from : source), "r"(inside ? 16 : 0));
     } else {
-      unsigned int words[4];
-#pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        const unsigned int lo = (row < count && col + e < head_dim) ? from[e] : 0u;
-        const unsigned int hi = (row < count && col + e + 1 < head_dim) ? from[e + 1] : 0u;
-        words[e / 2] = lo | hi << 16;
-      }
-      uint4 chunk16;
-      chunk16.x = words[0], chunk16.y = words[1], chunk16.z = words[2], chunk16.w = words[3];
-      *reinterpret_cast<uint4*>(target) = chunk16;
+      store_chunk_of_elements(target, from, row < count ? head_dim - col : 0);
     }
   }
 }
@@ -126,22 +117,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, quad = lane % 4;
   const int key_local[2] = {warpgroup * 64 + warp * 16 + lane / 4, warpgroup * 64 + warp * 16 + lane / 4 + 8};
-#if FAP_WINDOW
-  const int offset = s.len_k - s.len_q;
-#endif
 
-  // The query rows that may see a key of this block (the mask is monotone in the row).
-  long long row_begin = 0, row_end = s.len_q;
-#if FAP_WINDOW
-  {
-    const long long last_key = (long long)min(key0 + FAP_BLOCK_N, s.len_k) - 1;
-    const long long first = key0 - offset - p.window_right, last = last_key - offset + p.window_left;
-    row_begin = first > 0 ? first : 0;
-    row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
-  }
-#endif
-  const int first_block = (int)(row_begin / FAP_BLOCK_M);
-  const int query_blocks = row_end > row_begin ? (int)((row_end + FAP_BLOCK_M - 1) / FAP_BLOCK_M) - first_block : 0;
+  const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
+  const int first_block = blocks.first, query_blocks = blocks.count;
   const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
 
   const auto step_head = [&](int step) { return kv_head * p.group_size + step / query_blocks; };
@@ -157,15 +135,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                                     static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
                                         (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
                                     p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-    for (int i = threadIdx.x; i < FAP_BLOCK_M; i += FAP_WARPS * 32) {
-      const int row = q0 + i;
-      const bool inside = row < s.len_q;  // rows past the sequence get P = 0 through lse = +inf
-      lse_rows[stage * FAP_BLOCK_M + i] =
-          inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] *
-                       FAP_LOG2E
-                 : FAP_INFINITY;
-      dsum_rows[stage * FAP_BLOCK_M + i] = inside ? p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] : 0.0f;
-    }
+    load_softmax_rows<FAP_BLOCK_M>(lse_rows + stage * FAP_BLOCK_M, dsum_rows + stage * FAP_BLOCK_M, p, s, batch, head, q0);
   };
 
   load_swizzled_tile<FAP_BLOCK_N>(k_tile,
@@ -186,7 +156,6 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   for (int i = 0; i < FAP_HEAD_DIM / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
-  const bool keys_past_end = key0 + FAP_BLOCK_N > s.len_k;
 
   for (int step = 0; step < steps; ++step) {
     const int stage = step & 1, head = step_head(step), q0 = step_q0(step);
@@ -221,11 +190,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
 
     // P^T and dS^T (the derivative with respect to the scaled, capped score), in place.
-    bool needs_mask = keys_past_end;
-#if FAP_WINDOW
-    needs_mask = needs_mask || key0 < (long long)q0 + FAP_BLOCK_M - 1 + offset - p.window_left ||
-                 key0 + FAP_BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
-#endif
+    const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
     const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
     if (needs_mask) {
       softmax_gradients<true>(st, dpt, p, s, slope, q0, key0, key_local, lse_stage, dsum_stage);
@@ -302,28 +267,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   }
   cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
 
-  // dK (with the softmax scale: scores are scale * q.k) and dV for this warpgroup's keys.
+  // dK and dV for this warpgroup's keys.
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int key = key0 + key_local[half];
-    if (key >= s.len_k) continue;
-    storage_t* dk_row = static_cast<storage_t*>(p.dk) + batch * p.dk_batch_stride + (s.k_start + key) * p.dk_row_stride +
-                        kv_head * p.dk_head_stride;
-    storage_t* dv_row = static_cast<storage_t*>(p.dv) + batch * p.dv_batch_stride + (s.k_start + key) * p.dv_row_stride +
-                        kv_head * p.dv_head_stride;
-#pragma unroll
-    for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) {
-      const int col = i * 8 + quad * 2;
-      if (col < p.head_dim) {
-        dk_row[col] = from_float(dk[i][2 * half] * p.scale);
-        dv_row[col] = from_float(dv[i][2 * half]);
-      }
-      if (col + 1 < p.head_dim) {
-        dk_row[col + 1] = from_float(dk[i][2 * half + 1] * p.scale);
-        dv_row[col + 1] = from_float(dv[i][2 * half + 1]);
-      }
-    }
-  }
+  for (int half = 0; half < 2; ++half) store_key_gradients(p, s, batch, kv_head, key0 + key_local[half], half, 0, dk, dv);
 }
 
 }  // namespace fap

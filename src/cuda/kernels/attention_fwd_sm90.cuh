@@ -50,17 +50,8 @@ __device__ __forceinline__ void produce_tile(unsigned char* tile, unsigned int f
   }
   for (int chunk = threadIdx.x; chunk < ROWS * kChunksPerRow; chunk += 128) {
     const int row = chunk / kChunksPerRow, col8 = chunk % kChunksPerRow * 8;
-    const storage_t* from = source + row * row_stride + col8;
-    unsigned int words[4];
-#pragma unroll
-    for (int e = 0; e < 8; e += 2) {
-      const unsigned int lo = (row < count && col8 + e < head_dim) ? from[e] : 0u;
-      const unsigned int hi = (row < count && col8 + e + 1 < head_dim) ? from[e + 1] : 0u;
-      words[e / 2] = lo | hi << 16;
-    }
-    uint4 chunk16;
-    chunk16.x = words[0], chunk16.y = words[1], chunk16.z = words[2], chunk16.w = words[3];
-    *reinterpret_cast<uint4*>(tile + swizzled_offset<ROWS>(row, col8)) = chunk16;
+    store_chunk_of_elements(tile + swizzled_offset<ROWS>(row, col8), source + row * row_stride + col8,
+                            row < count ? head_dim - col8 : 0);
   }
   mbarrier_arrive(full);
 }

@@ -16,6 +16,20 @@ __device__ __forceinline__ unsigned int swizzled_offset(int row, int col) {
   return (unsigned int)((col / 64) * ROWS * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * 2);
 }
 
+// One 16-byte chunk of a tile from its first `valid` elements (at most 8, none if <= 0) read one by one and
+// zeros after them: for operands whose rows are not 16-byte aligned (cp.async needs that).
+__device__ __forceinline__ void store_chunk_of_elements(void* target, const storage_t* from, int valid) {
+  unsigned int words[4];
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const unsigned int lo = e < valid ? from[e] : 0u, hi = e + 1 < valid ? from[e + 1] : 0u;
+    words[e / 2] = lo | hi << 16;
+  }
+  uint4 chunk;
+  chunk.x = words[0], chunk.y = words[1], chunk.z = words[2], chunk.w = words[3];
+  *reinterpret_cast<uint4*>(target) = chunk;
+}
+
 // A wgmma shared-memory descriptor with the 128-byte swizzle: start address, leading and stride byte
 // offsets (the PTX ISA's "matrix descriptor"; offsets in 16-byte units).
 __device__ __forceinline__ unsigned long long smem_descriptor(unsigned int address, unsigned int leading_bytes,
