@@ -9,8 +9,9 @@
 //                                        the columns over all 128 keys, d = 64: all over its own keys),
 //                                        added to the fp32 accumulator with vector atomics
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
-// reads (hopper.cuh). Every CTA (and at d = 64 both warpgroups) adds to each dQ element: no fixed order, so the
-// deterministic mode and dropout use the mma.sync kernel (the dispatch table decides).
+// reads (hopper.cuh). Every CTA (and, where dQ is split by keys, both its warpgroups) adds to each dQ
+// element: no fixed order, so the deterministic mode and dropout use the mma.sync kernel (the dispatch
+// table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (64), FAP_BLOCK_N (128), FAP_WARPS (8),
 // FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h, attention_params.cuh,
@@ -35,8 +36,7 @@ __device__ __forceinline__ void load_swizzled_tile(unsigned char* tile, const st
     unsigned char* target = tile + swizzled_offset<ROWS>(row, col);
     if (vector_loads) {
       const bool inside = row < count && col < head_dim;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(target)),
-                   "l"(inside ? from : source), "r"(inside ? 16 : 0));
+      cp_async_16_or_zero(target, inside ? from : source, inside);
     } else {
       store_chunk_of_elements(target, from, row < count ? head_dim - col : 0);
     }

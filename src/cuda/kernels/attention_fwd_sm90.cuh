@@ -20,11 +20,6 @@ namespace fap {
 #define FAP_CONSUMER_REGISTERS 232
 #define FAP_CONSUMER_THREADS 256
 
-__device__ __forceinline__ void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
-               "r"(copy ? 16 : 0));
-}
-
 // The producer's copy of `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x
 // FAP_HEAD_DIM, zero-filling the rest, then its arrival on `full`. With vector_loads (every row starts
 // 16-byte aligned and head_dim % 8 == 0) each producer thread copies one 16-byte column chunk of every
