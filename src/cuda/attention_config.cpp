@@ -3,10 +3,23 @@
 #include "core/error.h"
 
 namespace fap::cuda {
+namespace {
+
+// The embedded files of a kernel family in order: the shared headers, Hopper's building blocks for wgmma
+// kernels, the family's common part and its kernel.
+std::vector<std::string> kernel_sources(bool wgmma, const char* family_common, const char* kernel) {
+  std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
+  if (wgmma) files.emplace_back("hopper.cuh");
+  files.emplace_back(family_common);
+  files.emplace_back(kernel);
+  return files;
+}
+
+}  // namespace
 
 std::string ForwardConfig::name() const {
-  std::string text = concat(wgmma ? "attention_fwd_sm90_" : "attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
-                            "_w", warps);
+  std::string text = concat(wgmma ? "attention_fwd_sm90_" : "attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim,
+                            "_m", block_m, "_n", block_n, "_w", warps);
   if (wgmma) text += concat("_s", stages);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
@@ -24,11 +37,7 @@ std::vector<std::string> ForwardConfig::defines() const {
 }
 
 std::vector<std::string> ForwardConfig::sources() const {
-  std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
-  if (wgmma) files.emplace_back("hopper.cuh");
-  files.emplace_back("attention_fwd_common.cuh");
-  files.emplace_back(wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh");
-  return files;
+  return kernel_sources(wgmma, "attention_fwd_common.cuh", wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh");
 }
 
 int ForwardConfig::shared_bytes() const {
@@ -39,8 +48,8 @@ int ForwardConfig::shared_bytes() const {
 }
 
 std::string BackwardConfig::name() const {
-  std::string text = concat(wgmma ? "attention_bwd_sm90_" : "attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_m", block_m, "_n", block_n,
-                            "_w", warps, "_s", dkv_split, "_q", q_stages);
+  std::string text = concat(wgmma ? "attention_bwd_sm90_" : "attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim,
+                            "_m", block_m, "_n", block_n, "_w", warps, "_s", dkv_split, "_q", q_stages);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
   if (alibi) text += "_alibi";
@@ -166,7 +175,7 @@ ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute
 }
 
 BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability) {
-  // Two warpgroups add to every dQ element: no fixed order, so the deterministic mode stays on mma.sync.
+  // The wgmma kernel's dQ atomics have no fixed order, so the deterministic mode stays on mma.sync.
   const bool wgmma = compute_capability == 90 && !problem.deterministic;
   return config_for(problem, wgmma ? set_sm90_backward_tiles : set_backward_tiles);
 }
@@ -204,11 +213,7 @@ std::vector<BackwardConfig> all_backward_configs(int compute_capability) {
 }
 
 std::vector<std::string> BackwardConfig::sources() const {
-  std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
-  if (wgmma) files.emplace_back("hopper.cuh");
-  files.emplace_back("attention_bwd_common.cuh");
-  files.emplace_back(wgmma ? "attention_bwd_sm90.cuh" : "attention_bwd.cuh");
-  return files;
+  return kernel_sources(wgmma, "attention_bwd_common.cuh", wgmma ? "attention_bwd_sm90.cuh" : "attention_bwd.cuh");
 }
 
 std::string nvrtc_arch(int compute_capability) {

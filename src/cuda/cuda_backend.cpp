@@ -273,7 +273,8 @@ class CudaBackend final : public Backend {
   }
 
   // FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 runs the kernels every sm_80+ GPU gets (mma.sync) also where
-  // an architecture has its own (Hopper's wgmma forward): for testing those on any GPU, and as a fallback.
+  // an architecture has its own (Hopper's wgmma forward and backward): for testing those on any GPU, and as a
+  // fallback.
   static int dispatch_capability(const DeviceInfo& device) {
     const char* portable = std::getenv("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS");
     return portable && std::string(portable) == "1" ? 80 : device.compute_capability;
