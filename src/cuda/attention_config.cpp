@@ -63,13 +63,18 @@ std::vector<std::string> BackwardConfig::defines() const {
           concat("-DFAP_DKV_SPLIT=", dkv_split), concat("-DFAP_Q_STAGES=", q_stages),
           concat("-DFAP_BF16=", int{bf16}),
           concat("-DFAP_SOFTCAP=", int{softcap}), concat("-DFAP_ALIBI=", int{alibi}),
-          concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window})};
+          concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window}),
+          concat("-DFAP_DQ_TILES=", int{wgmma})};
 }
 
 int BackwardConfig::shared_bytes() const {
   // wgmma: K and V tiles, two stages of Q and dO tiles, the dS^T tile (all swizzled, 1024 bytes to align
-  // them), two stages of two floats per query row.
-  if (wgmma) return (2 * block_n + 4 * block_m) * head_dim * 2 + block_n * block_m * 2 + 4 * block_m * 4 + 1024;
+  // them), two stages of dQ staging (both warpgroups' block_m queries x 64 columns of fp32), two stages of two
+  // floats per query row.
+  if (wgmma) {
+    return (2 * block_n + 4 * block_m) * head_dim * 2 + block_n * block_m * 2 + 2 * 2 * block_m * 64 * 4 +
+           4 * block_m * 4 + 1024;
+  }
   // K and V tiles, two stages of Q and dO tiles (rows padded by 8 halves), the P^T and dS^T tiles, and two
   // stages of two floats per query row.
   return (2 * block_n + 2 * q_stages * block_m) * (head_dim + 8) * 2 + 2 * block_n * (block_m + 8) * 2 +

@@ -50,6 +50,7 @@ constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
   X(cuMemcpyHtoD, CUresult, (CUdeviceptr target, const void* source, size_t bytes))                          \
   X(cuMemcpyDtoH, CUresult, (void* target, CUdeviceptr source, size_t bytes))                                \
   X(cuStreamSynchronize, CUresult, (CUstream stream))                                                        \
+  X(cuMemsetD32Async, CUresult, (CUdeviceptr target, unsigned int value, size_t count, CUstream stream))      \
   X(cuCtxGetDevice, CUresult, (CUdevice * device))                                                           \
   X(cuPointerGetAttribute, CUresult, (void* data, int attribute, CUdeviceptr pointer))                       \
   X(cuModuleLoadData, CUresult, (CUmodule * module, const void* image))                                      \

@@ -145,15 +145,20 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
 
 // The backward's workspace: rowsum(dout * out) per (row, head), then the fp32 dQ accumulator, one slice per
 // split. Deterministic mode gives each (batch, kv head) `splits` CTAs that own a slice each (about 256 CTAs
-// in all, so the GPU stays busy without a slice per key block); otherwise one slice takes atomics.
+// in all, so the GPU stays busy without a slice per key block); otherwise one slice takes atomics. A slice
+// has room for the wgmma kernel's 64-row tiles: every sequence starts a tile of its own (dq_accum_offset in
+// attention_bwd_common.cuh), which needs at most batch + 1 tiles more than the rows fill.
 struct BackwardWorkspace {
-  int64_t rows, heads_q, splits = 1, head_dim, dsum_bytes, accum_offset;
+  int64_t rows, accum_rows, heads_q, splits = 1, head_dim, dsum_bytes, accum_offset;
 
   // The layout depends on the tile shape only (the same on every architecture today).
   explicit BackwardWorkspace(const AttentionProblem& p) : BackwardWorkspace(p, choose_backward_config(p, 80)) {}
 
   BackwardWorkspace(const AttentionProblem& p, const BackwardConfig& config)
-      : rows(p.varlen ? p.total_q : p.batch * p.total_q), heads_q(p.heads_q), head_dim(config.head_dim) {
+      : rows(p.varlen ? p.total_q : p.batch * p.total_q),
+        accum_rows((rows / 64 + p.batch + 1) * 64),
+        heads_q(p.heads_q),
+        head_dim(config.head_dim) {
     if (p.deterministic) {
       const int64_t block_n = config.block_n;
       const int64_t key_blocks = std::max<int64_t>(1, (p.seqlen_k + block_n - 1) / block_n);
@@ -163,7 +168,8 @@ struct BackwardWorkspace {
     dsum_bytes = rows * p.heads_q * 4;
     accum_offset = (dsum_bytes + 255) / 256 * 256;
   }
-  size_t bytes() const { return static_cast<size_t>(accum_offset + splits * rows * heads_q * head_dim * 4); }
+  int64_t accum_floats() const { return splits * accum_rows * heads_q * head_dim; }
+  size_t bytes() const { return static_cast<size_t>(accum_offset + accum_floats() * 4); }
 };
 
 AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWorkspace& layout, void* workspace) {
@@ -173,7 +179,7 @@ AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWork
   params.dq = p.dq.data, params.dk = p.dk.data, params.dv = p.dv.data;
   params.dsum = static_cast<float*>(workspace);
   params.dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + layout.accum_offset);
-  params.dq_accum_split_stride = layout.rows * p.heads_q * layout.head_dim;
+  params.dq_accum_split_stride = layout.accum_rows * p.heads_q * layout.head_dim;
   const auto strides = [](const Operand& o, long long& batch, long long& row, long long& head) {
     batch = o.batch_stride, row = o.row_stride, head = o.head_stride;
   };
@@ -306,6 +312,10 @@ class CudaBackend final : public Backend {
            workspace_bytes);
     }
     AttentionBwdParams params = backward_params(problem, layout, workspace);
+    check(api,
+          api.cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(params.dq_accum), 0,
+                               static_cast<size_t>(layout.accum_floats()), stream),
+          "cuMemsetD32Async");
     const auto row_blocks = static_cast<unsigned int>((problem.seqlen_q + 3) / 4);  // 4 rows per CTA
     launch(api, kernels[0], row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((problem.seqlen_k + config.block_n - 1) / config.block_n);

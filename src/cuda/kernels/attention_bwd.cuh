@@ -227,8 +227,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
           const int query_local = t * 16 + group + 8 * half;
           if (q0 + query_local >= s.len_q) continue;
           float* target = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0) +
-                          ((long long)(s.global_row0 + q0 + query_local) * p.heads_q + head) * FAP_HEAD_DIM + i * 16 +
-                          quad * 2;
+                          dq_accum_offset(p, s, batch, q0 + query_local, head, i * 16 + quad * 2);
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
             atomicAdd(target + n * 8, acc[n][2 * half]);

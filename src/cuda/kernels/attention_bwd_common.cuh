@@ -1,9 +1,10 @@
 // The backward's kernels around the main one, shared by the mma.sync (attention_bwd.cuh) and the wgmma
 // (attention_bwd_sm90.cuh) main kernels:
-//   attention_bwd_preprocess  D = rowsum(dO * O) per (row, head), and the dQ accumulator zeroed
+//   attention_bwd_preprocess  D = rowsum(dO * O) per (row, head)
 //   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
-// and the pieces both main kernels share. Needs FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW and
-// tensor_core.cuh (with what it needs) before it.
+// and the pieces both main kernels share. The host clears the dQ accumulator before the main kernel. Needs
+// FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW, FAP_DQ_TILES and tensor_core.cuh (with what it
+// needs) before it.
 
 #define FAP_LOG2E 1.4426950408889634f
 
@@ -45,10 +46,26 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const
   float sum = 0.0f;
   for (int d = lane; d < p.head_dim; d += 32) sum += to_float(out[d]) * to_float(dout[d]);
   for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  const long long slot = (long long)(s.global_row0 + row) * p.heads_q + head;
-  if (lane == 0) p.dsum[slot] = sum;
-  for (int split = 0; split < p.splits; ++split)
-    for (int d = lane; d < FAP_HEAD_DIM; d += 32) p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d] = 0.0f;
+  if (lane == 0) p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] = sum;
+}
+
+// Where dQ's (row, head, col) sits in an accumulator slice (row: in the sequence).
+//  FAP_DQ_TILES = 0: [global row][head][FAP_HEAD_DIM].
+//  FAP_DQ_TILES = 1: tiles of 64 rows x FAP_HEAD_DIM per (64-row block, head), so that the wgmma kernel adds a
+//  warpgroup's dQ in one bulk reduction. A sequence's blocks start at block global_row0 / 64 + batch (every
+//  sequence gets its own blocks; the workspace has room for the rounding). Inside a tile, each 64-column
+//  block is stored in the order a warpgroup's m64 accumulator fragment lies in its registers: float4 i of
+//  thread t at (128 i + t) * 4, holding columns 8 i + 2 (t % 4) (+ 1) of rows 16 (t / 32) + t % 32 / 4 and + 8.
+__device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p, const SequenceRows& s, int batch,
+                                                     int row, int head, int col) {
+#if FAP_DQ_TILES
+  const long long tile = ((long long)(s.global_row0 / 64 + batch + row / 64) * p.heads_q + head) * 64 * FAP_HEAD_DIM;
+  const int r = row % 64, c = col % 64;
+  const int thread = r / 16 * 32 + r % 8 * 4 + c % 8 / 2;
+  return tile + col / 64 * 64 * 64 + (c / 8 * 128 + thread) * 4 + r % 16 / 8 * 2 + c % 2;
+#else
+  return ((long long)(s.global_row0 + row) * p.heads_q + head) * FAP_HEAD_DIM + col;
+#endif
 }
 
 // Grid (ceil(seqlen_q / 4), batch, heads), 4 warps, one row per warp.
@@ -58,12 +75,12 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
   const SequenceRows s = sequence_rows(p, batch);
   const int row = blockIdx.x * 4 + warp;
   if (row >= s.len_q) return;
-  const long long slot = (long long)(s.global_row0 + row) * p.heads_q + head;
   storage_t* dq = static_cast<storage_t*>(p.dq) + batch * p.dq_batch_stride + (s.q_start + row) * p.dq_row_stride +
                   head * p.dq_head_stride;
   for (int d = lane; d < p.head_dim; d += 32) {
     float sum = 0.0f;
-    for (int split = 0; split < p.splits; ++split) sum += p.dq_accum[split * p.dq_accum_split_stride + slot * FAP_HEAD_DIM + d];
+    const long long offset = dq_accum_offset(p, s, batch, row, head, d);
+    for (int split = 0; split < p.splits; ++split) sum += p.dq_accum[split * p.dq_accum_split_stride + offset];
     dq[d] = from_float(sum * p.scale);
   }
 }

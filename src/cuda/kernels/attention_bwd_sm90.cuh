@@ -5,21 +5,24 @@
 //   S^T = K Q^T and dP^T = V dO^T        (64 keys x 64 queries, both operands in shared memory)
 //   P^T, dS^T = P^T (dP^T - D)           (registers, from the forward's LSE)
 //   dV += P^T dO, dK += dS^T Q           (P^T and dS^T from registers; dK, dV stay in registers)
-//   dQ += dS K                           (dS^T through shared memory, both operands transposed; d = 128: half
-//                                        the columns over all 128 keys, d = 64: all over its own keys),
-//                                        added to the fp32 accumulator with vector atomics
+//   dQ += dS K                           (dS^T through shared memory, both operands transposed; by columns:
+//                                        d = 128: half the columns over all 128 keys, d = 64: all over its
+//                                        own keys), staged in shared memory (two buffers) and added to the
+//                                        fp32 accumulator by one bulk reduction of the TMA unit
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
 // reads (hopper.cuh). Every CTA (and, where dQ is split by keys, both its warpgroups) adds to each dQ
 // element: no fixed order, so the deterministic mode and dropout use the mma.sync kernel (the dispatch
 // table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (64), FAP_BLOCK_N (128), FAP_WARPS (8),
-// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h, attention_params.cuh,
-// tensor_core.cuh, hopper.cuh and attention_bwd_common.cuh before it.
+// FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
+// attention_params.cuh, tensor_core.cuh, hopper.cuh and attention_bwd_common.cuh before it.
 
-// How dQ = dS K is shared between the warpgroups: by columns (d = 128; a 32-column half at d = 64 would start
-// inside a swizzle row) unless softcap's registers make that spill; else by keys.
-#define FAP_DQ_BY_COLUMNS (FAP_HEAD_DIM == 128 && !FAP_SOFTCAP)
+// How dQ = dS K is shared between the warpgroups: by columns (one reduction per dQ element and CTA) at
+// d = 128; at d = 64 a 32-column half would start inside a swizzle row, so by keys. Either way each
+// warpgroup's part is 64 queries x 64 columns.
+#define FAP_DQ_BY_COLUMNS (FAP_HEAD_DIM == 128)
+#define FAP_DQ_STAGES 2
 
 namespace fap {
 
@@ -65,35 +68,13 @@ __device__ __forceinline__ void softmax_gradients(float (&st)[FAP_BLOCK_M / 8][4
     }
 }
 
-// Four fp32 additions to consecutive (16-byte aligned) addresses, one instruction (sm_90).
-__device__ __forceinline__ void atomic_add4(float* target, float a, float b, float c, float d) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(target), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
-}
-
-// Adds a warp's 16 rows x (8 * COLUMNS8) columns of accumulator (mma layout: this thread holds rows lane / 4
-// and + 8, columns 8 i + 2 quad, + 1) to a row-major fp32 buffer, 16 bytes per atomic: lanes with quad 2 m
-// and 2 m + 1 swap halves so that one holds 4 columns of the upper row and the other of the lower.
+// A warpgroup's m64 accumulator fragment into shared memory in register order (dq_accum_offset's tile
+// layout): float4 i of thread t at 16 (128 i + t) bytes, without bank conflicts.
 template <int COLUMNS8>
-__device__ __forceinline__ void add_rows_atomically(const float (&acc)[COLUMNS8][4], float* upper_row, float* lower_row,
-                                                    bool upper_inside, bool lower_inside) {
-  const int quad = threadIdx.x % 4;
-  const bool odd = quad & 1;
-  float* row = odd ? lower_row : upper_row;
-  const bool inside = odd ? lower_inside : upper_inside;
-  const int col = (quad / 2) * 4;
+__device__ __forceinline__ void stage_fragment(float* staging, const float (&acc)[COLUMNS8][4]) {
+  float4* target = reinterpret_cast<float4*>(staging) + threadIdx.x % 128;
 #pragma unroll
-  for (int i = 0; i < COLUMNS8; ++i) {
-    // Even lanes send their lower-row pair and keep the upper; odd lanes the other way round.
-    const float send0 = odd ? acc[i][0] : acc[i][2], send1 = odd ? acc[i][1] : acc[i][3];
-    const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-    if (!inside) continue;
-    if (odd) {
-      atomic_add4(row + i * 8 + col, got0, got1, acc[i][2], acc[i][3]);
-    } else {
-      atomic_add4(row + i * 8 + col, acc[i][0], acc[i][1], got0, got1);
-    }
-  }
+  for (int i = 0; i < COLUMNS8; ++i) target[i * 128] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
 }
 
 // Grid (key blocks, batch, kv heads), 256 threads.
@@ -106,7 +87,11 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   unsigned char* q_tiles = v_tile + kKvBytes;        // 2 stages
   unsigned char* do_tiles = q_tiles + 2 * kQBytes;   // 2 stages
   unsigned char* ds_tile = do_tiles + 2 * kQBytes;   // dS^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
-  float* lse_rows = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_BLOCK_M * 2);  // 2 stages, base 2
+  // dQ = dS K: FAP_DQ_STAGES buffers of both warpgroups' parts.
+  constexpr int kDqColumns = 64, kDqKeys = FAP_DQ_BY_COLUMNS ? 128 : 64;
+  constexpr int kDqBytes = FAP_BLOCK_M * kDqColumns * 4;
+  float* dq_staging = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_BLOCK_M * 2);
+  float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
 
   const int batch = blockIdx.y, kv_head = blockIdx.z, key_block = blockIdx.x;
@@ -157,11 +142,13 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
+  const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
   for (int step = 0; step < steps; ++step) {
     const int stage = step & 1, head = step_head(step), q0 = step_q0(step);
+    if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage
+    __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage (and dQ's)
     const unsigned int q_address = shared_address(q_tiles + stage * kQBytes),
                        do_address = shared_address(do_tiles + stage * kQBytes);
     const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
@@ -242,9 +229,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
 
     // dQ += dS K. FAP_DQ_BY_COLUMNS: each warpgroup takes 64 of the columns over all 128 keys, so that every dQ
-    // element gets one atomic per CTA (the atomics were the kernel's bottleneck); else each takes every column
-    // over its own 64 keys.
-    constexpr int kDqColumns = FAP_DQ_BY_COLUMNS ? 64 : FAP_HEAD_DIM, kDqKeys = FAP_DQ_BY_COLUMNS ? 128 : 64;
+    // element gets one addition per CTA; else each takes every column over its own 64 keys.
     const unsigned int ds_keys = FAP_DQ_BY_COLUMNS ? ds_address : ds_address + warpgroup * 64 * 128;
     const unsigned int k_part = FAP_DQ_BY_COLUMNS ? k_address + warpgroup * FAP_BLOCK_N * 128
                                                   : k_address + warpgroup * 64 * 128;
@@ -259,13 +244,18 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers<kDqColumns / 2>(&dq[0][0]);
-    const int upper = q0 + warp * 16 + lane / 4;
-    const auto dq_row = [&](int row) {
-      return p.dq_accum + ((long long)(s.global_row0 + row) * p.heads_q + head) * FAP_HEAD_DIM + dq_col0;
-    };
-    add_rows_atomically(dq, dq_row(upper), dq_row(upper + 8), upper < s.len_q, upper + 8 < s.len_q);
+    // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
+    float* staging = dq_staging + (step % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
+    stage_fragment(staging, dq);
+    fence_proxy_async();
+    named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged
+    if (reduces_dq) {
+      bulk_reduce_add(p.dq_accum + dq_accum_offset(p, s, batch, q0, head, dq_col0), shared_address(staging), kDqBytes);
+      bulk_commit();
+    }
   }
   cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
+  if (reduces_dq) bulk_wait<0>();  // the staging buffers stay until the reductions have read them
 
   // dK and dV for this warpgroup's keys.
 #pragma unroll

@@ -1,6 +1,7 @@
 // Hopper (sm_90a) building blocks: shared-memory matrix descriptors for 128-byte-swizzled tiles, the
 // warpgroup MMA (wgmma.mma_async) for the widths the attention kernels use and the fences around it,
-// mbarriers (producer/consumer hand-offs of shared-memory tiles), named barriers and setmaxnreg.
+// mbarriers (producer/consumer hand-offs of shared-memory tiles), bulk reductions, named barriers and
+// setmaxnreg.
 // Header-free like tensor_core.cuh (which it follows: it uses FAP_MMA_TYPES and shared_address()).
 //
 // Tile layout (both operands of every product): a tile of ROWS rows x FAP_HEAD_DIM columns of 16-bit
@@ -87,6 +88,26 @@ __device__ __forceinline__ void mbarrier_wait(unsigned int barrier, unsigned int
       "@!done bra WAIT;\n}\n" ::"r"(barrier),
       "r"(parity)
       : "memory");
+}
+
+// Bulk reductions by the TMA unit: `bytes` (a multiple of 16, both addresses 16-byte aligned) of fp32 from
+// shared memory added element by element to global memory, without holding the issuing thread. Each thread's
+// reductions are grouped like cp.async copies; a group's shared memory may be reused once it has been read.
+__device__ __forceinline__ void bulk_reduce_add(float* target, unsigned int source, unsigned int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(target), "r"(source),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most PENDING of this thread's groups still read their shared memory.
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(PENDING) : "memory");
+}
+// Waits until at most PENDING of this thread's groups are incomplete (their writes done).
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(PENDING) : "memory");
 }
 
 // Named barriers 1..15 among `threads` threads (0 is __syncthreads'): sync waits for all, arrive does not.
