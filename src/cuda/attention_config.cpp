@@ -69,11 +69,11 @@ std::vector<std::string> BackwardConfig::defines() const {
 
 int BackwardConfig::shared_bytes() const {
   // wgmma: K and V tiles, two stages of Q and dO tiles, the dS^T tile (all swizzled, 1024 bytes to align
-  // them), two stages of dQ staging (both warpgroups' block_m queries x 64 columns of fp32), two stages of two
-  // floats per query row.
+  // them), two stages of dQ staging (both warpgroups' 64 x 64 parts in fp32), two stages of two floats per
+  // query row.
   if (wgmma) {
-    return (2 * block_n + 4 * block_m) * head_dim * 2 + block_n * block_m * 2 + 2 * 2 * block_m * 64 * 4 +
-           4 * block_m * 4 + 1024;
+    return (2 * block_n + 4 * block_m) * head_dim * 2 + block_n * block_m * 2 + 2 * 2 * 64 * 64 * 4 + 4 * block_m * 4 +
+           1024;
   }
   // K and V tiles, two stages of Q and dO tiles (rows padded by 8 halves), the P^T and dS^T tiles, and two
   // stages of two floats per query row.
@@ -100,7 +100,8 @@ void set_backward_tiles(BackwardConfig& config) {
 }
 
 // The sm_90 backward: d = 64 and 128 (the head dims whose rounding the mma.sync kernel shares, so that the
-// workspace layout is the same for both) without dropout; two warpgroups of 64 keys, 64 queries per step.
+// workspace layout is the same for both) without dropout; two warpgroups of 64 keys, 64 queries per step at
+// d = 128 and 128 at d = 64 (the registers d = 128 keeps for dK and dV hold the wider scores instead).
 // Everything else: the mma.sync tiles.
 void set_sm90_backward_tiles(BackwardConfig& config) {
   if (config.dropout || (config.head_dim != 64 && config.head_dim != 128)) {
@@ -108,7 +109,8 @@ void set_sm90_backward_tiles(BackwardConfig& config) {
     return;
   }
   config.wgmma = true;
-  config.warps = 8, config.block_m = 64, config.block_n = 128, config.dkv_split = 1, config.q_stages = 2;
+  config.warps = 8, config.block_m = 8192 / config.head_dim, config.block_n = 128, config.dkv_split = 1;
+  config.q_stages = 2;
 }
 
 // Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register

@@ -1,27 +1,22 @@
 // Attention backward for Hopper (sm_90a), the main kernel on warpgroup MMAs (the preprocess and conversion
 // kernels around it are in attention_bwd_common.cuh). One CTA per (block of FAP_BLOCK_N = 128 keys, batch,
 // kv head), two warpgroups of 64 keys; it loops over the group's query heads and the blocks of
-// FAP_BLOCK_M = 64 queries that can see its keys. Per step, each warpgroup:
-//   S^T = K Q^T and dP^T = V dO^T        (64 keys x 64 queries, both operands in shared memory)
+// FAP_BLOCK_M queries that can see its keys (d = 128: 64, d = 64: 128). Per step, each warpgroup:
+//   S^T = K Q^T and dP^T = V dO^T        (64 keys x FAP_BLOCK_M queries, both operands in shared memory)
 //   P^T, dS^T = P^T (dP^T - D)           (registers, from the forward's LSE)
 //   dV += P^T dO, dK += dS^T Q           (P^T and dS^T from registers; dK, dV stay in registers)
-//   dQ += dS K                           (dS^T through shared memory, both operands transposed; by columns:
-//                                        d = 128: half the columns over all 128 keys, d = 64: all over its
-//                                        own keys), staged in shared memory (two buffers) and added to the
-//                                        fp32 accumulator by one bulk reduction of the TMA unit
+//   dQ += dS K                           (dS^T through shared memory, both operands transposed) for a
+//                                        64 x 64 part over all 128 keys: at d = 128 half the columns, at
+//                                        d = 64 half the queries; staged in shared memory (two buffers) and
+//                                        added to the fp32 accumulator by one bulk reduction of the TMA unit
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
-// reads (hopper.cuh). Every CTA (and, where dQ is split by keys, both its warpgroups) adds to each dQ
-// element: no fixed order, so the deterministic mode and dropout use the mma.sync kernel (the dispatch
-// table decides).
+// reads (hopper.cuh). Every CTA adds to each dQ element once: no fixed order, so the deterministic mode and
+// dropout use the mma.sync kernel (the dispatch table decides).
 //
-// Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (64), FAP_BLOCK_N (128), FAP_WARPS (8),
-// FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
+// Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (8192 / FAP_HEAD_DIM), FAP_BLOCK_N (128),
+// FAP_WARPS (8), FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
 // attention_params.cuh, tensor_core.cuh, hopper.cuh and attention_bwd_common.cuh before it.
 
-// How dQ = dS K is shared between the warpgroups: by columns (one reduction per dQ element and CTA) at
-// d = 128; at d = 64 a 32-column half would start inside a swizzle row, so by keys. Either way each
-// warpgroup's part is 64 queries x 64 columns.
-#define FAP_DQ_BY_COLUMNS (FAP_HEAD_DIM == 128)
 #define FAP_DQ_STAGES 2
 
 namespace fap {
@@ -87,9 +82,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   unsigned char* q_tiles = v_tile + kKvBytes;        // 2 stages
   unsigned char* do_tiles = q_tiles + 2 * kQBytes;   // 2 stages
   unsigned char* ds_tile = do_tiles + 2 * kQBytes;   // dS^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
-  // dQ = dS K: FAP_DQ_STAGES buffers of both warpgroups' parts.
-  constexpr int kDqColumns = 64, kDqKeys = FAP_DQ_BY_COLUMNS ? 128 : 64;
-  constexpr int kDqBytes = FAP_BLOCK_M * kDqColumns * 4;
+  // dQ = dS K: FAP_DQ_STAGES buffers of both warpgroups' 64 x 64 parts.
+  static_assert(FAP_BLOCK_M * FAP_HEAD_DIM == 2 * 64 * 64, "each warpgroup's dQ part is 64 queries x 64 columns");
+  constexpr int kDqBytes = 64 * 64 * 4;
   float* dq_staging = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_BLOCK_M * 2);
   float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
@@ -219,38 +214,33 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
               ds_frag[kk][2 * n + half];
         }
     fence_proxy_async();
-#if FAP_DQ_BY_COLUMNS
     __syncthreads();  // both warpgroups' dS^T rows are complete
-#else
-    named_barrier_sync(1 + warpgroup, 128);  // the warpgroup's dS^T rows are complete
-#endif
     wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
     fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
     fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
 
-    // dQ += dS K. FAP_DQ_BY_COLUMNS: each warpgroup takes 64 of the columns over all 128 keys, so that every dQ
-    // element gets one addition per CTA; else each takes every column over its own 64 keys.
-    const unsigned int ds_keys = FAP_DQ_BY_COLUMNS ? ds_address : ds_address + warpgroup * 64 * 128;
-    const unsigned int k_part = FAP_DQ_BY_COLUMNS ? k_address + warpgroup * FAP_BLOCK_N * 128
-                                                  : k_address + warpgroup * 64 * 128;
-    const int dq_col0 = FAP_DQ_BY_COLUMNS ? warpgroup * 64 : 0;
-    float dq[kDqColumns / 8][4];
+    // dQ += dS K for this warpgroup's part: 64 queries (a 64-column block of dS^T) x 64 columns (of K).
+    const int dq_query0 = FAP_BLOCK_M == 128 ? warpgroup * 64 : 0, dq_col0 = FAP_HEAD_DIM == 128 ? warpgroup * 64 : 0;
+    const unsigned int ds_part = ds_address + dq_query0 / 64 * FAP_BLOCK_N * 128,
+                       k_part = k_address + dq_col0 / 64 * FAP_BLOCK_N * 128;
+    float dq[8][4];
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kDqKeys / 16; ++kk) {
-      wgmma_ss<kDqColumns>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_keys, kk),
-                           mn_major_descriptor<FAP_BLOCK_N>(k_part, kk), kk > 0, Transpose::kBoth);
+    for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
+      wgmma_ss<64>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_part, kk), mn_major_descriptor<FAP_BLOCK_N>(k_part, kk),
+                   kk > 0, Transpose::kBoth);
     }
     wgmma_commit();
     wgmma_wait<0>();
-    fence_registers<kDqColumns / 2>(&dq[0][0]);
+    fence_registers<32>(&dq[0][0]);
     // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
     float* staging = dq_staging + (step % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
     stage_fragment(staging, dq);
     fence_proxy_async();
     named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged
     if (reduces_dq) {
-      bulk_reduce_add(p.dq_accum + dq_accum_offset(p, s, batch, q0, head, dq_col0), shared_address(staging), kDqBytes);
+      bulk_reduce_add(p.dq_accum + dq_accum_offset(p, s, batch, q0 + dq_query0, head, dq_col0), shared_address(staging),
+                      kDqBytes);
       bulk_commit();
     }
   }
