@@ -4,7 +4,7 @@
  * Exact FlashAttention-2 semantics (causal aligned to the bottom-right corner, sliding window, softcap,
  * ALiBi, dropout, MQA/GQA, LSE, varlen) behind plain C: tensors are described by fap_tensor views
  * (pointer, dtype, device, shape, strides in elements), every call takes the caller's stream and a
- * caller-provided workspace whose size is asked for first, and every failure returns a status plus a
+ * caller-provided workspace (16-byte aligned) whose size is asked for first, and every failure returns a status plus a
  * thread-local message that names the offending argument (fap_last_error()).
  *
  * Layouts (the same as FlashAttention-2's Python API):

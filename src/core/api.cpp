@@ -1,5 +1,6 @@
 // The extern "C" boundary: every entry point validates through validate.cpp, resolves a backend, and turns
 // any fap::Error (or unexpected exception) into a status plus the thread-local message.
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <new>
@@ -79,6 +80,11 @@ fap_status run(const Args* args, const fap_options* options, bool varlen, void* 
     if (workspace_bytes < needed || (needed > 0 && workspace == nullptr)) {
       fail(FAP_ERROR_WORKSPACE_TOO_SMALL, "workspace: backend '", backend.name(), "' needs ", needed, " bytes, got ",
            workspace ? workspace_bytes : 0, " (ask fap_*_workspace_size() just before the call)");
+    }
+    // The CUDA kernels copy workspace rows 16 bytes at a time.
+    if (needed > 0 && reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0) {
+      fail(FAP_ERROR_INVALID_ARGUMENT, "workspace: expected a 16-byte aligned pointer (as cudaMalloc and malloc give), got ",
+           workspace);
     }
     backend.run(problem, stream, workspace, workspace_bytes);
   });

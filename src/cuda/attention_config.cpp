@@ -1,17 +1,18 @@
 #include "src/cuda/attention_config.h"
 
+#include <initializer_list>
+
 #include "core/error.h"
 
 namespace fap::cuda {
 namespace {
 
 // The embedded files of a kernel family in order: the shared headers, Hopper's building blocks for wgmma
-// kernels, the family's common part and its kernel.
-std::vector<std::string> kernel_sources(bool wgmma, const char* family_common, const char* kernel) {
+// kernels, then the family's own files (common parts first, the kernel last).
+std::vector<std::string> kernel_sources(bool wgmma, std::initializer_list<const char*> family_files) {
   std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
   if (wgmma) files.emplace_back("hopper.cuh");
-  files.emplace_back(family_common);
-  files.emplace_back(kernel);
+  files.insert(files.end(), family_files.begin(), family_files.end());
   return files;
 }
 
@@ -37,7 +38,7 @@ std::vector<std::string> ForwardConfig::defines() const {
 }
 
 std::vector<std::string> ForwardConfig::sources() const {
-  return kernel_sources(wgmma, "attention_fwd_common.cuh", wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh");
+  return kernel_sources(wgmma, {"attention_fwd_common.cuh", wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"});
 }
 
 int ForwardConfig::shared_bytes() const {
@@ -68,12 +69,13 @@ std::vector<std::string> BackwardConfig::defines() const {
 }
 
 int BackwardConfig::shared_bytes() const {
-  // wgmma: K and V tiles, two stages of Q and dO tiles, the dS^T tile (all swizzled, 1024 bytes to align
-  // them), two stages of dQ staging (both warpgroups' 64 x 64 parts in fp32), two stages of two floats per
-  // query row.
+  // wgmma: K and V tiles, two stages of Q and dO tiles (all swizzled, 1024 bytes to align them), two stages
+  // of two floats per query row, and up to d = 128 the dS^T tile and two stages of dQ staging (both
+  // warpgroups' 64 x 64 parts in fp32); at d = 256 the P^T and dS^T tiles (dQ is staged in the Q and dO
+  // tiles).
   if (wgmma) {
-    return (2 * block_n + 4 * block_m) * head_dim * 2 + block_n * block_m * 2 + 2 * 2 * 64 * 64 * 4 + 4 * block_m * 4 +
-           1024;
+    const int tiles = (2 * block_n + 4 * block_m) * head_dim * 2 + 4 * block_m * 4 + 1024;
+    return tiles + (head_dim == 256 ? 2 * block_n * block_m * 2 : block_n * block_m * 2 + 2 * 2 * 64 * 64 * 4);
   }
   // K and V tiles, two stages of Q and dO tiles (rows padded by 8 halves), the P^T and dS^T tiles, and two
   // stages of two floats per query row.
@@ -99,18 +101,23 @@ void set_backward_tiles(BackwardConfig& config) {
   config.head_dim = (config.head_dim + multiple - 1) / multiple * multiple;
 }
 
-// The sm_90 backward: d = 64 and 128 (the head dims whose rounding the mma.sync kernel shares, so that the
-// workspace layout is the same for both) without dropout; two warpgroups of 64 keys, 64 queries per step at
-// d = 128 and 128 at d = 64 (the registers d = 128 keeps for dK and dV hold the wider scores instead).
-// Everything else: the mma.sync tiles.
+// The sm_90 backward: d = 64, 128 and 256 (the head dims whose rounding the mma.sync kernel shares, so that
+// the workspace layout is the same for both) without dropout. Up to d = 128 two warpgroups of 64 keys, 64
+// queries per step at d = 128 and 128 at d = 64 (the registers d = 128 keeps for dK and dV hold the wider
+// scores instead); at d = 256 two warpgroups of 128 columns on 64 keys, 64 queries per step. Everything else:
+// the mma.sync tiles.
 void set_sm90_backward_tiles(BackwardConfig& config) {
-  if (config.dropout || (config.head_dim != 64 && config.head_dim != 128)) {
+  if (config.dropout || (config.head_dim != 64 && config.head_dim != 128 && config.head_dim != 256)) {
     set_backward_tiles(config);
     return;
   }
   config.wgmma = true;
-  config.warps = 8, config.block_m = 8192 / config.head_dim, config.block_n = 128, config.dkv_split = 1;
-  config.q_stages = 2;
+  config.warps = 8, config.dkv_split = 1, config.q_stages = 2;
+  if (config.head_dim == 256) {
+    config.block_m = 64, config.block_n = 64;
+  } else {
+    config.block_m = 8192 / config.head_dim, config.block_n = 128;
+  }
 }
 
 // Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register
@@ -220,7 +227,9 @@ std::vector<BackwardConfig> all_backward_configs(int compute_capability) {
 }
 
 std::vector<std::string> BackwardConfig::sources() const {
-  return kernel_sources(wgmma, "attention_bwd_common.cuh", wgmma ? "attention_bwd_sm90.cuh" : "attention_bwd.cuh");
+  if (!wgmma) return kernel_sources(false, {"attention_bwd_common.cuh", "attention_bwd.cuh"});
+  return kernel_sources(true, {"attention_bwd_common.cuh", "attention_bwd_sm90_common.cuh",
+                               head_dim == 256 ? "attention_bwd_sm90_wide.cuh" : "attention_bwd_sm90.cuh"});
 }
 
 std::string nvrtc_arch(int compute_capability) {

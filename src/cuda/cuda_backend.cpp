@@ -143,20 +143,20 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
   return params;
 }
 
-// The backward's workspace: rowsum(dout * out) per (row, head), then the fp32 dQ accumulator, one slice per
-// split. Deterministic mode gives each (batch, kv head) `splits` CTAs that own a slice each (about 256 CTAs
-// in all, so the GPU stays busy without a slice per key block); otherwise one slice takes atomics. A slice
-// has room for the wgmma kernel's 64-row tiles: every sequence starts a tile of its own (dq_accum_offset in
-// attention_bwd_common.cuh), which needs at most batch + 1 tiles more than the rows fill.
+// The backward's workspace: rowsum(dout * out) and the LSE in base-2 units per (head, row), then the fp32
+// dQ accumulator, one slice per split. Deterministic mode gives each (batch, kv head) `splits` CTAs that own
+// a slice each (about 256 CTAs in all, so the GPU stays busy without a slice per key block); otherwise one
+// slice takes atomics. Rows are "padded rows" (attention_bwd_common.cuh): every sequence starts at a
+// multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows fill.
 struct BackwardWorkspace {
-  int64_t rows, accum_rows, heads_q, splits = 1, head_dim, dsum_bytes, accum_offset;
+  int64_t rows, padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset;
 
   // The layout depends on the tile shape only (the same on every architecture today).
   explicit BackwardWorkspace(const AttentionProblem& p) : BackwardWorkspace(p, choose_backward_config(p, 80)) {}
 
   BackwardWorkspace(const AttentionProblem& p, const BackwardConfig& config)
       : rows(p.varlen ? p.total_q : p.batch * p.total_q),
-        accum_rows((rows / 64 + p.batch + 1) * 64),
+        padded_rows((rows / 128 + p.batch + 1) * 128),
         heads_q(p.heads_q),
         head_dim(config.head_dim) {
     if (p.deterministic) {
@@ -165,10 +165,10 @@ struct BackwardWorkspace {
       const int64_t ctas = std::max<int64_t>(1, p.batch * p.heads_kv);
       splits = std::min(key_blocks, std::max<int64_t>(1, (256 + ctas - 1) / ctas));
     }
-    dsum_bytes = rows * p.heads_q * 4;
-    accum_offset = (dsum_bytes + 255) / 256 * 256;
+    softmax_bytes = padded_rows * p.heads_q * 4;  // each of dsum and lse_log2
+    accum_offset = 2 * softmax_bytes;
   }
-  int64_t accum_floats() const { return splits * accum_rows * heads_q * head_dim; }
+  int64_t accum_floats() const { return splits * padded_rows * heads_q * head_dim; }
   size_t bytes() const { return static_cast<size_t>(accum_offset + accum_floats() * 4); }
 };
 
@@ -178,8 +178,10 @@ AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWork
   params.lse = p.lse.data;
   params.dq = p.dq.data, params.dk = p.dk.data, params.dv = p.dv.data;
   params.dsum = static_cast<float*>(workspace);
+  params.lse_log2 = reinterpret_cast<float*>(static_cast<char*>(workspace) + layout.softmax_bytes);
+  params.softmax_head_stride = layout.padded_rows;
   params.dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + layout.accum_offset);
-  params.dq_accum_split_stride = layout.accum_rows * p.heads_q * layout.head_dim;
+  params.dq_accum_split_stride = layout.padded_rows * p.heads_q * layout.head_dim;
   const auto strides = [](const Operand& o, long long& batch, long long& row, long long& head) {
     batch = o.batch_stride, row = o.row_stride, head = o.head_stride;
   };
@@ -316,8 +318,10 @@ class CudaBackend final : public Backend {
           api.cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(params.dq_accum), 0,
                                static_cast<size_t>(layout.accum_floats()), stream),
           "cuMemsetD32Async");
-    const auto row_blocks = static_cast<unsigned int>((problem.seqlen_q + 3) / 4);  // 4 rows per CTA
-    launch(api, kernels[0], row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
+    // 4 rows per CTA; the preprocess covers each sequence's rows up to a multiple of 128.
+    const auto row_blocks = static_cast<unsigned int>((problem.seqlen_q + 3) / 4);
+    const auto tile_row_blocks = static_cast<unsigned int>((problem.seqlen_q + 127) / 128 * 32);
+    launch(api, kernels[0], tile_row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((problem.seqlen_k + config.block_n - 1) / config.block_n);
     launch(api, kernels[1], problem.deterministic ? static_cast<unsigned int>(layout.splits) : key_blocks, problem.batch,
            problem.heads_kv, config.warps * 32, config.shared_bytes(), stream, &params);

@@ -260,6 +260,21 @@ TEST(BadInputApi, SmallWorkspaceIsRefusedWithoutWriting) {
   EXPECT_EQ(data.out.bytes, before);
 }
 
+TEST(BadInputApi, MisalignedWorkspaceIsRefusedWithoutWriting) {
+  AttentionCase data(valid_config(false));
+  fap_bwd_args args = data.backward_args();
+  const fap_options options = data.options();
+  size_t bytes = 0;
+  ASSERT_EQ(fap_mha_bwd_workspace_size(&args, &options, &bytes), FAP_SUCCESS);
+  ASSERT_GT(bytes, 0u);
+  std::vector<unsigned char> workspace(bytes + 16);
+  unsigned char* misaligned = workspace.data() + (reinterpret_cast<std::uintptr_t>(workspace.data()) % 16 == 0 ? 1 : 0);
+  const std::vector<unsigned char> before = data.dq.bytes;
+  EXPECT_EQ(fap_mha_bwd(&args, &options, nullptr, misaligned, bytes), FAP_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(fap_last_error()).find("workspace: expected a 16-byte aligned pointer"), std::string::npos);
+  EXPECT_EQ(data.dq.bytes, before);
+}
+
 TEST(BadInputApi, SuccessClearsTheLastError) {
   AttentionCase data(valid_config(false));
   fap_fwd_args args = data.forward_args();

@@ -15,7 +15,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 FEATURES = ["plain", "softcap", "alibi", "alibi_batch"]
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
 SEQLENS = [(1, 37), (37, 37), (64, 128), (113, 79), (128, 64), (7, 3)]
-HEAD_DIMS = [32, 59, 64, 128, 8, 96]
+HEAD_DIMS = [32, 59, 64, 128, 8, 96, 256, 200]
 
 
 def _cases(packing):

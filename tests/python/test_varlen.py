@@ -18,7 +18,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 FEATURES = ["plain", "softcap", "alibi", "alibi_batch"]
 HEADS = [(4, 4), (4, 2), (4, 1)]
 SEQLENS = [(40, 40), (33, 70), (70, 33), (1, 50), (128, 96)]
-HEAD_DIMS = [32, 64, 40, 128]
+HEAD_DIMS = [32, 64, 40, 128, 256]
 
 
 def padding_mask(batch, seqlen, device, allow_empty):

@@ -65,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                              static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
                                  (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
                              p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-      load_softmax_rows<FAP_BLOCK_M>(lse_rows + stage * FAP_BLOCK_M, dsum_rows + stage * FAP_BLOCK_M, p, s, batch, head, q0);
+      load_softmax_rows<FAP_BLOCK_M>(lse_rows + stage * FAP_BLOCK_M, dsum_rows + stage * FAP_BLOCK_M, p, s, head, q0);
     };
 
     __syncthreads();  // the previous key block's readers are done with every tile

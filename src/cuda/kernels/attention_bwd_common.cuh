@@ -1,6 +1,7 @@
 // The backward's kernels around the main one, shared by the mma.sync (attention_bwd.cuh) and the wgmma
 // (attention_bwd_sm90.cuh) main kernels:
-//   attention_bwd_preprocess  D = rowsum(dO * O) per (row, head)
+//   attention_bwd_preprocess  D = rowsum(dO * O) and the LSE in base-2 units per (head, row), in the
+//                             padded row layout below
 //   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
 // and the pieces both main kernels share. The host clears the dQ accumulator before the main kernel. Needs
 // FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW, FAP_DQ_TILES and tensor_core.cuh (with what it
@@ -10,9 +11,14 @@
 
 namespace fap {
 
+// The workspace keeps per-row data in "padded rows": every sequence starts at a multiple of 128 (the
+// largest query block) of its own, padded_row0 = (global_row0 / 128 + batch) * 128 (the host sizes the
+// buffers for the rounding), so that a query block of a sequence's rows is contiguous and 16-byte aligned
+// and never reaches the next sequence's rows.
 struct SequenceRows {
   int q_start, k_start;  // first row of the sequence in q / k
-  int global_row0;       // its first row in the workspace buffers (row counts fit in int, as in FA2)
+  int global_row0;       // its first row counted over all sequences (row counts fit in int, as in FA2)
+  int padded_row0;       // its first padded row
   int len_q, len_k;
 };
 
@@ -29,16 +35,30 @@ __device__ __forceinline__ SequenceRows sequence_rows(const AttentionBwdParams& 
     s.len_q = p.seqlen_q;
     s.len_k = p.seqlen_k;
   }
+  s.padded_row0 = (s.global_row0 / 128 + batch) * 128;
   return s;
 }
 
-// Grid (ceil(seqlen_q / 4), batch, heads), 4 warps, one row per warp.
+// dsum and lse_log2 of (head, row of the sequence).
+__device__ __forceinline__ long long softmax_row_offset(const AttentionBwdParams& p, const SequenceRows& s, int head,
+                                                        int row) {
+  return head * p.softmax_head_stride + s.padded_row0 + row;
+}
+
+// Grid (ceil(seqlen_q / 128) * 32, batch, heads), 4 warps, one row per warp. Rows from the sequence's end
+// to the next multiple of 128 get D = 0 and LSE = +inf (P = 0), so that the main kernels load whole query
+// blocks.
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const AttentionBwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int batch = blockIdx.y, head = blockIdx.z;
   const SequenceRows s = sequence_rows(p, batch);
   const int row = blockIdx.x * 4 + warp;
-  if (row >= s.len_q) return;
+  if (row >= (s.len_q + 127) / 128 * 128) return;
+  const long long slot = softmax_row_offset(p, s, head, row);
+  if (row >= s.len_q) {
+    if (lane == 0) p.dsum[slot] = 0.0f, p.lse_log2[slot] = FAP_INFINITY;
+    return;
+  }
   const storage_t* out = static_cast<const storage_t*>(p.out) + batch * p.out_batch_stride +
                          (s.q_start + row) * p.out_row_stride + head * p.out_head_stride;
   const storage_t* dout = static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
@@ -46,20 +66,23 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const
   float sum = 0.0f;
   for (int d = lane; d < p.head_dim; d += 32) sum += to_float(out[d]) * to_float(dout[d]);
   for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  if (lane == 0) p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] = sum;
+  if (lane == 0) {
+    p.dsum[slot] = sum;
+    p.lse_log2[slot] =
+        p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] * FAP_LOG2E;
+  }
 }
 
 // Where dQ's (row, head, col) sits in an accumulator slice (row: in the sequence).
 //  FAP_DQ_TILES = 0: [global row][head][FAP_HEAD_DIM].
-//  FAP_DQ_TILES = 1: tiles of 64 rows x FAP_HEAD_DIM per (64-row block, head), so that the wgmma kernel adds a
-//  warpgroup's dQ in one bulk reduction. A sequence's blocks start at block global_row0 / 64 + batch (every
-//  sequence gets its own blocks; the workspace has room for the rounding). Inside a tile, each 64-column
+//  FAP_DQ_TILES = 1: tiles of 64 rows x FAP_HEAD_DIM per (64 padded rows, head), so that the wgmma kernel
+//  adds a warpgroup's dQ in one bulk reduction. Inside a tile, each 64-column
 //  block is stored in the order a warpgroup's m64 accumulator fragment lies in its registers: float4 i of
 //  thread t at (128 i + t) * 4, holding columns 8 i + 2 (t % 4) (+ 1) of rows 16 (t / 32) + t % 32 / 4 and + 8.
 __device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p, const SequenceRows& s, int batch,
                                                      int row, int head, int col) {
 #if FAP_DQ_TILES
-  const long long tile = ((long long)(s.global_row0 / 64 + batch + row / 64) * p.heads_q + head) * 64 * FAP_HEAD_DIM;
+  const long long tile = ((long long)(s.padded_row0 + row) / 64 * p.heads_q + head) * 64 * FAP_HEAD_DIM;
   const int r = row % 64, c = col % 64;
   const int thread = r / 16 * 32 + r % 8 * 4 + c % 8 / 2;
   return tile + col / 64 * 64 * 64 + (c / 8 * 128 + thread) * 4 + r % 16 / 8 * 2 + c % 2;
@@ -117,18 +140,20 @@ __device__ __forceinline__ bool step_needs_mask(const AttentionBwdParams& p, con
   return needs_mask;
 }
 
-// LSE (base-2 units) and D of the BLOCK_M query rows from q0 into shared memory; rows past the sequence get
-// lse = +inf, so that their P is 0.
+// Starts copying LSE (base-2 units) and D of the BLOCK_M query rows from q0 (a multiple of BLOCK_M, which
+// divides 128) into shared memory with cp.async: whole padded rows (rows past the sequence have P = 0).
 template <int BLOCK_M>
 __device__ __forceinline__ void load_softmax_rows(float* lse_rows, float* dsum_rows, const AttentionBwdParams& p,
-                                                  const SequenceRows& s, int batch, int head, int q0) {
-  for (int i = threadIdx.x; i < BLOCK_M; i += FAP_WARPS * 32) {
-    const int row = q0 + i;
-    const bool inside = row < s.len_q;
-    lse_rows[i] = inside ? p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] *
-                               FAP_LOG2E
-                         : FAP_INFINITY;
-    dsum_rows[i] = inside ? p.dsum[(long long)(s.global_row0 + row) * p.heads_q + head] : 0.0f;
+                                                  const SequenceRows& s, int head, int q0) {
+  constexpr int kChunks = BLOCK_M / 4;  // 16 bytes each
+  const long long first = softmax_row_offset(p, s, head, q0);
+  for (int i = threadIdx.x; i < 2 * kChunks; i += FAP_WARPS * 32) {
+    const int chunk = i % kChunks;
+    if (i < kChunks) {
+      cp_async_16(lse_rows + chunk * 4, p.lse_log2 + first + chunk * 4);
+    } else {
+      cp_async_16(dsum_rows + chunk * 4, p.dsum + first + chunk * 4);
+    }
   }
 }
 

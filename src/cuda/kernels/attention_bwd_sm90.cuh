@@ -15,62 +15,12 @@
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (8192 / FAP_HEAD_DIM), FAP_BLOCK_N (128),
 // FAP_WARPS (8), FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
-// attention_params.cuh, tensor_core.cuh, hopper.cuh and attention_bwd_common.cuh before it.
+// attention_params.cuh, tensor_core.cuh, hopper.cuh, attention_bwd_common.cuh and attention_bwd_sm90_common.cuh
+// before it.
 
 #define FAP_DQ_STAGES 2
 
 namespace fap {
-
-// Copies `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x FAP_HEAD_DIM,
-// zero-filling the rest; all threads of the CTA, each a fixed 16-byte column chunk of every few rows.
-template <int ROWS>
-__device__ __forceinline__ void load_swizzled_tile(unsigned char* tile, const storage_t* source, long long row_stride,
-                                                   int count, int head_dim, int vector_loads) {
-  constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = FAP_WARPS * 32 / kChunksPerRow;
-  const int col = threadIdx.x % kChunksPerRow * 8;
-  const storage_t* from = source + threadIdx.x / kChunksPerRow * row_stride + col;
-#pragma unroll 4
-  for (int row = threadIdx.x / kChunksPerRow; row < ROWS; row += kRowsPerPass, from += kRowsPerPass * row_stride) {
-    unsigned char* target = tile + swizzled_offset<ROWS>(row, col);
-    if (vector_loads) {
-      const bool inside = row < count && col < head_dim;
-      cp_async_16_or_zero(target, inside ? from : source, inside);
-    } else {
-      store_chunk_of_elements(target, from, row < count ? head_dim - col : 0);
-    }
-  }
-}
-
-// S^T -> P^T and dP^T -> dS^T = P^T (dP^T - D) (times the softcap's derivative) in place, for one
-// warpgroup's 64 keys x FAP_BLOCK_M queries; MASKED tiles cross a mask boundary (separate code, so that the
-// others pay nothing for it).
-template <bool MASKED>
-__device__ __forceinline__ void softmax_gradients(float (&st)[FAP_BLOCK_M / 8][4], float (&dpt)[FAP_BLOCK_M / 8][4],
-                                                  const AttentionBwdParams& p, const SequenceRows& s, float slope,
-                                                  int q0, int key0, const int (&key_local)[2], const float* lse,
-                                                  const float* dsum) {
-  const int quad = threadIdx.x % 4;
-#pragma unroll
-  for (int j = 0; j < FAP_BLOCK_M / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int query_local = j * 8 + quad * 2 + e % 2;
-      float cap_derivative;
-      const float prob = backward_probability<MASKED>(st[j][e], p, s, slope, q0 + query_local, key0 + key_local[e / 2],
-                                                      lse[query_local], &cap_derivative);
-      st[j][e] = prob;
-      dpt[j][e] = prob * (dpt[j][e] - dsum[query_local]) * cap_derivative;
-    }
-}
-
-// A warpgroup's m64 accumulator fragment into shared memory in register order (dq_accum_offset's tile
-// layout): float4 i of thread t at 16 (128 i + t) bytes, without bank conflicts.
-template <int COLUMNS8>
-__device__ __forceinline__ void stage_fragment(float* staging, const float (&acc)[COLUMNS8][4]) {
-  float4* target = reinterpret_cast<float4*>(staging) + threadIdx.x % 128;
-#pragma unroll
-  for (int i = 0; i < COLUMNS8; ++i) target[i * 128] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-}
 
 // Grid (key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
@@ -102,31 +52,14 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   const int first_block = blocks.first, query_blocks = blocks.count;
   const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
 
-  const auto step_head = [&](int step) { return kv_head * p.group_size + step / query_blocks; };
-  const auto step_q0 = [&](int step) { return (first_block + step % query_blocks) * FAP_BLOCK_M; };
-  // Issues the loads of step `step` into stage `stage`: Q and dO tiles by cp.async, LSE and D directly.
-  const auto load_step = [&](int step, int stage) {
-    const int head = step_head(step), q0 = step_q0(step);
-    load_swizzled_tile<FAP_BLOCK_M>(q_tiles + stage * kQBytes,
-                                    static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride +
-                                        (s.q_start + q0) * p.q_row_stride + head * p.q_head_stride,
-                                    p.q_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-    load_swizzled_tile<FAP_BLOCK_M>(do_tiles + stage * kQBytes,
-                                    static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
-                                        (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
-                                    p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-    load_softmax_rows<FAP_BLOCK_M>(lse_rows + stage * FAP_BLOCK_M, dsum_rows + stage * FAP_BLOCK_M, p, s, batch, head, q0);
+  const int first_q0 = first_block * FAP_BLOCK_M, end_q0 = (first_block + query_blocks) * FAP_BLOCK_M;
+  const auto load_step = [&](QueryStep at, int stage) {
+    load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
+                                 dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
   };
-
-  load_swizzled_tile<FAP_BLOCK_N>(k_tile,
-                                  static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride +
-                                      (s.k_start + key0) * p.k_row_stride + kv_head * p.k_head_stride,
-                                  p.k_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
-  load_swizzled_tile<FAP_BLOCK_N>(v_tile,
-                                  static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride +
-                                      (s.k_start + key0) * p.v_row_stride + kv_head * p.v_head_stride,
-                                  p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
-  if (steps > 0) load_step(0, 0);
+  load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+  QueryStep current = {kv_head * p.group_size, first_q0};
+  if (steps > 0) load_step(current, 0);
   cp_async_commit();
 
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
@@ -139,7 +72,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 
   const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
   for (int step = 0; step < steps; ++step) {
-    const int stage = step & 1, head = step_head(step), q0 = step_q0(step);
+    const int stage = step & 1, head = current.head, q0 = current.q0;
+    const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
     if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
     cp_async_wait_all();
     fence_proxy_async();
@@ -163,9 +97,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                             k_major_descriptor<FAP_BLOCK_M>(do_address, 0, kk), kk > 0);
     }
     wgmma_commit();
-    // The next step's loads while the products run: its LSE and D loads stall their warps until the data
-    // arrive, which must not hold back a warpgroup's wgmma issue.
-    if (step + 1 < steps) load_step(step + 1, stage ^ 1);
+    // The next step's loads while the products run.
+    if (step + 1 < steps) load_step(next, stage ^ 1);
     cp_async_commit();
     wgmma_wait<0>();
     fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
@@ -175,9 +108,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
     const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
     if (needs_mask) {
-      softmax_gradients<true>(st, dpt, p, s, slope, q0, key0, key_local, lse_stage, dsum_stage);
+      softmax_gradients<true>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);
     } else {
-      softmax_gradients<false>(st, dpt, p, s, slope, q0, key0, key_local, lse_stage, dsum_stage);
+      softmax_gradients<false>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);
     }
     unsigned int p_frag[FAP_BLOCK_M / 16][4], ds_frag[FAP_BLOCK_M / 16][4];
 #pragma unroll
@@ -235,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     fence_registers<32>(&dq[0][0]);
     // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
     float* staging = dq_staging + (step % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
-    stage_fragment(staging, dq);
+    stage_fragment<8>(staging, dq);
     fence_proxy_async();
     named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged
     if (reduces_dq) {
@@ -243,6 +176,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                       kDqBytes);
       bulk_commit();
     }
+    current = next;
   }
   cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
   if (reduces_dq) bulk_wait<0>();  // the staging buffers stay until the reductions have read them

@@ -48,9 +48,11 @@ struct AttentionBwdParams {
   void* dq;
   void* dk;
   void* dv;
-  float* dq_accum;  // [splits][global row][head][FAP_HEAD_DIM] fp32, in the workspace
-  float* dsum;      // [global row][head] rowsum(dout * out), in the workspace
+  float* dq_accum;  // [splits][...] fp32 (dq_accum_offset in attention_bwd_common.cuh), in the workspace
+  float* dsum;      // [head][padded row] rowsum(dout * out), in the workspace (softmax_row_offset)
+  float* lse_log2;  // [head][padded row] the forward's LSE in base-2 units, in the workspace
   long long dq_accum_split_stride;
+  long long softmax_head_stride;  // of dsum and lse_log2: the padded rows
   long long q_batch_stride, q_row_stride, q_head_stride;
   long long k_batch_stride, k_row_stride, k_head_stride;
   long long v_batch_stride, v_row_stride, v_head_stride;

@@ -137,61 +137,67 @@ __device__ __forceinline__ void fence_registers(float* registers) {
 }
 
 // D (64 x N fp32, the warpgroup's accumulator fragment) (+)= A (64 x 16) B (16 x N). wgmma_ss reads A and B
-// from shared memory (N = 32, 64, 128), both K-major descriptors or, with Transpose::kBoth, both MN-major;
-// wgmma_rs (N = 64 .. 256) takes A from registers (four 32-bit registers per thread in mma.sync's
-// m16n8k16 A layout, each warp its 16 rows) and B MN-major. accumulate = 0 overwrites D.
-enum class Transpose { kNone, kBoth };
-template <int N>
-__device__ __forceinline__ void wgmma_ss(float* d, unsigned long long a, unsigned long long b, int accumulate,
-                                         Transpose transpose = Transpose::kNone);
-template <int N>
-__device__ __forceinline__ void wgmma_rs(float* d, const unsigned int* a, unsigned long long b, int accumulate);
+// from shared memory (N = 32, 64, 128): K-major descriptors, or MN-major where `transpose` says so; wgmma_rs
+// (N = 64 .. 256) takes A from registers (four 32-bit registers per thread in mma.sync's m16n8k16 A layout,
+// each warp its 16 rows) and B MN-major. accumulate = 0 overwrites D.
+enum class Transpose { kNone, kB, kBoth };  // which shared-memory operands are MN-major
 
 #define FAP_ACC8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                        "+f"(d[i + 6]), "+f"(d[i + 7])
 
-template <>
-__device__ __forceinline__ void wgmma_ss<32>(float* d, unsigned long long a, unsigned long long b, int accumulate,
-                                             Transpose transpose) {
-  if (transpose == Transpose::kNone) {
+template <int N, int TRANSPOSE_A, int TRANSPOSE_B>
+struct WgmmaSS;
+template <int TRANSPOSE_A, int TRANSPOSE_B>
+struct WgmmaSS<32, TRANSPOSE_A, TRANSPOSE_B> {
+  static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n32k16.f32." FAP_MMA_TYPES " "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        "%16, %17, p, 1, 1, %19, %20;\n}\n"
         : FAP_ACC8(d, 0), FAP_ACC8(d, 8)
-        : "l"(a), "l"(b), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." FAP_MMA_TYPES " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-        "%16, %17, p, 1, 1, 1, 1;\n}\n"
-        : FAP_ACC8(d, 0), FAP_ACC8(d, 8)
-        : "l"(a), "l"(b), "r"(accumulate));
+        : "l"(a), "l"(b), "r"(accumulate), "n"(TRANSPOSE_A), "n"(TRANSPOSE_B));
   }
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<64>(float* d, unsigned long long a, unsigned long long b, int accumulate,
-                                             Transpose transpose) {
+};
+template <int TRANSPOSE_A, int TRANSPOSE_B>
+struct WgmmaSS<64, TRANSPOSE_A, TRANSPOSE_B> {
+  static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." FAP_MMA_TYPES " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, %35, %36;\n}\n"
+        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24)
+        : "l"(a), "l"(b), "r"(accumulate), "n"(TRANSPOSE_A), "n"(TRANSPOSE_B));
+  }
+};
+template <int TRANSPOSE_A, int TRANSPOSE_B>
+struct WgmmaSS<128, TRANSPOSE_A, TRANSPOSE_B> {
+  static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." FAP_MMA_TYPES " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, %67, %68;\n}\n"
+        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24), FAP_ACC8(d, 32), FAP_ACC8(d, 40), FAP_ACC8(d, 48), FAP_ACC8(d, 56)
+        : "l"(a), "l"(b), "r"(accumulate), "n"(TRANSPOSE_A), "n"(TRANSPOSE_B));
+  }
+};
+
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float* d, unsigned long long a, unsigned long long b, int accumulate,
+                                         Transpose transpose = Transpose::kNone) {
   if (transpose == Transpose::kNone) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." FAP_MMA_TYPES " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24)
-        : "l"(a), "l"(b), "r"(accumulate));
+    WgmmaSS<N, 0, 0>::run(d, a, b, accumulate);
+  } else if (transpose == Transpose::kB) {
+    WgmmaSS<N, 0, 1>::run(d, a, b, accumulate);
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." FAP_MMA_TYPES " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 1, 1;\n}\n"
-        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24)
-        : "l"(a), "l"(b), "r"(accumulate));
+    WgmmaSS<N, 1, 1>::run(d, a, b, accumulate);
   }
 }
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float* d, const unsigned int* a, unsigned long long b, int accumulate);
+
 template <>
 __device__ __forceinline__ void wgmma_rs<64>(float* d, const unsigned int* a, unsigned long long b, int accumulate) {
   asm volatile(
@@ -201,27 +207,6 @@ __device__ __forceinline__ void wgmma_rs<64>(float* d, const unsigned int* a, un
       "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
       : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<128>(float* d, unsigned long long a, unsigned long long b, int accumulate,
-                                             Transpose transpose) {
-  if (transpose == Transpose::kNone) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." FAP_MMA_TYPES " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24), FAP_ACC8(d, 32), FAP_ACC8(d, 40), FAP_ACC8(d, 48), FAP_ACC8(d, 56)
-        : "l"(a), "l"(b), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." FAP_MMA_TYPES " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 1, 1;\n}\n"
-        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24), FAP_ACC8(d, 32), FAP_ACC8(d, 40), FAP_ACC8(d, 48), FAP_ACC8(d, 56)
-        : "l"(a), "l"(b), "r"(accumulate));
-  }
 }
 template <>
 __device__ __forceinline__ void wgmma_rs<128>(float* d, const unsigned int* a, unsigned long long b, int accumulate) {

@@ -1,0 +1,104 @@
+// The pieces both Hopper (sm_90a) backward main kernels share: attention_bwd_sm90.cuh (d <= 128, the
+// warpgroups split the keys) and attention_bwd_sm90_wide.cuh (d = 256, they split the head dim). Loads into
+// the 128-byte-swizzled tiles wgmma reads (hopper.cuh), the walk over a CTA's (query head, query block)
+// steps, the softmax gradients and the staging of dQ for the bulk reductions. Needs attention_bwd_common.cuh
+// (and what it needs) and hopper.cuh before it.
+
+namespace fap {
+
+// Copies `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x FAP_HEAD_DIM,
+// zero-filling the rest; all threads of the CTA, each a fixed 16-byte column chunk of every few rows.
+template <int ROWS>
+__device__ __forceinline__ void load_swizzled_tile(unsigned char* tile, const storage_t* source, long long row_stride,
+                                                   int count, int head_dim, int vector_loads) {
+  constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = FAP_WARPS * 32 / kChunksPerRow;
+  const int col = threadIdx.x % kChunksPerRow * 8;
+  const storage_t* from = source + threadIdx.x / kChunksPerRow * row_stride + col;
+#pragma unroll 4
+  for (int row = threadIdx.x / kChunksPerRow; row < ROWS; row += kRowsPerPass, from += kRowsPerPass * row_stride) {
+    unsigned char* target = tile + swizzled_offset<ROWS>(row, col);
+    if (vector_loads) {
+      const bool inside = row < count && col < head_dim;
+      cp_async_16_or_zero(target, inside ? from : source, inside);
+    } else {
+      store_chunk_of_elements(target, from, row < count ? head_dim - col : 0);
+    }
+  }
+}
+
+// Row `row` of the sequence, head `head` of a (batch, row, head, dim) operand.
+__device__ __forceinline__ const storage_t* operand_row(const void* base, long long batch_stride, long long row_stride,
+                                                        long long head_stride, int batch, int row, int head) {
+  return static_cast<const storage_t*>(base) + batch * batch_stride + row * row_stride + head * head_stride;
+}
+
+// Starts the loads of the CTA's BLOCK_N keys: K and V tiles.
+template <int BLOCK_N>
+__device__ __forceinline__ void load_key_tiles(unsigned char* k_tile, unsigned char* v_tile, const AttentionBwdParams& p,
+                                               const SequenceRows& s, int batch, int kv_head, int key0) {
+  const int row = s.k_start + key0;
+  load_swizzled_tile<BLOCK_N>(k_tile, operand_row(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, batch, row, kv_head),
+                              p.k_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
+  load_swizzled_tile<BLOCK_N>(v_tile, operand_row(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, batch, row, kv_head),
+                              p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
+}
+
+// Starts the loads of a step's BLOCK_M queries from q0 of one head: Q and dO tiles, LSE and D.
+template <int BLOCK_M>
+__device__ __forceinline__ void load_query_step(unsigned char* q_tile, unsigned char* do_tile, float* lse_rows,
+                                                float* dsum_rows, const AttentionBwdParams& p, const SequenceRows& s,
+                                                int batch, int head, int q0) {
+  const int row = s.q_start + q0;
+  load_swizzled_tile<BLOCK_M>(q_tile, operand_row(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, batch, row, head),
+                              p.q_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+  load_swizzled_tile<BLOCK_M>(do_tile,
+                              operand_row(p.dout, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride, batch, row, head),
+                              p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+  load_softmax_rows<BLOCK_M>(lse_rows, dsum_rows, p, s, head, q0);
+}
+
+// A CTA's steps: the query blocks of [first_q0, end_q0) of one query head in order, then the next head of
+// the group (counted along, not divided out: integer division is a long instruction sequence).
+struct QueryStep {
+  int head, q0;
+};
+template <int BLOCK_M>
+__device__ __forceinline__ QueryStep following_step(QueryStep at, int first_q0, int end_q0) {
+  at.q0 += BLOCK_M;
+  if (at.q0 == end_q0) at.q0 = first_q0, ++at.head;
+  return at;
+}
+
+// S^T -> P^T and dP^T -> dS^T = P^T (dP^T - D) (times the softcap's derivative) in place, for a
+// warpgroup's 64 keys x 8 QUERIES8 queries from query_offset in the step's block; MASKED tiles cross a mask
+// boundary (separate code, so that the others pay nothing for it).
+template <bool MASKED, int QUERIES8>
+__device__ __forceinline__ void softmax_gradients(float (&st)[QUERIES8][4], float (&dpt)[QUERIES8][4],
+                                                  const AttentionBwdParams& p, const SequenceRows& s, float slope,
+                                                  int q0, int query_offset, int key0, const int (&key_local)[2],
+                                                  const float* lse, const float* dsum) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < QUERIES8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int query_local = query_offset + j * 8 + quad * 2 + e % 2;
+      float cap_derivative;
+      const float prob = backward_probability<MASKED>(st[j][e], p, s, slope, q0 + query_local, key0 + key_local[e / 2],
+                                                      lse[query_local], &cap_derivative);
+      st[j][e] = prob;
+      dpt[j][e] = prob * (dpt[j][e] - dsum[query_local]) * cap_derivative;
+    }
+}
+
+// COLUMNS8 x 8 columns of a warpgroup's m64 accumulator fragment (from acc[0]) into shared memory in register
+// order (dq_accum_offset's tile layout): float4 i of thread t at 16 (128 i + t) bytes, without bank
+// conflicts.
+template <int COLUMNS8>
+__device__ __forceinline__ void stage_fragment(float* staging, const float (*acc)[4]) {
+  float4* target = reinterpret_cast<float4*>(staging) + threadIdx.x % 128;
+#pragma unroll
+  for (int i = 0; i < COLUMNS8; ++i) target[i * 128] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+}
+
+}  // namespace fap
