@@ -101,17 +101,17 @@ void set_backward_tiles(BackwardConfig& config) {
   config.head_dim = (config.head_dim + multiple - 1) / multiple * multiple;
 }
 
-// The sm_90 backward: d = 64, 128 and 256 (the head dims whose rounding the mma.sync kernel shares, so that
-// the workspace layout is the same for both) without dropout. Up to d = 128 two warpgroups of 64 keys, 64
-// queries per step at d = 128 and 128 at d = 64 (the registers d = 128 keeps for dK and dV hold the wider
-// scores instead); at d = 256 two warpgroups of 128 columns on 64 keys, 64 queries per step. Everything else:
-// the mma.sync tiles.
+// The sm_90 backward without dropout: head dims padded to 64, 128 or 256 (the workspace size asked for covers
+// this). Up to d = 128 two warpgroups of 64 keys, 64 queries per step at d = 128 and 128 at d = 64 (the
+// registers d = 128 keeps for dK and dV hold the wider scores instead); at d = 256 two warpgroups of 128
+// columns on 64 keys, 64 queries per step. Dropout: the mma.sync tiles.
 void set_sm90_backward_tiles(BackwardConfig& config) {
-  if (config.dropout || (config.head_dim != 64 && config.head_dim != 128 && config.head_dim != 256)) {
+  if (config.dropout) {
     set_backward_tiles(config);
     return;
   }
   config.wgmma = true;
+  config.head_dim = config.head_dim <= 64 ? 64 : config.head_dim <= 128 ? 128 : 256;
   config.warps = 8, config.dkv_split = 1, config.q_stages = 2;
   if (config.head_dim == 256) {
     config.block_m = 64, config.block_n = 64;

@@ -52,8 +52,8 @@ DeviceInfo current_device(const DriverApi& api, int expected_ordinal) {
   return info;
 }
 
-// A compiled configuration: its module's kernels by name. `defines` and `shared_bytes` come from a
-// ForwardConfig or BackwardConfig.
+// A compiled configuration: its module's kernels by name, the main one first. `defines` and `shared_bytes`
+// (the main kernel's dynamic shared memory; the others take none) come from a ForwardConfig or BackwardConfig.
 struct KernelRequest {
   std::string name;
   std::vector<std::string> sources, defines, kernels;
@@ -77,8 +77,11 @@ class KernelRegistry {
     for (const std::string& kernel : request.kernels) {
       CUfunction function = nullptr;
       check(api, api.cuModuleGetFunction(&function, module, kernel.c_str()), "cuModuleGetFunction");
-      check(api, api.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, request.shared_bytes),
-            "cuFuncSetAttribute");
+      if (loaded.empty()) {
+        check(api,
+              api.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, request.shared_bytes),
+              "cuFuncSetAttribute");
+      }
       loaded.push_back(function);
     }
     return functions_[key] = loaded;
@@ -150,9 +153,6 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
 // multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows fill.
 struct BackwardWorkspace {
   int64_t rows, padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset;
-
-  // The layout depends on the tile shape only (the same on every architecture today).
-  explicit BackwardWorkspace(const AttentionProblem& p) : BackwardWorkspace(p, choose_backward_config(p, 80)) {}
 
   BackwardWorkspace(const AttentionProblem& p, const BackwardConfig& config)
       : rows(p.varlen ? p.total_q : p.batch * p.total_q),
@@ -242,7 +242,11 @@ class CudaBackend final : public Backend {
   }
 
   size_t workspace_size(const AttentionProblem& problem) const override {
-    return problem.direction == Direction::kBackward ? BackwardWorkspace(problem).bytes() : 0;
+    if (problem.direction != Direction::kBackward) return 0;
+    // The size asked for does not know the GPU: room for the kernels of every architecture (Hopper's pad the
+    // head dim further).
+    return std::max(BackwardWorkspace(problem, choose_backward_config(problem, 80)).bytes(),
+                    BackwardWorkspace(problem, choose_backward_config(problem, 90)).bytes());
   }
 
   void run(const AttentionProblem& problem, void* stream, void* workspace, size_t workspace_bytes) const override {
@@ -307,7 +311,7 @@ class CudaBackend final : public Backend {
     const std::vector<CUfunction> kernels = registry().functions(
         api, device,
         {config.name(), config.sources(), config.defines(),
-         {"attention_bwd_preprocess", "attention_bwd", "attention_bwd_convert"}, config.shared_bytes()});
+         {"attention_bwd", "attention_bwd_preprocess", "attention_bwd_convert"}, config.shared_bytes()});
     const BackwardWorkspace layout(problem, config);
     if (layout.bytes() > workspace_bytes) {  // workspace_size() and this call chose different tiles
       fail(FAP_ERROR_INTERNAL, "backend 'cuda': ", config.name(), " needs ", layout.bytes(), " workspace bytes, got ",
@@ -318,14 +322,15 @@ class CudaBackend final : public Backend {
           api.cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(params.dq_accum), 0,
                                static_cast<size_t>(layout.accum_floats()), stream),
           "cuMemsetD32Async");
-    // 4 rows per CTA; the preprocess covers each sequence's rows up to a multiple of 128.
-    const auto row_blocks = static_cast<unsigned int>((problem.seqlen_q + 3) / 4);
-    const auto tile_row_blocks = static_cast<unsigned int>((problem.seqlen_q + 127) / 128 * 32);
-    launch(api, kernels[0], tile_row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
+    // The preprocess: 4 rows per CTA, each sequence's rows up to a multiple of 128.
+    const auto preprocess_blocks = static_cast<unsigned int>((problem.seqlen_q + 127) / 128 * 32);
+    launch(api, kernels[1], preprocess_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((problem.seqlen_k + config.block_n - 1) / config.block_n);
-    launch(api, kernels[1], problem.deterministic ? static_cast<unsigned int>(layout.splits) : key_blocks, problem.batch,
+    launch(api, kernels[0], problem.deterministic ? static_cast<unsigned int>(layout.splits) : key_blocks, problem.batch,
            problem.heads_kv, config.warps * 32, config.shared_bytes(), stream, &params);
-    launch(api, kernels[2], row_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
+    // The conversion: 4 rows per CTA, or a 64-row tile of the wgmma kernels' accumulator.
+    const auto convert_blocks = static_cast<unsigned int>(config.wgmma ? (problem.seqlen_q + 63) / 64 : (problem.seqlen_q + 3) / 4);
+    launch(api, kernels[2], convert_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
   }
 };
 

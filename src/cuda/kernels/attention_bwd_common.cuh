@@ -91,6 +91,45 @@ __device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p
 #endif
 }
 
+// Row `row` of the sequence, head `head` of dq.
+__device__ __forceinline__ storage_t* dq_row(const AttentionBwdParams& p, const SequenceRows& s, int batch, int row,
+                                             int head) {
+  return static_cast<storage_t*>(p.dq) + batch * p.dq_batch_stride + (s.q_start + row) * p.dq_row_stride +
+         head * p.dq_head_stride;
+}
+
+#if FAP_DQ_TILES
+// Grid (ceil(seqlen_q / 64), batch, heads), 4 warps: one 64-row tile, a 64-column block at a time through
+// shared memory, read in the tile's fragment order (whole float4s) and written row by row.
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const AttentionBwdParams p) {
+  __shared__ float block[64][64 + 8];  // +8: the fragment's row pairs land in different banks
+  const int batch = blockIdx.y, head = blockIdx.z, row0 = blockIdx.x * 64;
+  const SequenceRows s = sequence_rows(p, batch);
+  if (row0 >= s.len_q) return;
+  const int t = threadIdx.x, upper = t / 32 * 16 + t % 32 / 4, quad = t % 4, warp = t / 32, lane = t % 32;
+  const float4* tile = reinterpret_cast<const float4*>(p.dq_accum + dq_accum_offset(p, s, batch, row0, head, 0));
+  for (int column_block = 0; column_block < FAP_HEAD_DIM / 64; ++column_block) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int split = 0; split < p.splits; ++split) {
+        const float4 part = tile[split * p.dq_accum_split_stride / 4 + (column_block * 8 + i) * 128 + t];
+        sum.x += part.x, sum.y += part.y, sum.z += part.z, sum.w += part.w;
+      }
+      *reinterpret_cast<float2*>(&block[upper][i * 8 + quad * 2]) = make_float2(sum.x, sum.y);
+      *reinterpret_cast<float2*>(&block[upper + 8][i * 8 + quad * 2]) = make_float2(sum.z, sum.w);
+    }
+    __syncthreads();
+    const int col = column_block * 64 + lane * 2;
+    for (int r = warp; r < 64 && row0 + r < s.len_q; r += 4) {
+      storage_t* dq = dq_row(p, s, batch, row0 + r, head);
+      if (col < p.head_dim) dq[col] = from_float(block[r][lane * 2] * p.scale);
+      if (col + 1 < p.head_dim) dq[col + 1] = from_float(block[r][lane * 2 + 1] * p.scale);
+    }
+    __syncthreads();
+  }
+}
+#else
 // Grid (ceil(seqlen_q / 4), batch, heads), 4 warps, one row per warp.
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const AttentionBwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -98,8 +137,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
   const SequenceRows s = sequence_rows(p, batch);
   const int row = blockIdx.x * 4 + warp;
   if (row >= s.len_q) return;
-  storage_t* dq = static_cast<storage_t*>(p.dq) + batch * p.dq_batch_stride + (s.q_start + row) * p.dq_row_stride +
-                  head * p.dq_head_stride;
+  storage_t* dq = dq_row(p, s, batch, row, head);
   for (int d = lane; d < p.head_dim; d += 32) {
     float sum = 0.0f;
     const long long offset = dq_accum_offset(p, s, batch, row, head, d);
@@ -107,6 +145,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
     dq[d] = from_float(sum * p.scale);
   }
 }
+#endif
 
 // The query blocks of BLOCK_M rows that may see a key of [key0, key0 + BLOCK_N) (the mask is monotone in
 // the row): first, count.
