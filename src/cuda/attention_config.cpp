@@ -189,9 +189,7 @@ ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute
 }
 
 BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability) {
-  // The wgmma kernel's dQ atomics have no fixed order, so the deterministic mode stays on mma.sync.
-  const bool wgmma = compute_capability == 90 && !problem.deterministic;
-  return config_for(problem, wgmma ? set_sm90_backward_tiles : set_backward_tiles);
+  return config_for(problem, compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
 }
 
 namespace {

@@ -28,13 +28,14 @@ struct ForwardConfig {
 };
 
 // The backward kernels: attention_bwd.cuh (mma.sync, sm_80+): one CTA per block_n keys, warps of 16 keys
-// (times head_dim / dkv_split columns of dK and dV), block_m queries per step; on sm_90 for d = 64 and 128
-// without dropout or the deterministic mode, attention_bwd_sm90.cuh (wgmma, two warpgroups of 64 keys).
-// Both share attention_bwd_common.cuh's preprocess and conversion kernels.
+// (times head_dim / dkv_split columns of dK and dV), block_m queries per step; on sm_90 without dropout,
+// attention_bwd_sm90.cuh (wgmma, d padded to 64 or 128: two warpgroups of 64 keys) and
+// attention_bwd_sm90_wide.cuh (d padded to 256: two warpgroups of 128 columns). All share
+// attention_bwd_common.cuh's preprocess and conversion kernels.
 struct BackwardConfig {
   bool wgmma = false;
   bool bf16 = false;
-  int head_dim = 64;  // the kernel's head dim: the problem's rounded up to a multiple of 16 * dkv_split
+  int head_dim = 64;  // the problem's, padded (mma.sync: to a multiple of 16 * dkv_split; wgmma: to 64, 128, 256)
   int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = 16 * warps / dkv_split
   int q_stages = 2;                                           // 2: Q/dO tiles double-buffered
   bool softcap = false, alibi = false, dropout = false, window = false;  // deterministic mode is a run-time flag

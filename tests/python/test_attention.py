@@ -100,6 +100,26 @@ def test_softmax_scale_and_noncontiguous_views(device, dtype):
     assert torch.equal(out, transposed)
 
 
+@pytest.mark.parametrize("head_dim,seqlen", [(64, 700), (256, 350)])
+def test_deterministic_backward_with_several_key_blocks_per_cta(device, head_dim, seqlen):
+    """The CUDA kernels' deterministic mode gives each CTA an accumulator slice and several key blocks in turn
+    (8 x 8 (batch, head) pairs take 4 slices; these lengths make 6 key blocks): gradients bitwise equal over
+    10 runs and equal, up to the order of the fp32 sums, to the default mode's."""
+    if device.type != "cuda":
+        pytest.skip("the CUDA kernels' slices; the CPU backend sums in one order anyway (test below)")
+    q, k, v = (torch.randn(8, seqlen, 8, head_dim, dtype=torch.bfloat16, device=device, requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+    default = torch.autograd.grad(fap.flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
+    runs = [torch.autograd.grad(fap.flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+            for _ in range(10)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], default):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 def test_deterministic_backward_is_bitwise_reproducible(device):
     q, k, v = (torch.randn(2, 150, 4, 64, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(3))
     runs = []

@@ -10,8 +10,8 @@
 //                                        d = 64 half the queries; staged in shared memory (two buffers) and
 //                                        added to the fp32 accumulator by one bulk reduction of the TMA unit
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
-// reads (hopper.cuh). Every CTA adds to each dQ element once: no fixed order, so the deterministic mode and
-// dropout use the mma.sync kernel (the dispatch table decides).
+// reads (hopper.cuh). Every CTA adds to each dQ element once: in no fixed order, except in the deterministic
+// mode (one accumulator slice per CTA). Dropout uses the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (8192 / FAP_HEAD_DIM), FAP_BLOCK_N (128),
 // FAP_WARPS (8), FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
@@ -22,7 +22,7 @@
 
 namespace fap {
 
-// Grid (key blocks, batch, kv heads), 256 threads.
+// Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   constexpr int kKvBytes = FAP_BLOCK_N * FAP_HEAD_DIM * 2, kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
   extern __shared__ __align__(1024) unsigned char shared_raw[];
@@ -39,151 +39,160 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
 
-  const int batch = blockIdx.y, kv_head = blockIdx.z, key_block = blockIdx.x;
+  const int batch = blockIdx.y, kv_head = blockIdx.z;
   const SequenceRows s = sequence_rows(p, batch);
-  const int key0 = key_block * FAP_BLOCK_N;
-  if (key0 >= s.len_k) return;
   // Broadcast from lane 0 so that the compiler knows the warpgroup is uniform in each warp.
   const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, quad = lane % 4;
   const int key_local[2] = {warpgroup * 64 + warp * 16 + lane / 4, warpgroup * 64 + warp * 16 + lane / 4 + 8};
-
-  const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
-  const int first_block = blocks.first, query_blocks = blocks.count;
-  const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
-
-  const int first_q0 = first_block * FAP_BLOCK_M, end_q0 = (first_block + query_blocks) * FAP_BLOCK_M;
-  const auto load_step = [&](QueryStep at, int stage) {
-    load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
-                                 dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
-  };
-  load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-  QueryStep current = {kv_head * p.group_size, first_q0};
-  if (steps > 0) load_step(current, 0);
-  cp_async_commit();
-
+  const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
+  float* dq_slice = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0);
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
                      ds_address = shared_address(ds_tile);
-  float dk[FAP_HEAD_DIM / 8][4], dv[FAP_HEAD_DIM / 8][4];
-#pragma unroll
-  for (int i = 0; i < FAP_HEAD_DIM / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
-  const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
-  for (int step = 0; step < steps; ++step) {
-    const int stage = step & 1, head = current.head, q0 = current.q0;
-    const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
-    if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
-    cp_async_wait_all();
-    fence_proxy_async();
-    __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage (and dQ's)
-    const unsigned int q_address = shared_address(q_tiles + stage * kQBytes),
-                       do_address = shared_address(do_tiles + stage * kQBytes);
-    const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
-    const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;
+  // One key block per CTA, or in the deterministic mode every gridDim.x-th: each CTA adds into a slice of
+  // the accumulator of its own, one key block after the other (a fixed order of the additions).
+  for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
+    const int key0 = key_block * FAP_BLOCK_N;
+    const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
+    const int first_block = blocks.first, query_blocks = blocks.count;
+    const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
 
-    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys.
-    float st[FAP_BLOCK_M / 8][4], dpt[FAP_BLOCK_M / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-      wgmma_ss<FAP_BLOCK_M>(&st[0][0], k_major_descriptor<FAP_BLOCK_N>(k_address, warpgroup * 64, kk),
-                            k_major_descriptor<FAP_BLOCK_M>(q_address, 0, kk), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-      wgmma_ss<FAP_BLOCK_M>(&dpt[0][0], k_major_descriptor<FAP_BLOCK_N>(v_address, warpgroup * 64, kk),
-                            k_major_descriptor<FAP_BLOCK_M>(do_address, 0, kk), kk > 0);
-    }
-    wgmma_commit();
-    // The next step's loads while the products run.
-    if (step + 1 < steps) load_step(next, stage ^ 1);
+    const int first_q0 = first_block * FAP_BLOCK_M, end_q0 = (first_block + query_blocks) * FAP_BLOCK_M;
+    const auto load_step = [&](QueryStep at, int stage) {
+      load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
+                                   dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
+    };
+    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+    QueryStep current = {kv_head * p.group_size, first_q0};
+    if (steps > 0) load_step(current, 0);
     cp_async_commit();
-    wgmma_wait<0>();
-    fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
-    fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
 
-    // P^T and dS^T (the derivative with respect to the scaled, capped score), in place.
-    const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
-    const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
-    if (needs_mask) {
-      softmax_gradients<true>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);
-    } else {
-      softmax_gradients<false>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);
-    }
-    unsigned int p_frag[FAP_BLOCK_M / 16][4], ds_frag[FAP_BLOCK_M / 16][4];
+    float dk[FAP_HEAD_DIM / 8][4], dv[FAP_HEAD_DIM / 8][4];
 #pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
-      p_frag[kk][0] = pack2(st[2 * kk][0], st[2 * kk][1]);
-      p_frag[kk][1] = pack2(st[2 * kk][2], st[2 * kk][3]);
-      p_frag[kk][2] = pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      p_frag[kk][3] = pack2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      ds_frag[kk][0] = pack2(dpt[2 * kk][0], dpt[2 * kk][1]);
-      ds_frag[kk][1] = pack2(dpt[2 * kk][2], dpt[2 * kk][3]);
-      ds_frag[kk][2] = pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      ds_frag[kk][3] = pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-    }
+    for (int i = 0; i < FAP_HEAD_DIM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
-    // dV += P^T dO and dK += dS^T Q (dO and Q as k x n operands: queries x head dim).
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
-      wgmma_rs<FAP_HEAD_DIM>(&dv[0][0], p_frag[kk], mn_major_descriptor<FAP_BLOCK_M>(do_address, kk), 1);
-#pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
-      wgmma_rs<FAP_HEAD_DIM>(&dk[0][0], ds_frag[kk], mn_major_descriptor<FAP_BLOCK_M>(q_address, kk), 1);
-    wgmma_commit();
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step & 1, head = current.head, q0 = current.q0;
+      const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
+      if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
+      cp_async_wait_all();
+      fence_proxy_async();
+      __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage (and dQ's)
+      const unsigned int q_address = shared_address(q_tiles + stage * kQBytes),
+                         do_address = shared_address(do_tiles + stage * kQBytes);
+      const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
+      const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;
 
-    // dS^T of this warpgroup's keys into shared memory, [key][query] swizzled: the A operand of dQ = dS K
-    // read transposed.
+      // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys.
+      float st[FAP_BLOCK_M / 8][4], dpt[FAP_BLOCK_M / 8][4];
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        wgmma_ss<FAP_BLOCK_M>(&st[0][0], k_major_descriptor<FAP_BLOCK_N>(k_address, warpgroup * 64, kk),
+                              k_major_descriptor<FAP_BLOCK_M>(q_address, 0, kk), kk > 0);
+      }
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          *reinterpret_cast<unsigned int*>(ds_tile + swizzled_offset<FAP_BLOCK_N>(key_local[half], kk * 16 + n * 8 + quad * 2)) =
-              ds_frag[kk][2 * n + half];
-        }
-    fence_proxy_async();
-    __syncthreads();  // both warpgroups' dS^T rows are complete
-    wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
-    fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
-    fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
+      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        wgmma_ss<FAP_BLOCK_M>(&dpt[0][0], k_major_descriptor<FAP_BLOCK_N>(v_address, warpgroup * 64, kk),
+                              k_major_descriptor<FAP_BLOCK_M>(do_address, 0, kk), kk > 0);
+      }
+      wgmma_commit();
+      // The next step's loads while the products run.
+      if (step + 1 < steps) load_step(next, stage ^ 1);
+      cp_async_commit();
+      wgmma_wait<0>();
+      fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
+      fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
 
-    // dQ += dS K for this warpgroup's part: 64 queries (a 64-column block of dS^T) x 64 columns (of K).
-    const int dq_query0 = FAP_BLOCK_M == 128 ? warpgroup * 64 : 0, dq_col0 = FAP_HEAD_DIM == 128 ? warpgroup * 64 : 0;
-    const unsigned int ds_part = ds_address + dq_query0 / 64 * FAP_BLOCK_N * 128,
-                       k_part = k_address + dq_col0 / 64 * FAP_BLOCK_N * 128;
-    float dq[8][4];
-    wgmma_fence();
+      // P^T and dS^T (the derivative with respect to the scaled, capped score), in place.
+      const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
+      const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
+      if (needs_mask) {
+        softmax_gradients<true>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);
+      } else {
+        softmax_gradients<false>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);
+      }
+      unsigned int p_frag[FAP_BLOCK_M / 16][4], ds_frag[FAP_BLOCK_M / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
-      wgmma_ss<64>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_part, kk), mn_major_descriptor<FAP_BLOCK_N>(k_part, kk),
-                   kk > 0, Transpose::kBoth);
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
+        p_frag[kk][0] = pack2(st[2 * kk][0], st[2 * kk][1]);
+        p_frag[kk][1] = pack2(st[2 * kk][2], st[2 * kk][3]);
+        p_frag[kk][2] = pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+        p_frag[kk][3] = pack2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        ds_frag[kk][0] = pack2(dpt[2 * kk][0], dpt[2 * kk][1]);
+        ds_frag[kk][1] = pack2(dpt[2 * kk][2], dpt[2 * kk][3]);
+        ds_frag[kk][2] = pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        ds_frag[kk][3] = pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      }
+
+      // dV += P^T dO and dK += dS^T Q (dO and Q as k x n operands: queries x head dim).
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+        wgmma_rs<FAP_HEAD_DIM>(&dv[0][0], p_frag[kk], mn_major_descriptor<FAP_BLOCK_M>(do_address, kk), 1);
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+        wgmma_rs<FAP_HEAD_DIM>(&dk[0][0], ds_frag[kk], mn_major_descriptor<FAP_BLOCK_M>(q_address, kk), 1);
+      wgmma_commit();
+
+      // dS^T of this warpgroup's keys into shared memory, [key][query] swizzled: the A operand of dQ = dS K
+      // read transposed.
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            *reinterpret_cast<unsigned int*>(ds_tile + swizzled_offset<FAP_BLOCK_N>(key_local[half], kk * 16 + n * 8 + quad * 2)) =
+                ds_frag[kk][2 * n + half];
+          }
+      fence_proxy_async();
+      __syncthreads();  // both warpgroups' dS^T rows are complete
+      wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
+      fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
+      fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
+
+      // dQ += dS K for this warpgroup's part: 64 queries (a 64-column block of dS^T) x 64 columns (of K).
+      const int dq_query0 = FAP_BLOCK_M == 128 ? warpgroup * 64 : 0, dq_col0 = FAP_HEAD_DIM == 128 ? warpgroup * 64 : 0;
+      const unsigned int ds_part = ds_address + dq_query0 / 64 * FAP_BLOCK_N * 128,
+                         k_part = k_address + dq_col0 / 64 * FAP_BLOCK_N * 128;
+      float dq[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
+        wgmma_ss<64>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(ds_part, kk), mn_major_descriptor<FAP_BLOCK_N>(k_part, kk),
+                     kk > 0, Transpose::kBoth);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers<32>(&dq[0][0]);
+      // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
+      float* staging = dq_staging + (step % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
+      stage_fragment<8>(staging, dq);
+      fence_proxy_async();
+      named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged
+      if (reduces_dq) {
+        bulk_reduce_add(dq_slice + dq_accum_offset(p, s, batch, q0 + dq_query0, head, dq_col0), shared_address(staging),
+                        kDqBytes);
+        bulk_commit();
+      }
+      current = next;
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers<32>(&dq[0][0]);
-    // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
-    float* staging = dq_staging + (step % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
-    stage_fragment<8>(staging, dq);
-    fence_proxy_async();
-    named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged
-    if (reduces_dq) {
-      bulk_reduce_add(p.dq_accum + dq_accum_offset(p, s, batch, q0 + dq_query0, head, dq_col0), shared_address(staging),
-                      kDqBytes);
-      bulk_commit();
+    cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
+    // The staging buffers stay until the reductions have read them; in the deterministic mode the next key
+    // block's additions come after these.
+    if (reduces_dq) bulk_wait<0>();
+
+    // dK and dV for this warpgroup's keys.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      store_key_gradients(p, s, batch, kv_head, key0 + key_local[half], half, 0, dk, dv);
     }
-    current = next;
+    __syncthreads();  // the next key block's loads may overwrite every tile
   }
-  cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
-  if (reduces_dq) bulk_wait<0>();  // the staging buffers stay until the reductions have read them
-
-  // dK and dV for this warpgroup's keys.
-#pragma unroll
-  for (int half = 0; half < 2; ++half) store_key_gradients(p, s, batch, kv_head, key0 + key_local[half], half, 0, dk, dv);
 }
 
 }  // namespace fap

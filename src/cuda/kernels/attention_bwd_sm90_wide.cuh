@@ -10,8 +10,9 @@
 //                                        stage's Q and dO tiles were (nothing reads them any more) and added
 //                                        to the fp32 accumulator by two bulk reductions of the TMA unit
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async; the next step's loads start once both
-// warpgroups are done with S^T, dP^T and the reductions have read the stage. No fixed order of the dQ
-// additions, so the deterministic mode and dropout use the mma.sync kernel (the dispatch table decides).
+// warpgroups are done with S^T, dP^T and the reductions have read the stage. Every CTA adds to each dQ
+// element: in no fixed order, except in the deterministic mode (one accumulator slice per CTA). Dropout uses
+// the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (256), FAP_BLOCK_M (64), FAP_BLOCK_N (64), FAP_WARPS (8),
 // FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
@@ -34,7 +35,7 @@ __device__ __forceinline__ void store_transposed_scores(unsigned char* tile, con
     }
 }
 
-// Grid (key blocks, batch, kv heads), 256 threads.
+// Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   static_assert(FAP_HEAD_DIM == 256 && FAP_BLOCK_M == 64 && FAP_BLOCK_N == 64, "the tile shape this kernel is for");
   constexpr int kKvBytes = FAP_BLOCK_N * FAP_HEAD_DIM * 2, kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
@@ -51,135 +52,145 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   float* lse_rows = reinterpret_cast<float*>(dst_tile + kScoreBytes);  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
 
-  const int batch = blockIdx.y, kv_head = blockIdx.z, key_block = blockIdx.x;
+  const int batch = blockIdx.y, kv_head = blockIdx.z;
   const SequenceRows s = sequence_rows(p, batch);
-  const int key0 = key_block * FAP_BLOCK_N;
-  if (key0 >= s.len_k) return;
   // Broadcast from lane 0 so that the compiler knows the warpgroup is uniform in each warp.
   const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const int query_offset = warpgroup * 32, col0 = warpgroup * 128;
-
-  const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
-  const int steps = blocks.count * p.group_size;  // (query head of the group, query block) pairs
-  const int first_q0 = blocks.first * FAP_BLOCK_M, end_q0 = (blocks.first + blocks.count) * FAP_BLOCK_M;
-  const auto load_step = [&](QueryStep at, int stage) {
-    load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
-                                 dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
-  };
-  load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-  QueryStep current = {kv_head * p.group_size, first_q0};
-  if (steps > 0) load_step(current, 0);
-  cp_async_commit();
-
+  const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
+  float* dq_slice = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0);
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
                      pt_address = shared_address(pt_tile), dst_address = shared_address(dst_tile);
-  float dk[16][4], dv[16][4];  // this warpgroup's 128 columns
-#pragma unroll
-  for (int i = 0; i < 16; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
-  const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
-  for (int step = 0; step < steps; ++step) {
-    const int stage = step & 1, head = current.head, q0 = current.q0;
-    const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
-    cp_async_wait_all();
-    fence_proxy_async();
-    __syncthreads();  // this stage's tiles are in; both warpgroups are done with P^T and dS^T
-    unsigned char* q_tile = q_tiles + stage * kQBytes;
-    unsigned char* do_tile = do_tiles + stage * kQBytes;
-    const unsigned int q_address = shared_address(q_tile), do_address = shared_address(do_tile);
+  // One key block per CTA, or in the deterministic mode every gridDim.x-th: each CTA adds into a slice of
+  // the accumulator of its own, one key block after the other (a fixed order of the additions).
+  for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
+    const int key0 = key_block * FAP_BLOCK_N;
 
-    // S^T = K Q^T and dP^T = V dO^T for the 64 keys and this warpgroup's 32 queries.
-    float st[4][4], dpt[4][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-      wgmma_ss<32>(&st[0][0], k_major_descriptor<FAP_BLOCK_N>(k_address, 0, kk),
-                   k_major_descriptor<FAP_BLOCK_M>(q_address, query_offset, kk), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-      wgmma_ss<32>(&dpt[0][0], k_major_descriptor<FAP_BLOCK_N>(v_address, 0, kk),
-                   k_major_descriptor<FAP_BLOCK_M>(do_address, query_offset, kk), kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers<16>(&st[0][0]);
-    fence_registers<16>(&dpt[0][0]);
-
-    // P^T and dS^T (the derivative with respect to the scaled, capped score), in place, then to shared memory.
-    const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
-    const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
-    const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
-    const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;
-    if (needs_mask) {
-      softmax_gradients<true>(st, dpt, p, s, slope, q0, query_offset, key0, key_local, lse_stage, dsum_stage);
-    } else {
-      softmax_gradients<false>(st, dpt, p, s, slope, q0, query_offset, key0, key_local, lse_stage, dsum_stage);
-    }
-    store_transposed_scores(pt_tile, st, key_local, query_offset);
-    store_transposed_scores(dst_tile, dpt, key_local, query_offset);
-    fence_proxy_async();
-    if (reduces_dq) bulk_wait_read<0>();  // the last step's dQ reductions have read the other stage
-    __syncthreads();  // P^T, dS^T complete; both warpgroups are done reading S^T's and dP^T's operands
-
-    // The next step's loads, into the other stage, while this one's products run.
-    if (step + 1 < steps) load_step(next, stage ^ 1);
+    const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
+    const int steps = blocks.count * p.group_size;  // (query head of the group, query block) pairs
+    const int first_q0 = blocks.first * FAP_BLOCK_M, end_q0 = (blocks.first + blocks.count) * FAP_BLOCK_M;
+    const auto load_step = [&](QueryStep at, int stage) {
+      load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
+                                   dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
+    };
+    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+    QueryStep current = {kv_head * p.group_size, first_q0};
+    if (steps > 0) load_step(current, 0);
     cp_async_commit();
 
-    // dV += P^T dO, dK += dS^T Q (this warpgroup's columns of dO and Q, MN-major), dQ = dS K (dS^T read
-    // transposed, K's columns MN-major).
-    float dq[16][4];
-    wgmma_fence();
+    float dk[16][4], dv[16][4];  // this warpgroup's 128 columns
 #pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
-      wgmma_ss<128>(&dv[0][0], k_major_descriptor<FAP_BLOCK_N>(pt_address, 0, kk),
-                    mn_major_descriptor<FAP_BLOCK_M>(do_address + warpgroup * kHalfBytes, kk), 1, Transpose::kB);
-    }
+    for (int i = 0; i < 16; ++i)
 #pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
-      wgmma_ss<128>(&dk[0][0], k_major_descriptor<FAP_BLOCK_N>(dst_address, 0, kk),
-                    mn_major_descriptor<FAP_BLOCK_M>(q_address + warpgroup * kHalfBytes, kk), 1, Transpose::kB);
-    }
-#pragma unroll
-    for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
-      wgmma_ss<128>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(dst_address, kk),
-                    mn_major_descriptor<FAP_BLOCK_N>(k_address + warpgroup * FAP_BLOCK_N * 256, kk), kk > 0,
-                    Transpose::kBoth);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers<64>(&dv[0][0]);
-    fence_registers<64>(&dk[0][0]);
-    fence_registers<64>(&dq[0][0]);
+      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
-    // dQ's two 64-column blocks into this warpgroup's halves of the Q and dO tiles (only it reads them after
-    // the barrier above), then added by the TMA unit. Rows past the sequence hold zeros (their P is 0) and
-    // land in the tile's padding.
-    float* staging[2] = {reinterpret_cast<float*>(q_tile + warpgroup * kHalfBytes),
-                         reinterpret_cast<float*>(do_tile + warpgroup * kHalfBytes)};
-    stage_fragment<8>(staging[0], &dq[0]);
-    stage_fragment<8>(staging[1], &dq[8]);
-    fence_proxy_async();
-    named_barrier_sync(1 + warpgroup, 128);  // the warpgroup's dQ is staged
-    if (reduces_dq) {
-      for (int half = 0; half < 2; ++half) {
-        bulk_reduce_add(p.dq_accum + dq_accum_offset(p, s, batch, q0, head, col0 + half * 64),
-                        shared_address(staging[half]), kHalfBytes);
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step & 1, head = current.head, q0 = current.q0;
+      const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
+      cp_async_wait_all();
+      fence_proxy_async();
+      __syncthreads();  // this stage's tiles are in; both warpgroups are done with P^T and dS^T
+      unsigned char* q_tile = q_tiles + stage * kQBytes;
+      unsigned char* do_tile = do_tiles + stage * kQBytes;
+      const unsigned int q_address = shared_address(q_tile), do_address = shared_address(do_tile);
+
+      // S^T = K Q^T and dP^T = V dO^T for the 64 keys and this warpgroup's 32 queries.
+      float st[4][4], dpt[4][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        wgmma_ss<32>(&st[0][0], k_major_descriptor<FAP_BLOCK_N>(k_address, 0, kk),
+                     k_major_descriptor<FAP_BLOCK_M>(q_address, query_offset, kk), kk > 0);
       }
-      bulk_commit();
-    }
-    current = next;
-  }
-  cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
-  if (reduces_dq) bulk_wait<0>();  // the staging buffers stay until the reductions have read them
-
-  // dK and dV for the 64 keys, this warpgroup's columns.
 #pragma unroll
-  for (int half = 0; half < 2; ++half) store_key_gradients(p, s, batch, kv_head, key0 + key_local[half], half, col0, dk, dv);
+      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        wgmma_ss<32>(&dpt[0][0], k_major_descriptor<FAP_BLOCK_N>(v_address, 0, kk),
+                     k_major_descriptor<FAP_BLOCK_M>(do_address, query_offset, kk), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers<16>(&st[0][0]);
+      fence_registers<16>(&dpt[0][0]);
+
+      // P^T and dS^T (the derivative with respect to the scaled, capped score), in place, then to shared memory.
+      const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
+      const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
+      const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
+      const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;
+      if (needs_mask) {
+        softmax_gradients<true>(st, dpt, p, s, slope, q0, query_offset, key0, key_local, lse_stage, dsum_stage);
+      } else {
+        softmax_gradients<false>(st, dpt, p, s, slope, q0, query_offset, key0, key_local, lse_stage, dsum_stage);
+      }
+      store_transposed_scores(pt_tile, st, key_local, query_offset);
+      store_transposed_scores(dst_tile, dpt, key_local, query_offset);
+      fence_proxy_async();
+      if (reduces_dq) bulk_wait_read<0>();  // the last step's dQ reductions have read the other stage
+      __syncthreads();  // P^T, dS^T complete; both warpgroups are done reading S^T's and dP^T's operands
+
+      // The next step's loads, into the other stage, while this one's products run.
+      if (step + 1 < steps) load_step(next, stage ^ 1);
+      cp_async_commit();
+
+      // dV += P^T dO, dK += dS^T Q (this warpgroup's columns of dO and Q, MN-major), dQ = dS K (dS^T read
+      // transposed, K's columns MN-major).
+      float dq[16][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
+        wgmma_ss<128>(&dv[0][0], k_major_descriptor<FAP_BLOCK_N>(pt_address, 0, kk),
+                      mn_major_descriptor<FAP_BLOCK_M>(do_address + warpgroup * kHalfBytes, kk), 1, Transpose::kB);
+      }
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
+        wgmma_ss<128>(&dk[0][0], k_major_descriptor<FAP_BLOCK_N>(dst_address, 0, kk),
+                      mn_major_descriptor<FAP_BLOCK_M>(q_address + warpgroup * kHalfBytes, kk), 1, Transpose::kB);
+      }
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
+        wgmma_ss<128>(&dq[0][0], mn_major_descriptor<FAP_BLOCK_N>(dst_address, kk),
+                      mn_major_descriptor<FAP_BLOCK_N>(k_address + warpgroup * FAP_BLOCK_N * 256, kk), kk > 0,
+                      Transpose::kBoth);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers<64>(&dv[0][0]);
+      fence_registers<64>(&dk[0][0]);
+      fence_registers<64>(&dq[0][0]);
+
+      // dQ's two 64-column blocks into this warpgroup's halves of the Q and dO tiles (only it reads them after
+      // the barrier above), then added by the TMA unit. Rows past the sequence hold zeros (their P is 0) and
+      // land in the tile's padding.
+      float* staging[2] = {reinterpret_cast<float*>(q_tile + warpgroup * kHalfBytes),
+                           reinterpret_cast<float*>(do_tile + warpgroup * kHalfBytes)};
+      stage_fragment<8>(staging[0], &dq[0]);
+      stage_fragment<8>(staging[1], &dq[8]);
+      fence_proxy_async();
+      named_barrier_sync(1 + warpgroup, 128);  // the warpgroup's dQ is staged
+      if (reduces_dq) {
+        for (int half = 0; half < 2; ++half) {
+          bulk_reduce_add(dq_slice + dq_accum_offset(p, s, batch, q0, head, col0 + half * 64),
+                          shared_address(staging[half]), kHalfBytes);
+        }
+        bulk_commit();
+      }
+      current = next;
+    }
+    cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
+    // The staging buffers stay until the reductions have read them; in the deterministic mode the next key
+    // block's additions come after these.
+    if (reduces_dq) bulk_wait<0>();
+
+    // dK and dV for the 64 keys, this warpgroup's columns.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      store_key_gradients(p, s, batch, kv_head, key0 + key_local[half], half, col0, dk, dv);
+    }
+    __syncthreads();  // the next key block's loads may overwrite every tile
+  }
 }
 
 }  // namespace fap
