@@ -1,10 +1,12 @@
 """Backward on the GPU: TFLOP/s of our CUDA backward beside torch SDPA's flash and cuDNN backwards (same run,
-bf16, 16k tokens per shape), the deterministic mode's bitwise reproducibility over 10 runs and its cost.
+bf16, 16k tokens per shape; each implementation timed in 3 interleaved rounds, the median kept), the
+deterministic mode's bitwise reproducibility over 10 runs and its cost.
 FLOPs: FlashAttention's convention, backward = 2.5 x forward (4 b h s^2 d, half when causal).
 
     python bench/gpu_backward.py --out DIR      (needs flash_attn_plus importable and a CUDA GPU)
 """
 import argparse
+import contextlib
 import json
 import os
 
@@ -16,10 +18,45 @@ import flash_attn_plus as fap
 from timing import time_ms
 
 
-def backward_ms(forward, inputs, dout):
-    """Median time of the backward alone (the graph is kept between runs)."""
-    out = forward(*inputs)
-    return time_ms(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True), warmup=3, repeat=10)
+ROUNDS = 3  # each implementation is timed once per round, the rounds interleaved; the median round is kept
+
+
+@contextlib.contextmanager
+def portable_kernels():
+    os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"]
+
+
+def backward_timer(forward, inputs, dout, context=contextlib.nullcontext):
+    """A function timing the backward alone (median of 10 after 3 warm-ups; the forward runs once, on the first
+    call, and its graph is kept between runs)."""
+    graph = []
+
+    def timed():
+        with context():
+            if not graph:
+                graph.append(forward(*inputs))
+            return time_ms(lambda: torch.autograd.grad(graph[0], inputs, dout, retain_graph=True), warmup=3, repeat=10)
+    return timed
+
+
+def implementations(q, k, v, dout, causal):
+    """(name, timer) of every implementation the GPU runs."""
+    ours = lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal)
+    timers = [("ours", backward_timer(ours, (q, k, v), dout))]
+    if torch.cuda.get_device_capability() == (9, 0):  # the portable kernels on the same GPU
+        timers.append(("ours_mma_sync", backward_timer(ours, (q, k, v), dout, portable_kernels)))
+    timers.append(("ours_deterministic", backward_timer(
+        lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal, deterministic=True), (q, k, v), dout)))
+    tq, tk, tv = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        timers.append((name, backward_timer(sdpa, (tq, tk, tv), dout.transpose(1, 2),
+                                            lambda backend=backend: sdpa_kernel(backend))))
+    return timers
 
 
 def benchmark():
@@ -33,26 +70,19 @@ def benchmark():
                 dout = torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16)
                 flops = 2.5 * 4 * b * heads * s * s * d / (2 if causal else 1)
                 row = {"d": d, "heads": heads, "batch": b, "seqlen": s, "causal": causal}
-                row["ours_ms"] = backward_ms(lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
-                if torch.cuda.get_device_capability() == (9, 0):  # the portable kernels on the same GPU
-                    os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"] = "1"
-                    row["ours_mma_sync_ms"] = backward_ms(lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal),
-                                                          (q, k, v), dout)
-                    del os.environ["FLASH_ATTENTION_PLUS_PORTABLE_KERNELS"]
-                row["ours_deterministic_ms"] = backward_ms(
-                    lambda q, k, v: fap.flash_attn_func(q, k, v, causal=causal, deterministic=True), (q, k, v), dout)
-                tq, tk, tv = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-                for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-                    try:
-                        with sdpa_kernel(backend):
-                            row[name + "_ms"] = backward_ms(
-                                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (tq, tk, tv),
-                                dout.transpose(1, 2))
-                    except RuntimeError as error:
-                        row[name + "_ms"], row[name + "_error"] = None, str(error)[:200]
-                for key in ("ours", "ours_mma_sync", "ours_deterministic", "sdpa_flash", "sdpa_cudnn"):
-                    if row.get(key + "_ms"):
-                        row[key + "_tflops"] = flops / row[key + "_ms"] / 1e9
+                times, timers = {}, implementations(q, k, v, dout, causal)
+                for _ in range(ROUNDS):
+                    for name, timer in timers:
+                        if name + "_error" in row:
+                            continue
+                        try:
+                            times.setdefault(name, []).append(timer())
+                        except RuntimeError as error:  # an SDPA backend that does not take the shape
+                            row[name + "_ms"], row[name + "_error"] = None, str(error)[:200]
+                            times.pop(name, None)
+                for name, values in times.items():
+                    row[name + "_ms"] = sorted(values)[len(values) // 2]
+                    row[name + "_tflops"] = flops / row[name + "_ms"] / 1e9
                 rows.append(row)
                 print(f"bwd d={d} s={s} causal={causal}: ours {row['ours_tflops']:.0f} mma.sync "
                       f"{row.get('ours_mma_sync_tflops', 0):.0f} flash "

@@ -28,7 +28,11 @@ def round_multiple(x, m):
 
 
 def _device_guard(tensor):
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+    """Makes the tensor's CUDA device current for the call, where it is not already (switching costs tens of
+    microseconds per call)."""
+    if tensor.device.type != "cuda" or tensor.device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def _draw_dropout_rng(device, increment):
@@ -150,8 +154,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen
     return out, lse, probs, torch.empty(2, dtype=torch.int64)
 
 
-@torch.library.custom_op("flash_attn_plus::bwd", mutates_args=())
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
+def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
                        cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                        max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
                        softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Tensor,
@@ -168,6 +171,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                                   spec(softmax_lse), spec(dq), spec(dk), spec(dv), spec(cu_seqlens_q),
                                   spec(cu_seqlens_k), max_seqlen_q, max_seqlen_k, options, stream_of(q), allocate))
     return dq, dk, dv
+
+
+attention_backward = torch.library.custom_op("flash_attn_plus::bwd", _run_backward, mutates_args=())
 
 
 @attention_backward.register_fake
@@ -194,8 +200,11 @@ def _backward(ctx, dout, _dlse, _dprobs, _drng):
     max_q, max_k, scale, causal, left, right, softcap, dropout_p, deterministic = ctx.settings
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal,
-                                    left, right, softcap, alibi_slopes, dropout_p, rng_state, deterministic)
+    # The op where torch.compile traces the backward; else the function itself (the op's dispatch layers cost
+    # more host time than the rest of the call).
+    backward = attention_backward if torch.compiler.is_compiling() else _run_backward
+    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, left, right,
+                          softcap, alibi_slopes, dropout_p, rng_state, deterministic)
     return (dq, dk, dv) + (None,) * 14
 
 
