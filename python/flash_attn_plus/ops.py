@@ -187,6 +187,7 @@ def _setup_context(ctx, inputs, output):
      window_right, softcap, alibi_slopes, dropout_p, _return_softmax, deterministic) = inputs
     out, lse, _probs, rng_state = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of lse, S_dmask and rng_state (unused)
     ctx.paged = block_table is not None
     ctx.settings = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
                     deterministic)
@@ -198,7 +199,9 @@ def _backward(ctx, dout, _dlse, _dprobs, _drng):
                                        "(FlashAttention-2 has none either)")
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
     max_q, max_k, scale, causal, left, right, softcap, dropout_p, deterministic = ctx.settings
-    if dout.stride(-1) != 1:
+    if dout is None:  # the loss does not depend on out
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
         dout = dout.contiguous()
     # The op where torch.compile traces the backward; else the function itself (the op's dispatch layers cost
     # more host time than the rest of the call).
