@@ -28,11 +28,9 @@ def round_multiple(x, m):
 
 
 def _device_guard(tensor):
-    """Makes the tensor's CUDA device current for the call, where it is not already (switching costs tens of
-    microseconds per call)."""
-    if tensor.device.type != "cuda" or tensor.device.index in (None, torch.cuda.current_device()):
-        return contextlib.nullcontext()
-    return torch.cuda.device(tensor.device)
+    # Also where torch's current device is already the tensor's: entering it makes the device's context
+    # current on this thread (autograd runs CUDA backwards on a thread of its own).
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _draw_dropout_rng(device, increment):
@@ -154,7 +152,8 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen
     return out, lse, probs, torch.empty(2, dtype=torch.int64)
 
 
-def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
+@torch.library.custom_op("flash_attn_plus::bwd", mutates_args=())
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
                        cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                        max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
                        softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Tensor,
@@ -171,9 +170,6 @@ def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, so
                                   spec(softmax_lse), spec(dq), spec(dk), spec(dv), spec(cu_seqlens_q),
                                   spec(cu_seqlens_k), max_seqlen_q, max_seqlen_k, options, stream_of(q), allocate))
     return dq, dk, dv
-
-
-attention_backward = torch.library.custom_op("flash_attn_plus::bwd", _run_backward, mutates_args=())
 
 
 @attention_backward.register_fake
@@ -203,11 +199,8 @@ def _backward(ctx, dout, _dlse, _dprobs, _drng):
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
         dout = dout.contiguous()
-    # The op where torch.compile traces the backward; else the function itself (the op's dispatch layers cost
-    # more host time than the rest of the call).
-    backward = attention_backward if torch.compiler.is_compiling() else _run_backward
-    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, left, right,
-                          softcap, alibi_slopes, dropout_p, rng_state, deterministic)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal,
+                                    left, right, softcap, alibi_slopes, dropout_p, rng_state, deterministic)
     return (dq, dk, dv) + (None,) * 14
 
 
