@@ -29,12 +29,17 @@ struct DeviceInfo {
   int ordinal, compute_capability, max_shared;
 };
 
+// The calling thread's context, checked against the tensors' device. A thread with none gets the primary
+// context of the tensors' device, as the CUDA runtime's first call on a thread does (autograd's CUDA thread
+// may reach the backward before any runtime call there).
 DeviceInfo current_device(const DriverApi& api, int expected_ordinal) {
   DeviceInfo info{};
   check(api, api.cuCtxGetCurrent(&info.context), "cuCtxGetCurrent");
   if (!info.context) {
-    fail(FAP_ERROR_DEVICE, "no current CUDA context on this thread: make the tensors' device current first "
-                           "(torch does this for its tensors)");
+    CUdevice device = 0;
+    check(api, api.cuDeviceGet(&device, expected_ordinal), "cuDeviceGet");
+    check(api, api.cuDevicePrimaryCtxRetain(&info.context, device), "cuDevicePrimaryCtxRetain");
+    check(api, api.cuCtxSetCurrent(info.context), "cuCtxSetCurrent");
   }
   CUdevice device = 0;
   check(api, api.cuCtxGetDevice(&device), "cuCtxGetDevice");
