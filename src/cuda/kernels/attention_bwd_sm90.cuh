@@ -50,23 +50,15 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
                      ds_address = shared_address(ds_tile);
 
+  const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
+
   // One key block per CTA, or in the deterministic mode every gridDim.x-th: each CTA adds into a slice of
   // the accumulator of its own, one key block after the other (a fixed order of the additions).
   for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-    const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
-    const int first_block = blocks.first, query_blocks = blocks.count;
-    const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
-
-    const int first_q0 = first_block * FAP_BLOCK_M, end_q0 = (first_block + query_blocks) * FAP_BLOCK_M;
-    const auto load_step = [&](QueryStep at, int stage) {
-      load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
-                                   dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
-    };
-    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-    QueryStep current = {kv_head * p.group_size, first_q0};
-    if (steps > 0) load_step(current, 0);
-    cp_async_commit();
+    const KeyBlockSteps steps =
+        start_key_block<FAP_BLOCK_M, FAP_BLOCK_N>(k_tile, v_tile, stages, p, s, batch, kv_head, key0);
+    QueryStep current = {kv_head * p.group_size, steps.first_q0};
 
     float dk[FAP_HEAD_DIM / 8][4], dv[FAP_HEAD_DIM / 8][4];
 #pragma unroll
@@ -74,9 +66,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
-    for (int step = 0; step < steps; ++step) {
+    for (int step = 0; step < steps.count; ++step) {
       const int stage = step & 1, head = current.head, q0 = current.q0;
-      const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
+      const QueryStep next = following_step<FAP_BLOCK_M>(current, steps.first_q0, steps.end_q0);
       if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
       cp_async_wait_all();
       fence_proxy_async();
@@ -101,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
       wgmma_commit();
       // The next step's loads while the products run.
-      if (step + 1 < steps) load_step(next, stage ^ 1);
+      if (step + 1 < steps.count) stages.load(p, s, batch, next, stage ^ 1);
       cp_async_commit();
       wgmma_wait<0>();
       fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
@@ -181,10 +173,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
       current = next;
     }
-    cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
-    // The staging buffers stay until the reductions have read them; in the deterministic mode the next key
-    // block's additions come after these.
-    if (reduces_dq) bulk_wait<0>();
+    finish_key_block(reduces_dq);
 
     // dK and dV for this warpgroup's keys.
 #pragma unroll

@@ -69,6 +69,52 @@ __device__ __forceinline__ QueryStep following_step(QueryStep at, int first_q0, 
   return at;
 }
 
+// The double-buffered tiles of a step: Q and dO (swizzled, tile_bytes each), LSE and D rows.
+template <int BLOCK_M>
+struct QueryStages {
+  unsigned char* q_tiles;
+  unsigned char* do_tiles;
+  float* lse_rows;
+  float* dsum_rows;
+  int tile_bytes;
+
+  // Starts the loads of a step into `stage`.
+  __device__ __forceinline__ void load(const AttentionBwdParams& p, const SequenceRows& s, int batch, QueryStep at,
+                                       int stage) const {
+    load_query_step<BLOCK_M>(q_tiles + stage * tile_bytes, do_tiles + stage * tile_bytes, lse_rows + stage * BLOCK_M,
+                             dsum_rows + stage * BLOCK_M, p, s, batch, at.head, at.q0);
+  }
+};
+
+// A key block's steps: `count` (query head of the group, query block) pairs, the blocks from first_q0 to
+// end_q0 of each head.
+struct KeyBlockSteps {
+  int count, first_q0, end_q0;
+};
+
+// Starts a key block: the loads of its K and V tiles and of its first step (into stage 0).
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ KeyBlockSteps start_key_block(unsigned char* k_tile, unsigned char* v_tile,
+                                                         const QueryStages<BLOCK_M>& stages,
+                                                         const AttentionBwdParams& p, const SequenceRows& s,
+                                                         int batch, int kv_head, int key0) {
+  const QueryBlocks blocks = query_blocks_for_keys<BLOCK_M, BLOCK_N>(p, s, key0);
+  const KeyBlockSteps steps = {blocks.count * p.group_size, blocks.first * BLOCK_M,
+                               (blocks.first + blocks.count) * BLOCK_M};
+  load_key_tiles<BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+  if (steps.count > 0) stages.load(p, s, batch, {kv_head * p.group_size, steps.first_q0}, 0);
+  cp_async_commit();
+  return steps;
+}
+
+// Ends a key block's steps: its loads landed (a key block no query sees still has them in flight) and, for
+// the threads that issued them, its dQ reductions complete, so that the staging buffers may be reused and
+// in the deterministic mode the next key block's additions come after these.
+__device__ __forceinline__ void finish_key_block(bool reduces_dq) {
+  cp_async_wait_all();
+  if (reduces_dq) bulk_wait<0>();
+}
+
 // S^T -> P^T and dP^T -> dS^T = P^T (dP^T - D) (times the softcap's derivative) in place, for a
 // warpgroup's 64 keys x 8 QUERIES8 queries from query_offset in the step's block; MASKED tiles cross a mask
 // boundary (separate code, so that the others pay nothing for it).

@@ -64,22 +64,15 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
                      pt_address = shared_address(pt_tile), dst_address = shared_address(dst_tile);
 
+  const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
+
   // One key block per CTA, or in the deterministic mode every gridDim.x-th: each CTA adds into a slice of
   // the accumulator of its own, one key block after the other (a fixed order of the additions).
   for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-
-    const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
-    const int steps = blocks.count * p.group_size;  // (query head of the group, query block) pairs
-    const int first_q0 = blocks.first * FAP_BLOCK_M, end_q0 = (blocks.first + blocks.count) * FAP_BLOCK_M;
-    const auto load_step = [&](QueryStep at, int stage) {
-      load_query_step<FAP_BLOCK_M>(q_tiles + stage * kQBytes, do_tiles + stage * kQBytes, lse_rows + stage * FAP_BLOCK_M,
-                                   dsum_rows + stage * FAP_BLOCK_M, p, s, batch, at.head, at.q0);
-    };
-    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-    QueryStep current = {kv_head * p.group_size, first_q0};
-    if (steps > 0) load_step(current, 0);
-    cp_async_commit();
+    const KeyBlockSteps steps =
+        start_key_block<FAP_BLOCK_M, FAP_BLOCK_N>(k_tile, v_tile, stages, p, s, batch, kv_head, key0);
+    QueryStep current = {kv_head * p.group_size, steps.first_q0};
 
     float dk[16][4], dv[16][4];  // this warpgroup's 128 columns
 #pragma unroll
@@ -87,9 +80,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
 
-    for (int step = 0; step < steps; ++step) {
+    for (int step = 0; step < steps.count; ++step) {
       const int stage = step & 1, head = current.head, q0 = current.q0;
-      const QueryStep next = following_step<FAP_BLOCK_M>(current, first_q0, end_q0);
+      const QueryStep next = following_step<FAP_BLOCK_M>(current, steps.first_q0, steps.end_q0);
       cp_async_wait_all();
       fence_proxy_async();
       __syncthreads();  // this stage's tiles are in; both warpgroups are done with P^T and dS^T
@@ -132,7 +125,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       __syncthreads();  // P^T, dS^T complete; both warpgroups are done reading S^T's and dP^T's operands
 
       // The next step's loads, into the other stage, while this one's products run.
-      if (step + 1 < steps) load_step(next, stage ^ 1);
+      if (step + 1 < steps.count) stages.load(p, s, batch, next, stage ^ 1);
       cp_async_commit();
 
       // dV += P^T dO, dK += dS^T Q (this warpgroup's columns of dO and Q, MN-major), dQ = dS K (dS^T read
@@ -179,10 +172,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
       current = next;
     }
-    cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
-    // The staging buffers stay until the reductions have read them; in the deterministic mode the next key
-    // block's additions come after these.
-    if (reduces_dq) bulk_wait<0>();
+    finish_key_block(reduces_dq);
 
     // dK and dV for the 64 keys, this warpgroup's columns.
 #pragma unroll
