@@ -1,0 +1,47 @@
+"""Host time per call (CPU wall time of back-to-back calls on a tiny problem, so the GPU never holds the host
+back): our forward and backward through the Python package, torch SDPA's backward beside them, and a
+cProfile of our backward's Python layers.
+
+    python bench/host_overhead.py      (needs flash_attn_plus importable and a CUDA GPU)
+"""
+import cProfile
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+import flash_attn_plus as fap
+
+
+def host_us(fn, calls=500):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main():
+    q, k, v = (torch.randn(1, 128, 1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = fap.flash_attn_func(q, k, v)
+    dout = torch.randn_like(out)
+    backward = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    tq, tk, tv = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    sdpa_out = F.scaled_dot_product_attention(tq, tk, tv)
+    sdpa_backward = lambda: torch.autograd.grad(sdpa_out, (tq, tk, tv), dout.transpose(1, 2), retain_graph=True)
+    print(f"host time per backward call: {host_us(backward):.1f} us")
+    print(f"host time per forward call: {host_us(lambda: fap.flash_attn_func(q, k, v)):.1f} us")
+    print(f"SDPA host time per backward call: {host_us(sdpa_backward):.1f} us")
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [backward() for _ in range(300)])
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+
+
+if __name__ == "__main__":
+    main()
