@@ -13,21 +13,6 @@ import flash_attn_plus as fap
 from timing import time_ms
 
 
-def back_to_back_ms(fn, calls=10, repeat=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def kernel_times_us(fn, calls=5):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         for _ in range(calls):
@@ -51,7 +36,7 @@ def main():
                                                            retain_graph=True)}
         for name, fn in calls.items():
             print(f"causal={causal} {name}: latency {time_ms(fn, warmup=3, repeat=15):.3f} ms, "
-                  f"back-to-back {back_to_back_ms(fn):.3f} ms", flush=True)
+                  f"back-to-back {time_ms(fn, warmup=1, repeat=5, calls=10):.3f} ms", flush=True)
         for kernel, us in kernel_times_us(calls["ours"]).items():
             print(f"  {kernel[:48]:48s} {us:8.1f} us", flush=True)
 

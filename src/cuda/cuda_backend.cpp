@@ -154,14 +154,14 @@ AttentionFwdParams forward_params(const AttentionProblem& p) {
 // The backward's workspace: rowsum(dout * out) and the LSE in base-2 units per (head, row), then the fp32
 // dQ accumulator, one slice per split. Deterministic mode gives each (batch, kv head) `splits` CTAs that own
 // a slice each (about 256 CTAs in all, so the GPU stays busy without a slice per key block); otherwise one
-// slice takes atomics. Rows are "padded rows" (attention_bwd_common.cuh): every sequence starts at a
-// multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows fill.
+// slice takes every CTA's additions. Rows are "padded rows" (attention_bwd_common.cuh): every sequence
+// starts at a multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows
+// (batch * seqlen_q, varlen: total_q) fill.
 struct BackwardWorkspace {
-  int64_t rows, padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset;
+  int64_t padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset;
 
   BackwardWorkspace(const AttentionProblem& p, const BackwardConfig& config)
-      : rows(p.varlen ? p.total_q : p.batch * p.total_q),
-        padded_rows((rows / 128 + p.batch + 1) * 128),
+      : padded_rows(((p.varlen ? p.total_q : p.batch * p.total_q) / 128 + p.batch + 1) * 128),
         heads_q(p.heads_q),
         head_dim(config.head_dim) {
     if (p.deterministic) {
