@@ -5,7 +5,9 @@
  * ALiBi, dropout, MQA/GQA, LSE, varlen) behind plain C: tensors are described by fap_tensor views
  * (pointer, dtype, device, shape, strides in elements), every call takes the caller's stream and a
  * caller-provided workspace (16-byte aligned) whose size is asked for first, and every failure returns a status plus a
- * thread-local message that names the offending argument (fap_last_error()).
+ * thread-local message that names the offending argument (fap_last_error()). A call is planned once (arguments
+ * checked, backend and kernel chosen, workspace laid out) and then run: fap_plan_* below, or the fap_mha_*
+ * functions, which plan and run in one call.
  *
  * Layouts (the same as FlashAttention-2's Python API):
  *   dense   q (batch, seqlen_q, heads, head_dim)   k, v (batch, seqlen_k, heads_k, head_dim)
@@ -34,7 +36,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout. */
-#define FAP_API_VERSION 2
+#define FAP_API_VERSION 3
 
 typedef enum fap_status {
   FAP_SUCCESS = 0,
@@ -131,6 +133,43 @@ FAP_API fap_status fap_set_backend(const char* name);
 FAP_API const char* fap_get_backend(void);
 /* Which backend a call with tensors on this device would run on now. */
 FAP_API fap_status fap_resolve_backend(fap_device_type device_type, const char** name);
+
+/* Plan, then run. fap_plan_fwd / fap_plan_bwd check every argument, pick the backend and the kernel
+ * configuration (compiling it on first use), and lay out the workspace, once; fap_plan_run then only launches,
+ * any number of times. A plan keeps the tensor views of args (pointers, shapes, strides), not the memory behind
+ * them: run it while that memory is alive. CUDA plans belong to the context that was current (or, with none, the
+ * primary context of the tensors' device) when they were made. varlen: 0 for the dense layout, 1 for varlen. */
+typedef struct fap_plan fap_plan;
+
+FAP_API fap_status fap_plan_fwd(const fap_fwd_args* args, const fap_options* options, int32_t varlen,
+                                fap_plan** plan);
+FAP_API fap_status fap_plan_bwd(const fap_bwd_args* args, const fap_options* options, int32_t varlen,
+                                fap_plan** plan);
+FAP_API fap_status fap_plan_workspace_size(const fap_plan* plan, size_t* bytes);
+/* The backend's name and the kernel configuration's ("" where there is none, e.g. on the CPU); valid while the
+ * plan lives. */
+FAP_API fap_status fap_plan_describe(const fap_plan* plan, const char** backend, const char** kernel);
+/* workspace: at least fap_plan_workspace_size() bytes, 16-byte aligned, on the tensors' device. */
+FAP_API fap_status fap_plan_run(const fap_plan* plan, void* stream, void* workspace, size_t workspace_bytes);
+FAP_API void fap_plan_destroy(fap_plan* plan); /* NULL is ignored */
+
+/* Checks every argument of a forward call as fap_plan_fwd does, and nothing more: no backend is chosen, no
+ * kernel compiled (for callers that run the call elsewhere but want the library's validation). */
+FAP_API fap_status fap_check_fwd(const fap_fwd_args* args, const fap_options* options, int32_t varlen);
+
+/* The kernels of one kind of call, for compiling them ahead of use: a kernel configuration depends on these
+ * and never on batch size or sequence lengths. */
+typedef struct fap_kernel_spec {
+  int32_t backward; /* 0: the forward's kernels, 1: the backward's */
+  int32_t dtype;    /* FAP_DTYPE_FLOAT16 or FAP_DTYPE_BFLOAT16 */
+  int32_t head_dim; /* 1..256 */
+  int32_t window;   /* causal or a sliding window */
+  int32_t softcap, alibi, dropout;
+} fap_kernel_spec;
+
+/* Compiles (or loads from the disk cache) the CUDA kernels of every spec for the GPU device_index, so that
+ * later calls find them loaded. */
+FAP_API fap_status fap_precompile(const fap_kernel_spec* specs, int32_t count, int32_t device_index);
 
 FAP_API fap_status fap_mha_fwd_workspace_size(const fap_fwd_args* args, const fap_options* options,
                                               size_t* bytes);

@@ -9,6 +9,11 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.int
 _DEVICE_CODES = {"cpu": 0, "cuda": 1}
 
 
+def dtype_code(dtype):
+    """fap_dtype's code of a torch dtype (-1: one the library does not know)."""
+    return _DTYPE_CODES.get(dtype, -1)
+
+
 def spec(tensor):
     if tensor is None:
         return None
@@ -19,19 +24,14 @@ def spec(tensor):
 
 def stream_of(tensor):
     """The CUstream to queue work on: torch's current stream of the tensor's device (0 on the CPU)."""
-    if tensor.device.type != "cuda":
+    device = tensor.device
+    if device.type != "cuda":
         return 0
-    return torch.cuda.current_stream(tensor.device).cuda_stream
+    return _current_raw_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def workspace_allocator(device):
-    """A callback for the extension: allocates through torch's caching allocator and keeps the buffers
-    alive for as long as the returned list lives (the length of the call)."""
-    buffers = []
-
-    def allocate(nbytes):
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        buffers.append(buffer)
-        return buffer.data_ptr()
-
-    return allocate, buffers
+def _current_raw_stream(index):
+    # torch's own accessor of the current stream's handle (what Triton's launcher uses): a fraction of the
+    # cost of torch.cuda.current_stream(), which builds a Stream object.
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return getter(index) if getter else torch.cuda.current_stream(index).cuda_stream

@@ -5,7 +5,7 @@ project's docs, and FA2's docstrings.
 import torch
 
 from . import _errors
-from .ops import attention_backward, attention_forward, round_multiple
+from .ops import Options, attention_backward, attention_forward, rng_state_tensor, round_multiple
 
 # FA2 exports this flag (the ROCm Triton path); there is no such path here.
 USE_TRITON_ROCM = False
@@ -40,10 +40,9 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
     left, right = _window(window_size)
-    out, lse, probs, _ = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, int(max_seqlen_q),
-                                           int(max_seqlen_k), softmax_scale, causal, left, right,
-                                           0.0 if softcap is None else softcap, alibi_slopes, dropout_p,
-                                           return_attn_probs and dropout_p > 0, deterministic)
+    options = Options(softmax_scale, causal, left, right, 0.0 if softcap is None else softcap, dropout_p, deterministic)
+    out, lse, probs, _ = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
+                                           int(max_seqlen_q), int(max_seqlen_k), bool(return_attn_probs), options)
     return (out, lse, probs) if return_attn_probs else out
 
 
@@ -111,10 +110,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left=-1, window_size_right=-1,
                         softcap=0.0, alibi_slopes=None, return_softmax=False):
     """Returns (out, softmax_lse, S_dmask, rng_state)."""
+    return _forward_with_rng_state(q, k, v, None, None, 0, 0, dropout_p, softmax_scale, causal, window_size_left,
+                                   window_size_right, softcap, alibi_slopes, return_softmax, None)
+
+
+def _forward_with_rng_state(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                            causal, window_size_left, window_size_right, softcap, alibi_slopes, return_softmax,
+                            block_table):
     q, k, v = maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v)
-    return attention_forward(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size_left,
-                             window_size_right, softcap, alibi_slopes, dropout_p, return_softmax and dropout_p > 0,
-                             False)
+    options = Options(softmax_scale, causal, window_size_left, window_size_right, softcap, dropout_p, False)
+    out, lse, probs, rng = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
+                                             int(max_seqlen_q), int(max_seqlen_k), bool(return_softmax), options)
+    return out, lse, probs if probs is not None else q.new_empty((0,)), rng_state_tensor(rng)
 
 
 def _unsupported_argument(name):
@@ -130,10 +137,9 @@ def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         _unsupported_argument("leftpad_k")
     if seqused_k is not None:
         _unsupported_argument("seqused_k")
-    q, k, v = maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v)
-    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, int(max_seqlen_q), int(max_seqlen_k),
-                             softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
-                             dropout_p, return_softmax and dropout_p > 0, False)
+    return _forward_with_rng_state(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                   softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
+                                   return_softmax, block_table)
 
 
 def _softmax_d(dout, out, varlen, cu_seqlens_q):
@@ -152,9 +158,9 @@ def _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu
     dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
     if rng_state is None:
         rng_state = torch.zeros(2, dtype=torch.int64)
-    grads = attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                               int(max_seqlen_k), softmax_scale, causal, window_size_left, window_size_right, softcap,
-                               alibi_slopes, dropout_p, rng_state, deterministic)
+    options = Options(softmax_scale, causal, window_size_left, window_size_right, softcap, dropout_p, deterministic)
+    grads = attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                               int(max_seqlen_q), int(max_seqlen_k), rng_state, options)
     for target, grad in zip((dq, dk, dv), grads):
         if target is not None:
             target.copy_(grad)

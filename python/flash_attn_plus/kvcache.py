@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _errors
 from .interface import maybe_contiguous
-from .ops import attention_forward
+from .ops import Options, attention_forward
 from .rotary import rotate
 
 
@@ -103,9 +103,10 @@ def forward_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optiona
     keys = k_cache.view(-1, *k_cache.shape[2:])[sources]
     values = v_cache.view(-1, *v_cache.shape[2:])[sources]
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, device=device, dtype=torch.int32)
+    options = Options(softmax_scale, causal, window_left, window_right, softcap, 0.0, False)
     out, lse, _, _ = attention_forward(q.reshape(batch * seqlen_q, *q.shape[2:]), keys, values, cu_seqlens_q,
-                                       cu_seqlens_k, None, seqlen_q, int(used.max()) if batch else 0, softmax_scale,
-                                       causal, window_left, window_right, softcap, alibi_slopes, 0.0, False, False)
+                                       cu_seqlens_k, None, alibi_slopes, seqlen_q, int(used.max()) if batch else 0,
+                                       False, options)
     return out.view(q.shape), lse.view(lse.shape[0], batch, seqlen_q).transpose(0, 1).contiguous()
 
 

@@ -1,36 +1,56 @@
-"""The torch.library custom ops over the C API, with fake implementations (torch.compile) and autograd.
+"""The attention operations over the C API: an eager path and torch.library custom ops, with autograd.
+
+Two routes run the same implementation (`_forward`, `_backward`):
+- eager calls (nothing traces: no torch.compile, no dispatch mode such as FakeTensorMode or make_fx, plain
+  tensors) go through `_AttentionFunction`, a torch.autograd.Function that calls the C library directly: the
+  custom ops' dispatch layers cost more host time than everything else in a call;
+- traced calls go through the custom ops `flash_attn_plus::fwd` / `flash_attn_plus::bwd`, which torch.compile,
+  AOTAutograd and functorch understand (fake implementations, registered autograd).
 
 `flash_attn_plus::fwd` serves the dense and the varlen layout (varlen when cu_seqlens_q is given) and FA2's
 paged KV cache (`block_table`); `flash_attn_plus::bwd` is its gradient. Outputs are allocated here through
-torch; everything else (every argument check included) happens in the C library.
+torch; everything else (every argument check included) happens in the C library, once per call (a plan).
 
-Dropout draws (seed, offset) from torch's generator of the tensors' device inside the op, the way FA2
-does: on CUDA the Philox offset of torch's CUDA generator is advanced, on the CPU one 63-bit seed is drawn
-from torch's CPU generator. torch.utils.checkpoint saves and restores those generator states, so a
-recomputation reproduces the mask. The (seed, offset) pair is returned as `rng_state` (int64, CPU) and
-replayed by the backward.
+FA2's options travel as one `Options` tuple; the custom ops take its fields as their last parameters (a custom
+op's schema lists plain values only).
+
+Dropout draws (seed, offset) from torch's generator of the tensors' device, the way FA2 does: on CUDA the
+Philox offset of torch's CUDA generator is advanced, on the CPU one 63-bit seed is drawn from torch's CPU
+generator. torch.utils.checkpoint saves and restores those generator states, so a recomputation reproduces the
+mask. The (seed, offset) pair is returned as `rng_state` (int64, CPU) and replayed by the backward.
 """
-import contextlib
-from typing import Optional, Tuple
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _errors, backends, flaggems
 from ._library import _C
-from ._tensors import spec, stream_of, workspace_allocator
+from ._tensors import spec, stream_of
 
 _UINT64 = 1 << 64
+
+
+class Options(NamedTuple):
+    """FA2's options of one call, normalised by the Python API (the C library checks them)."""
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    dropout_p: float
+    deterministic: bool
 
 
 def round_multiple(x, m):
     return (x + m - 1) // m * m
 
 
-def _device_guard(tensor):
-    # Also where torch's current device is already the tensor's: entering it makes the device's context
-    # current on this thread (autograd runs CUDA backwards on a thread of its own).
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+@functools.lru_cache(maxsize=None)
+def _workspace_allocator(device):
+    """The extension's callback for a call's workspace: a byte tensor from torch's caching allocator."""
+    return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 def _draw_dropout_rng(device, increment):
@@ -43,16 +63,27 @@ def _draw_dropout_rng(device, increment):
     return int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64)), 0
 
 
-def _options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed=0, offset=0,
-             deterministic=False):
-    return (float(softmax_scale), bool(causal), int(window_left), int(window_right), float(softcap),
-            spec(alibi_slopes), float(dropout_p), seed % _UINT64, offset % _UINT64, bool(deterministic))
+def _traced(*tensors):
+    """Whether torch is tracing this call (torch.compile, AOTAutograd's dispatch modes, functorch), so that it
+    must go through the custom ops."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    for tensor in tensors:
+        if tensor is not None and (type(tensor) not in (Tensor, torch.nn.Parameter)
+                                   or torch._C._functorch.is_functorch_wrapped_tensor(tensor)):
+            return True
+    return False
+
+
+def _c_options(options):
+    """Options as the extension takes them (a plain tuple of Python scalars)."""
+    return (float(options.softmax_scale), bool(options.causal), int(options.window_left), int(options.window_right),
+            float(options.softcap), float(options.dropout_p), bool(options.deterministic))
 
 
 def _check_for_python_backend(status):
-    """The core's verdict on a call a Python-served backend will run: argument errors are raised; that the
-    library itself could not run the call (no usable CUDA backend, a feature it lacks) does not matter."""
-    if status not in (_C.SUCCESS, _C.ERROR_BACKEND_UNAVAILABLE, _C.ERROR_UNSUPPORTED):
+    """The core's verdict on a call a Python-served backend will run: argument errors are raised."""
+    if status != _C.SUCCESS:
         _errors.check(status)
 
 
@@ -71,12 +102,11 @@ def _forward_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, with_probs):
     return lse, probs
 
 
-def _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, with_probs):
+def _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_softmax, with_probs):
+    """out, softmax_lse and S_dmask (None unless asked for; empty without dropout, as FA2's)."""
     lse_shape, probs_shape = _forward_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, with_probs)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    probs = torch.empty(probs_shape, dtype=q.dtype, device=q.device)
-    return out, lse, probs
+    probs = q.new_empty(probs_shape) if return_softmax else None
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), probs
 
 
 def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k):
@@ -107,101 +137,190 @@ def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k):
     return k_cache.reshape(-1, *k_cache.shape[2:])[rows], v_cache.reshape(-1, *v_cache.shape[2:])[rows]
 
 
-@torch.library.custom_op("flash_attn_plus::fwd", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                      block_table: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                      causal: bool, window_left: int, window_right: int, softcap: float,
-                      alibi_slopes: Optional[Tensor], dropout_p: float, return_softmax: bool,
-                      deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, softmax_lse, S_dmask, rng_state); S_dmask is empty unless return_softmax and dropout_p > 0."""
+def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
+             return_softmax, options):
+    """(out, softmax_lse, S_dmask, (seed, offset)); S_dmask is None unless return_softmax, and empty unless
+    dropout_p > 0 too."""
     varlen = cu_seqlens_q is not None
     if block_table is not None:
         k, v = _gather_pages(k, v, block_table, cu_seqlens_k)
-    out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_softmax and dropout_p > 0)
+    with_probs = return_softmax and options.dropout_p > 0
+    out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_softmax, with_probs)
     if backends.python_backend() == "flaggems":
-        reason = flaggems.fallback_reason(varlen, causal, window_left, window_right, softcap, alibi_slopes, dropout_p)
+        reason = flaggems.fallback_reason(varlen, options.causal, options.window_left, options.window_right,
+                                          options.softcap, alibi_slopes, options.dropout_p)
         if not reason:
-            options = _options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, 0.0)
-            _check_for_python_backend(_C.check_forward(varlen, spec(q), spec(k), spec(v), spec(out), spec(lse),
-                                                       spec(cu_seqlens_q), spec(cu_seqlens_k), max_seqlen_q,
-                                                       max_seqlen_k, options))
+            _check_for_python_backend(_C.check_forward(
+                varlen, spec(q), spec(k), spec(v), spec(out), spec(lse), spec(cu_seqlens_q), spec(cu_seqlens_k),
+                max_seqlen_q, max_seqlen_k, spec(alibi_slopes), _c_options(options)))
             flaggems.check_tensors(q)
-            with _device_guard(q):
+            with torch.cuda.device(q.device):
                 flaggems.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
-            return out, lse, probs, torch.zeros(2, dtype=torch.int64)
+                                 options.softmax_scale, options.causal, options.window_left, options.window_right,
+                                 options.softcap, alibi_slopes)
+            return out, lse, probs, (0, 0)
         flaggems.warn_fallback(reason)
     seed = offset = 0
-    if dropout_p > 0:
+    if options.dropout_p > 0:
         batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
         seed, offset = _draw_dropout_rng(q.device, max(batch, 1) * q.shape[-2] * 32)
-    options = _options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset)
-    allocate, _workspace = workspace_allocator(q.device)
-    with _device_guard(q):
-        _errors.check(_C.forward(varlen, spec(q), spec(k), spec(v), spec(out), spec(lse),
-                                 spec(probs) if probs.numel() else None, spec(cu_seqlens_q), spec(cu_seqlens_k),
-                                 max_seqlen_q, max_seqlen_k, options, stream_of(q), allocate))
-    signed = [value - _UINT64 if value >= 1 << 63 else value for value in (seed, offset)]
-    return out, lse, probs, torch.tensor(signed, dtype=torch.int64)
+    _errors.check(_C.forward(varlen, spec(q), spec(k), spec(v), spec(out), spec(lse),
+                             spec(probs) if with_probs else None, spec(cu_seqlens_q), spec(cu_seqlens_k),
+                             max_seqlen_q, max_seqlen_k, spec(alibi_slopes), _c_options(options), seed % _UINT64,
+                             offset % _UINT64, stream_of(q), _workspace_allocator(q.device)))
+    return out, lse, probs, (seed, offset)
 
 
-@attention_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes, dropout_p, return_softmax, deterministic):
-    out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_softmax and dropout_p > 0)
+def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
+              rng, options):
+    """(dq, dk, dv) for the forward that produced out and softmax_lse with dropout state rng = (seed, offset),
+    on the library's backend whichever backend ran the forward."""
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    seed, offset = rng if options.dropout_p > 0 else (0, 0)
+    _errors.check(_C.backward(cu_seqlens_q is not None, spec(q), spec(k), spec(v), spec(out), spec(dout),
+                              spec(softmax_lse), spec(dq), spec(dk), spec(dv), spec(cu_seqlens_q), spec(cu_seqlens_k),
+                              max_seqlen_q, max_seqlen_k, spec(alibi_slopes), _c_options(options), seed % _UINT64,
+                              offset % _UINT64, stream_of(q), _workspace_allocator(q.device)))
+    return dq, dk, dv
+
+
+def _rng_tensor(rng):
+    """(seed, offset) as FA2's rng_state: int64 on the CPU, the unsigned values' two's complement."""
+    return torch.tensor([value - _UINT64 if value >= 1 << 63 else value for value in rng], dtype=torch.int64)
+
+
+def _rng_values(rng_state):
+    return tuple(rng_state.tolist())
+
+
+def rng_state_tensor(rng):
+    """FA2's rng_state from what attention_forward returned (a tensor from the custom op, (seed, offset) from the
+    eager route)."""
+    return rng if isinstance(rng, Tensor) else _rng_tensor(rng)
+
+
+@torch.library.custom_op("flash_attn_plus::fwd", mutates_args=())
+def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
+                         cu_seqlens_k: Optional[Tensor], block_table: Optional[Tensor], alibi_slopes: Optional[Tensor],
+                         max_seqlen_q: int, max_seqlen_k: int, return_softmax: bool, softmax_scale: float,
+                         causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+                         deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, softmax_lse, S_dmask, rng_state); the last seven parameters are Options' fields."""
+    options = Options(softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic)
+    out, lse, probs, rng = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
+                                    max_seqlen_k, return_softmax, options)
+    return out, lse, probs if probs is not None else q.new_empty((0,)), _rng_tensor(rng)
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k, return_softmax,
+      *options):
+    out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, True,
+                                       return_softmax and Options(*options).dropout_p > 0)
     return out, lse, probs, torch.empty(2, dtype=torch.int64)
 
 
 @torch.library.custom_op("flash_attn_plus::bwd", mutates_args=())
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
-                       cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                       max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
-                       softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Tensor,
-                       deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for the forward that produced out, softmax_lse and rng_state (on the library's backend,
-    whichever backend ran the forward)."""
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    seed, offset = rng_state.tolist() if dropout_p > 0 else (0, 0)
-    options = _options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                       deterministic)
-    allocate, _workspace = workspace_allocator(q.device)
-    with _device_guard(q):
-        _errors.check(_C.backward(cu_seqlens_q is not None, spec(q), spec(k), spec(v), spec(out), spec(dout),
-                                  spec(softmax_lse), spec(dq), spec(dk), spec(dv), spec(cu_seqlens_q),
-                                  spec(cu_seqlens_k), max_seqlen_q, max_seqlen_k, options, stream_of(q), allocate))
-    return dq, dk, dv
+def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
+                          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                          alibi_slopes: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, rng_state: Tensor,
+                          softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                          dropout_p: float, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); the last seven parameters are Options' fields."""
+    options = Options(softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic)
+    rng = _rng_values(rng_state) if dropout_p > 0 else (0, 0)
+    return _backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                     max_seqlen_k, rng, options)
 
 
-@attention_backward.register_fake
-def _(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, deterministic):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+@attention_backward_op.register_fake
+def _(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
+      rng_state, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _prepare_dout(dout, out):
+    if dout is None:  # the loss does not depend on out
+        return torch.zeros_like(out)
+    return dout if dout.stride(-1) == 1 else dout.contiguous()
+
+
+def _no_paged_backward():
+    raise _errors.UnsupportedError("block_table: there is no backward through a paged KV cache "
+                                   "(FlashAttention-2 has none either)")
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-     window_right, softcap, alibi_slopes, dropout_p, _return_softmax, deterministic) = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k = inputs[:9]
     out, lse, _probs, rng_state = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradients of lse, S_dmask and rng_state (unused)
     ctx.paged = block_table is not None
-    ctx.settings = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-                    deterministic)
+    ctx.lengths = (max_seqlen_q, max_seqlen_k)
+    ctx.options = Options(*inputs[10:])
 
 
-def _backward(ctx, dout, _dlse, _dprobs, _drng):
+def _op_backward(ctx, dout, _dlse, _dprobs, _drng):
     if ctx.paged:
-        raise _errors.UnsupportedError("block_table: there is no backward through a paged KV cache "
-                                       "(FlashAttention-2 has none either)")
+        _no_paged_backward()
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
-    max_q, max_k, scale, causal, left, right, softcap, dropout_p, deterministic = ctx.settings
-    if dout is None:  # the loss does not depend on out
-        dout = torch.zeros_like(out)
-    elif dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal,
-                                    left, right, softcap, alibi_slopes, dropout_p, rng_state, deterministic)
+    dq, dk, dv = attention_backward_op(_prepare_dout(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                       alibi_slopes, *ctx.lengths, rng_state, *ctx.options)
     return (dq, dk, dv) + (None,) * 14
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
+attention_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The eager route: the same forward and backward without the custom ops' dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
+                return_softmax, options):
+        out, lse, probs, rng = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
+                                        max_seqlen_k, return_softmax, options)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.set_materialize_grads(False)
+        ctx.paged = block_table is not None
+        ctx.lengths = (max_seqlen_q, max_seqlen_k)
+        ctx.options, ctx.rng = options, rng
+        ctx.mark_non_differentiable(lse, *([probs] if probs is not None else []))
+        return out, lse, probs, rng
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dprobs, _drng):
+        if ctx.paged:
+            _no_paged_backward()
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        dout = _prepare_dout(dout, out)
+        if _traced(dout, q):  # e.g. compiled autograd tracing this backward
+            grads = attention_backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                                          *ctx.lengths, _rng_tensor(ctx.rng), *ctx.options)
+        else:
+            grads = _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *ctx.lengths,
+                              ctx.rng, ctx.options)
+        return grads + (None,) * 8
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
+                      return_softmax, options):
+    """(out, softmax_lse, S_dmask, rng_state) with autograd to q, k, v, by the eager route unless torch traces
+    the call."""
+    if _traced(q, k, v):
+        return attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
+                                    max_seqlen_k, return_softmax, *options)
+    out, lse, probs, rng = _AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
+                                                    max_seqlen_q, max_seqlen_k, return_softmax, options)
+    return out, lse, probs, rng
+
+
+def attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                       max_seqlen_k, rng_state, options):
+    """(dq, dk, dv) for FA2's explicit backward functions (rng_state as returned by the forward)."""
+    if _traced(dout, q, k, v):
+        return attention_backward_op(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                                     max_seqlen_q, max_seqlen_k, rng_state, *options)
+    rng = _rng_values(rng_state) if options.dropout_p > 0 else (0, 0)
+    return _backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                     max_seqlen_k, rng, options)

@@ -3,8 +3,10 @@
 #include <cstdint>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/error.h"
@@ -37,17 +39,12 @@ fap_status guarded(Body&& body) {
   }
 }
 
-template <typename Args>
-AttentionProblem build_problem(const Args* args, const fap_options* options, bool varlen);
-
-template <>
 AttentionProblem build_problem(const fap_fwd_args* args, const fap_options* options, bool varlen) {
   require(args != nullptr, "args: expected a pointer to fap_fwd_args, got NULL");
   require(options != nullptr, "options: expected a pointer to fap_options (see fap_default_options()), got NULL");
   return make_forward_problem(*args, *options, varlen);
 }
 
-template <>
 AttentionProblem build_problem(const fap_bwd_args* args, const fap_options* options, bool varlen) {
   require(args != nullptr, "args: expected a pointer to fap_bwd_args, got NULL");
   require(options != nullptr, "options: expected a pointer to fap_options (see fap_default_options()), got NULL");
@@ -61,33 +58,64 @@ const Backend& backend_for(const AttentionProblem& problem) {
   return backend;
 }
 
+}  // namespace
+}  // namespace fap
+
+// One validated call: the problem, its backend and what the backend prepared for it (which reads the problem,
+// so a plan never moves once made).
+struct fap_plan {
+  fap::AttentionProblem problem;
+  const fap::Backend* backend = nullptr;
+  std::unique_ptr<fap::PreparedCall> call;
+
+  template <typename Args>
+  fap_plan(const Args* args, const fap_options* options, bool varlen)
+      : problem(fap::build_problem(args, options, varlen)),
+        backend(&fap::backend_for(problem)),
+        call(backend->prepare(problem)) {}
+  fap_plan(const fap_plan&) = delete;
+  fap_plan& operator=(const fap_plan&) = delete;
+
+  void run(void* stream, void* workspace, size_t workspace_bytes) const {
+    const size_t needed = call->workspace_size();
+    if (workspace_bytes < needed || (needed > 0 && workspace == nullptr)) {
+      fap::fail(FAP_ERROR_WORKSPACE_TOO_SMALL, "workspace: backend '", backend->name(), "' needs ", needed,
+                " bytes, got ", workspace ? workspace_bytes : 0, " (ask fap_*_workspace_size() just before the call)");
+    }
+    // The CUDA kernels copy workspace rows 16 bytes at a time.
+    if (needed > 0 && reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0) {
+      fap::fail(FAP_ERROR_INVALID_ARGUMENT,
+                "workspace: expected a 16-byte aligned pointer (as cudaMalloc and malloc give), got ", workspace);
+    }
+    call->run(stream, workspace);
+  }
+};
+
+namespace fap {
+namespace {
+
+template <typename Args>
+fap_status create_plan(const Args* args, const fap_options* options, int32_t varlen, fap_plan** plan) {
+  return guarded([&] {
+    require(plan != nullptr, "plan: expected a pointer to receive the plan, got NULL");
+    *plan = nullptr;
+    require(varlen == 0 || varlen == 1, "varlen: expected 0 (dense) or 1 (varlen), got ", varlen);
+    *plan = new fap_plan(args, options, varlen != 0);
+  });
+}
+
 template <typename Args>
 fap_status query_workspace(const Args* args, const fap_options* options, bool varlen, size_t* bytes) {
   return guarded([&] {
     require(bytes != nullptr, "bytes: expected a pointer to receive the workspace size, got NULL");
-    const AttentionProblem problem = build_problem(args, options, varlen);
-    *bytes = backend_for(problem).workspace_size(problem);
+    *bytes = fap_plan(args, options, varlen).call->workspace_size();
   });
 }
 
 template <typename Args>
 fap_status run(const Args* args, const fap_options* options, bool varlen, void* stream, void* workspace,
                size_t workspace_bytes) {
-  return guarded([&] {
-    const AttentionProblem problem = build_problem(args, options, varlen);
-    const Backend& backend = backend_for(problem);
-    const size_t needed = backend.workspace_size(problem);
-    if (workspace_bytes < needed || (needed > 0 && workspace == nullptr)) {
-      fail(FAP_ERROR_WORKSPACE_TOO_SMALL, "workspace: backend '", backend.name(), "' needs ", needed, " bytes, got ",
-           workspace ? workspace_bytes : 0, " (ask fap_*_workspace_size() just before the call)");
-    }
-    // The CUDA kernels copy workspace rows 16 bytes at a time.
-    if (needed > 0 && reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0) {
-      fail(FAP_ERROR_INVALID_ARGUMENT, "workspace: expected a 16-byte aligned pointer (as cudaMalloc and malloc give), got ",
-           workspace);
-    }
-    backend.run(problem, stream, workspace, workspace_bytes);
-  });
+  return guarded([&] { fap_plan(args, options, varlen).run(stream, workspace, workspace_bytes); });
 }
 
 }  // namespace
@@ -180,6 +208,57 @@ fap_status fap_resolve_backend(fap_device_type device_type, const char** name) {
     fap::require(device_type == FAP_DEVICE_CPU || device_type == FAP_DEVICE_CUDA, "device_type: unknown value ",
                  static_cast<int>(device_type));
     *name = fap::resolve_backend(device_type).name();
+  });
+}
+
+fap_status fap_plan_fwd(const fap_fwd_args* args, const fap_options* options, int32_t varlen, fap_plan** plan) {
+  return fap::create_plan(args, options, varlen, plan);
+}
+fap_status fap_plan_bwd(const fap_bwd_args* args, const fap_options* options, int32_t varlen, fap_plan** plan) {
+  return fap::create_plan(args, options, varlen, plan);
+}
+
+fap_status fap_plan_workspace_size(const fap_plan* plan, size_t* bytes) {
+  return guarded([&] {
+    fap::require(plan != nullptr, "plan: expected a plan from fap_plan_fwd/fap_plan_bwd, got NULL");
+    fap::require(bytes != nullptr, "bytes: expected a pointer to receive the workspace size, got NULL");
+    *bytes = plan->call->workspace_size();
+  });
+}
+
+fap_status fap_plan_describe(const fap_plan* plan, const char** backend, const char** kernel) {
+  return guarded([&] {
+    fap::require(plan != nullptr, "plan: expected a plan from fap_plan_fwd/fap_plan_bwd, got NULL");
+    if (backend) *backend = plan->backend->name();
+    if (kernel) *kernel = plan->call->kernel();
+  });
+}
+
+fap_status fap_plan_run(const fap_plan* plan, void* stream, void* workspace, size_t workspace_bytes) {
+  return guarded([&] {
+    fap::require(plan != nullptr, "plan: expected a plan from fap_plan_fwd/fap_plan_bwd, got NULL");
+    plan->run(stream, workspace, workspace_bytes);
+  });
+}
+
+void fap_plan_destroy(fap_plan* plan) { delete plan; }
+
+fap_status fap_check_fwd(const fap_fwd_args* args, const fap_options* options, int32_t varlen) {
+  return guarded([&] {
+    fap::require(varlen == 0 || varlen == 1, "varlen: expected 0 (dense) or 1 (varlen), got ", varlen);
+    fap::build_problem(args, options, varlen != 0);
+  });
+}
+
+fap_status fap_precompile(const fap_kernel_spec* specs, int32_t count, int32_t device_index) {
+  return guarded([&] {
+    fap::require(count >= 0, "count: expected >= 0, got ", count);
+    fap::require(specs != nullptr || count == 0, "specs: expected an array of ", count, " fap_kernel_spec, got NULL");
+    fap::require(device_index >= 0, "device_index: expected a CUDA device ordinal >= 0, got ", device_index);
+    std::vector<fap::KernelFeatures> features;
+    for (int32_t i = 0; i < count; ++i) features.push_back(fap::make_kernel_features(specs[i], i));
+    const fap::Backend& backend = fap::resolve_backend(FAP_DEVICE_CUDA);
+    for (const fap::KernelFeatures& entry : features) backend.precompile(entry, device_index);
   });
 }
 

@@ -4,12 +4,25 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/problem.h"
 
 namespace fap {
+
+// A call a backend has prepared: its kernel chosen (and compiled), its launch arguments and workspace laid
+// out once, so that run() only launches. It reads the problem it was prepared for, which must outlive it.
+class PreparedCall {
+ public:
+  virtual ~PreparedCall() = default;
+  virtual size_t workspace_size() const = 0;
+  // What runs, for reports and tests: a kernel configuration's name ("" where there is nothing to name).
+  virtual const char* kernel() const = 0;
+  // workspace holds at least workspace_size() bytes, 16-byte aligned (checked by the caller).
+  virtual void run(void* stream, void* workspace) const = 0;
+};
 
 class Backend {
  public:
@@ -22,8 +35,13 @@ class Backend {
   virtual std::string details() const = 0;
   // Empty when supported, else why not (e.g. a dtype the backend lacks).
   virtual std::string unsupported_reason(const AttentionProblem& problem) const = 0;
-  virtual size_t workspace_size(const AttentionProblem& problem) const = 0;
-  virtual void run(const AttentionProblem& problem, void* stream, void* workspace, size_t workspace_bytes) const = 0;
+  // Chooses how to run a supported problem; throws fap::Error (e.g. DEVICE when a kernel fails to compile).
+  virtual std::unique_ptr<PreparedCall> prepare(const AttentionProblem& problem) const = 0;
+  // Compiles or loads ahead of use what calls with these features would run on the device (no-op where
+  // nothing is compiled).
+  virtual void precompile(const KernelFeatures& features, int32_t device_index) const {
+    (void)features, (void)device_index;
+  }
 };
 
 const std::vector<const Backend*>& all_backends();

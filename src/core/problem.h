@@ -37,6 +37,14 @@ struct SequenceExtent {
 
 enum class Direction { kForward, kBackward };
 
+// What a kernel configuration depends on: never batch size or sequence lengths.
+struct KernelFeatures {
+  Direction direction = Direction::kForward;
+  fap_dtype dtype = FAP_DTYPE_FLOAT16;
+  int64_t head_dim = 0;
+  bool window = false, softcap = false, alibi = false, dropout = false;
+};
+
 struct AttentionProblem {
   Direction direction = Direction::kForward;
   fap_dtype dtype = FAP_DTYPE_FLOAT16;
@@ -63,6 +71,18 @@ struct AttentionProblem {
   float dropout_p = 0.0f;
   uint64_t dropout_seed = 0, dropout_offset = 0;
   bool deterministic = false;
+
+  KernelFeatures features() const {
+    KernelFeatures f;
+    f.direction = direction;
+    f.dtype = dtype;
+    f.head_dim = head_dim;
+    f.window = window.active();
+    f.softcap = softcap > 0.0f;
+    f.alibi = alibi_slopes != nullptr;
+    f.dropout = dropout_p > 0.0f;
+    return f;
+  }
 
   int64_t group_size() const { return heads_q / heads_kv; }
   int64_t kv_head(int64_t head) const { return head / group_size(); }

@@ -294,6 +294,30 @@ AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_option
   return problem;
 }
 
+KernelFeatures make_kernel_features(const fap_kernel_spec& spec, int32_t index) {
+  const std::string name = concat("specs[", index, "]");
+  require(spec.dtype == FAP_DTYPE_FLOAT16 || spec.dtype == FAP_DTYPE_BFLOAT16, name,
+          ".dtype: expected float16 or bfloat16 (the CUDA kernels' types), got ", dtype_name(spec.dtype));
+  require(spec.head_dim >= 1 && spec.head_dim <= kMaxHeadDim, name, ".head_dim: expected a value in [1, ", kMaxHeadDim,
+          "], got ", spec.head_dim);
+  const struct {
+    int32_t value;
+    const char* field;
+  } flags[] = {{spec.backward, "backward"}, {spec.window, "window"},   {spec.softcap, "softcap"},
+               {spec.alibi, "alibi"},       {spec.dropout, "dropout"}};
+  for (const auto& flag : flags)
+    require(flag.value == 0 || flag.value == 1, name, ".", flag.field, ": expected 0 or 1, got ", flag.value);
+  KernelFeatures features;
+  features.direction = spec.backward ? Direction::kBackward : Direction::kForward;
+  features.dtype = static_cast<fap_dtype>(spec.dtype);
+  features.head_dim = spec.head_dim;
+  features.window = spec.window != 0;
+  features.softcap = spec.softcap != 0;
+  features.alibi = spec.alibi != 0;
+  features.dropout = spec.dropout != 0;
+  return features;
+}
+
 AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_options& options, bool varlen) {
   AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
                                           args.max_seqlen_q, args.max_seqlen_k, varlen);

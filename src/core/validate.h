@@ -9,6 +9,8 @@ namespace fap {
 
 AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_options& options, bool varlen);
 AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_options& options, bool varlen);
+// One entry of fap_precompile's list; errors name it as specs[index].
+KernelFeatures make_kernel_features(const fap_kernel_spec& spec, int32_t index);
 
 const char* dtype_name(int32_t dtype);
 

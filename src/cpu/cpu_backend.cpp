@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <string>
 
 #include "core/backend.h"
@@ -126,6 +127,30 @@ void clear_rows_after_sequences(const AttentionProblem& p) {
   }
 }
 
+// The CPU's work needs no choice made ahead: the workspace size is the passes' own count (their null-workspace
+// mode), and run() runs them on the calling thread's OpenMP team.
+class CpuCall final : public PreparedCall {
+ public:
+  explicit CpuCall(const AttentionProblem& problem)
+      : problem_(problem),
+        workspace_bytes_(problem.direction == Direction::kForward ? forward(problem, nullptr)
+                                                                  : backward(problem, nullptr)) {}
+  size_t workspace_size() const override { return workspace_bytes_; }
+  const char* kernel() const override { return ""; }
+  void run(void*, void* workspace) const override {
+    clear_rows_after_sequences(problem_);
+    if (problem_.direction == Direction::kForward) {
+      forward(problem_, workspace);
+    } else {
+      backward(problem_, workspace);
+    }
+  }
+
+ private:
+  const AttentionProblem& problem_;
+  size_t workspace_bytes_;
+};
+
 class CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
@@ -134,17 +159,8 @@ class CpuBackend final : public Backend {
   std::string details() const override { return concat("OpenMP threads: ", worker_count()); }
   std::string unsupported_reason(const AttentionProblem&) const override { return {}; }
 
-  size_t workspace_size(const AttentionProblem& problem) const override {
-    return problem.direction == Direction::kForward ? forward(problem, nullptr) : backward(problem, nullptr);
-  }
-
-  void run(const AttentionProblem& problem, void*, void* workspace, size_t) const override {
-    clear_rows_after_sequences(problem);
-    if (problem.direction == Direction::kForward) {
-      forward(problem, workspace);
-    } else {
-      backward(problem, workspace);
-    }
+  std::unique_ptr<PreparedCall> prepare(const AttentionProblem& problem) const override {
+    return std::make_unique<CpuCall>(problem);
   }
 };
 

@@ -168,28 +168,28 @@ void set_sm90_tiles(ForwardConfig& config) {
 
 namespace {
 
-// The problem's dtype, head dim (rounded up to a multiple of 16) and features, then the tile shape.
+// The dtype, head dim (rounded up to a multiple of 16) and features, then the tile shape.
 template <typename Config>
-Config config_for(const AttentionProblem& problem, void (*set_tile_shape)(Config&)) {
+Config config_for(const KernelFeatures& features, void (*set_tile_shape)(Config&)) {
   Config config;
-  config.bf16 = problem.dtype == FAP_DTYPE_BFLOAT16;
-  config.head_dim = static_cast<int>((problem.head_dim + 15) / 16 * 16);
-  config.softcap = problem.softcap > 0.0f;
-  config.alibi = problem.alibi_slopes != nullptr;
-  config.dropout = problem.dropout_p > 0.0f;
-  config.window = problem.window.active();
+  config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
+  config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
+  config.softcap = features.softcap;
+  config.alibi = features.alibi;
+  config.dropout = features.dropout;
+  config.window = features.window;
   set_tile_shape(config);
   return config;
 }
 
 }  // namespace
 
-ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute_capability) {
-  return config_for(problem, compute_capability == 90 ? set_sm90_tiles : set_tiles);
+ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability) {
+  return config_for(features, compute_capability == 90 ? set_sm90_tiles : set_tiles);
 }
 
-BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability) {
-  return config_for(problem, compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
+BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability) {
+  return config_for(features, compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
 }
 
 namespace {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/problem.h"
@@ -24,7 +25,14 @@ struct ForwardConfig {
   std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window, attention_fwd_sm90_bf16_d128_...
   std::vector<std::string> defines() const;
   std::vector<std::string> sources() const;  // the embedded files the kernel is compiled from, in order
+  std::vector<std::string> kernels() const { return {"attention_fwd"}; }  // the module's kernels, main one first
   int shared_bytes() const;
+
+  auto fields() const {
+    return std::tie(wgmma, bf16, head_dim, block_m, block_n, warps, row_tiles, min_blocks, stages, softcap, alibi,
+                    dropout, window);
+  }
+  bool operator<(const ForwardConfig& other) const { return fields() < other.fields(); }
 };
 
 // The backward kernels: attention_bwd.cuh (mma.sync, sm_80+): one CTA per block_n keys, warps of 16 keys
@@ -43,12 +51,21 @@ struct BackwardConfig {
   std::string name() const;  // e.g. attention_bwd_bf16_d128_m64_n64_w8_s2_q2_window
   std::vector<std::string> defines() const;
   std::vector<std::string> sources() const;  // the embedded files the kernels are compiled from, in order
+  std::vector<std::string> kernels() const {  // the module's kernels, main one first
+    return {"attention_bwd", "attention_bwd_preprocess", "attention_bwd_convert"};
+  }
   int shared_bytes() const;
+
+  auto fields() const {
+    return std::tie(wgmma, bf16, head_dim, block_m, block_n, warps, dkv_split, q_stages, softcap, alibi, dropout,
+                    window);
+  }
+  bool operator<(const BackwardConfig& other) const { return fields() < other.fields(); }
 };
 
 // compute_capability: e.g. 90 for sm_90.
-ForwardConfig choose_forward_config(const AttentionProblem& problem, int compute_capability);
-BackwardConfig choose_backward_config(const AttentionProblem& problem, int compute_capability);
+ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability);
+BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability);
 
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
 // precompilation).

@@ -45,6 +45,8 @@ constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
   X(cuCtxGetCurrent, CUresult, (CUcontext * context))                                                        \
   X(cuCtxSetCurrent, CUresult, (CUcontext context))                                                          \
   X(cuDevicePrimaryCtxRetain, CUresult, (CUcontext * context, CUdevice device))                              \
+  X(cuCtxPushCurrent, CUresult, (CUcontext context))                                                         \
+  X(cuCtxPopCurrent, CUresult, (CUcontext * context))                                                        \
   X(cuMemAlloc, CUresult, (CUdeviceptr * pointer, size_t bytes))                                             \
   X(cuMemFree, CUresult, (CUdeviceptr pointer))                                                              \
   X(cuMemcpyHtoD, CUresult, (CUdeviceptr target, const void* source, size_t bytes))                          \

@@ -24,83 +24,128 @@
 namespace fap::cuda {
 namespace {
 
+// What the dispatch needs of a device, read once per ordinal.
 struct DeviceInfo {
-  CUcontext context;
-  int ordinal, compute_capability, max_shared;
+  int compute_capability = 0, max_shared = 0;
 };
 
-// The calling thread's context, checked against the tensors' device. A thread with none gets the primary
-// context of the tensors' device, as the CUDA runtime's first call on a thread does (autograd's CUDA thread
-// may reach the backward before any runtime call there).
-DeviceInfo current_device(const DriverApi& api, int expected_ordinal) {
-  DeviceInfo info{};
-  check(api, api.cuCtxGetCurrent(&info.context), "cuCtxGetCurrent");
-  if (!info.context) {
-    CUdevice device = 0;
-    check(api, api.cuDeviceGet(&device, expected_ordinal), "cuDeviceGet");
-    check(api, api.cuDevicePrimaryCtxRetain(&info.context, device), "cuDevicePrimaryCtxRetain");
-    check(api, api.cuCtxSetCurrent(info.context), "cuCtxSetCurrent");
-  }
+const DeviceInfo& device_info(const DriverApi& api, int ordinal) {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto found = known.find(ordinal); found != known.end()) return found->second;
   CUdevice device = 0;
-  check(api, api.cuCtxGetDevice(&device), "cuCtxGetDevice");
-  info.ordinal = device;
-  if (info.ordinal != expected_ordinal) {
-    fail(FAP_ERROR_INVALID_ARGUMENT, "q: the tensors are on cuda:", expected_ordinal, " but the current CUDA context is "
-                                     "for cuda:", info.ordinal);
-  }
+  check(api, api.cuDeviceGet(&device, ordinal), "cuDeviceGet");
   int major = 0, minor = 0;
+  DeviceInfo info;
   check(api, api.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "cuDeviceGetAttribute");
   check(api, api.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "cuDeviceGetAttribute");
   check(api, api.cuDeviceGetAttribute(&info.max_shared, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device),
         "cuDeviceGetAttribute");
   info.compute_capability = major * 10 + minor;
-  return info;
+  return known[ordinal] = info;
 }
 
-// A compiled configuration: its module's kernels by name, the main one first. `defines` and `shared_bytes`
-// (the main kernel's dynamic shared memory; the others take none) come from a ForwardConfig or BackwardConfig.
-struct KernelRequest {
-  std::string name;
-  std::vector<std::string> sources, defines, kernels;
-  int shared_bytes;
-};
+CUcontext primary_context(const DriverApi& api, int ordinal) {
+  static std::mutex mutex;
+  static std::map<int, CUcontext> retained;  // retained once per process, as the CUDA runtime does
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto found = retained.find(ordinal); found != retained.end()) return found->second;
+  CUdevice device = 0;
+  check(api, api.cuDeviceGet(&device, ordinal), "cuDeviceGet");
+  CUcontext context = nullptr;
+  check(api, api.cuDevicePrimaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain");
+  return retained[ordinal] = context;
+}
 
-// Loaded kernels per (context, configuration), filled on first use.
-class KernelRegistry {
+// The context a call runs in, current for the scope. Made from a device ordinal (planning): the calling
+// thread's current context when it is on that device; a thread with none gets the device's primary context
+// made current, as the CUDA runtime's first call on a thread does (autograd's CUDA thread may reach the
+// backward before any runtime call there); a thread current on another device gets the primary context of
+// the tensors' device for the scope only. Made from a plan's context (running): that context, for the scope.
+class ScopedContext {
  public:
-  // The functions of request.kernels, in that order.
-  std::vector<CUfunction> functions(const DriverApi& api, const DeviceInfo& device, const KernelRequest& request) {
-    const auto key = std::make_tuple(device.context, request.name);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (auto found = functions_.find(key); found != functions_.end()) return found->second;
-    if (!cache_) cache_ = std::make_unique<KernelCache>(nvrtc_compiler(), default_cache_directory());
-    const std::string cubin = cache_->cubin(
-        {request.name, assemble_source(request.sources), request.defines, nvrtc_arch(device.compute_capability)});
-    CUmodule module = nullptr;
-    check(api, api.cuModuleLoadData(&module, cubin.data()), "cuModuleLoadData");
-    std::vector<CUfunction> loaded;
-    for (const std::string& kernel : request.kernels) {
-      CUfunction function = nullptr;
-      check(api, api.cuModuleGetFunction(&function, module, kernel.c_str()), "cuModuleGetFunction");
-      if (loaded.empty()) {
-        check(api,
-              api.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, request.shared_bytes),
-              "cuFuncSetAttribute");
-      }
-      loaded.push_back(function);
+  ScopedContext(const DriverApi& api, int ordinal) : api_(api) {
+    check(api, api.cuCtxGetCurrent(&context_), "cuCtxGetCurrent");
+    if (!context_) {
+      context_ = primary_context(api, ordinal);
+      check(api, api.cuCtxSetCurrent(context_), "cuCtxSetCurrent");
+      return;
     }
-    return functions_[key] = loaded;
+    CUdevice device = 0;
+    check(api, api.cuCtxGetDevice(&device), "cuCtxGetDevice");
+    if (device != ordinal) enter(primary_context(api, ordinal));
   }
+  ScopedContext(const DriverApi& api, CUcontext context) : api_(api) {
+    check(api, api.cuCtxGetCurrent(&context_), "cuCtxGetCurrent");
+    if (context_ != context) enter(context);
+  }
+  ~ScopedContext() {
+    CUcontext ignored = nullptr;
+    if (pushed_) api_.cuCtxPopCurrent(&ignored);
+  }
+  ScopedContext(const ScopedContext&) = delete;
+  ScopedContext& operator=(const ScopedContext&) = delete;
+
+  CUcontext context() const { return context_; }
 
  private:
-  std::mutex mutex_;
-  std::unique_ptr<KernelCache> cache_;
-  std::map<std::tuple<CUcontext, std::string>, std::vector<CUfunction>> functions_;
+  void enter(CUcontext context) {
+    check(api_, api_.cuCtxPushCurrent(context), "cuCtxPushCurrent");
+    context_ = context;
+    pushed_ = true;
+  }
+
+  const DriverApi& api_;
+  CUcontext context_ = nullptr;
+  bool pushed_ = false;
 };
 
-KernelRegistry& registry() {
-  static KernelRegistry instance;
-  return instance;
+// A configuration's compiled module in one context: its kernels (Config::kernels(), main one first), the
+// main kernel's dynamic shared memory and the configuration's name.
+struct LoadedKernels {
+  std::vector<CUfunction> functions;
+  int shared_bytes = 0;
+  std::string name;
+};
+
+KernelCache& kernel_cache() {
+  static KernelCache cache(nvrtc_compiler(), default_cache_directory());
+  return cache;
+}
+
+// Loaded kernels per (context, configuration), filled on first use. A lookup compares configurations as
+// tuples of their fields: no strings are built once a configuration is loaded.
+template <typename Config>
+const LoadedKernels& loaded_kernels(const DriverApi& api, CUcontext context, const DeviceInfo& device,
+                                    const Config& config) {
+  static std::mutex mutex;
+  static std::map<std::pair<CUcontext, Config>, LoadedKernels> loaded;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(context, config);
+  if (auto found = loaded.find(key); found != loaded.end()) return found->second;
+  LoadedKernels entry;
+  entry.name = config.name();
+  entry.shared_bytes = config.shared_bytes();
+  if (entry.shared_bytes > device.max_shared) {
+    fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': ", entry.name, " needs ", entry.shared_bytes,
+         " bytes of shared memory, the device allows ", device.max_shared);
+  }
+  const std::string cubin = kernel_cache().cubin(
+      {entry.name, assemble_source(config.sources()), config.defines(), nvrtc_arch(device.compute_capability)});
+  CUmodule module = nullptr;
+  check(api, api.cuModuleLoadData(&module, cubin.data()), "cuModuleLoadData");
+  for (const std::string& kernel : config.kernels()) {
+    CUfunction function = nullptr;
+    check(api, api.cuModuleGetFunction(&function, module, kernel.c_str()), "cuModuleGetFunction");
+    if (entry.functions.empty()) {
+      check(api,
+            api.cuFuncSetAttribute(function, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, entry.shared_bytes),
+            "cuFuncSetAttribute");
+    }
+    entry.functions.push_back(function);
+  }
+  return loaded.emplace(key, std::move(entry)).first->second;
 }
 
 // Whether every row of these operands starts 16-byte aligned, so that tiles load with 16-byte cp.async.
@@ -217,6 +262,123 @@ AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWork
   return params;
 }
 
+const DriverApi& loaded_driver() {
+  std::string reason;
+  const DriverApi* api = driver(&reason);
+  if (!api) fail(FAP_ERROR_BACKEND_UNAVAILABLE, reason);
+  return *api;
+}
+
+// FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 runs the kernels every sm_80+ GPU gets (mma.sync) also where
+// an architecture has its own (Hopper's wgmma forward and backward): for testing those on any GPU, and as a
+// fallback.
+int dispatch_capability(const DeviceInfo& device) {
+  static const bool portable = [] {
+    const char* value = std::getenv("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS");
+    return value && std::string(value) == "1";
+  }();
+  return portable ? 80 : device.compute_capability;
+}
+
+const DeviceInfo& supported_device(const DriverApi& api, int ordinal) {
+  const DeviceInfo& device = device_info(api, ordinal);
+  if (device.compute_capability < 80) {
+    fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': compute capability ", device.compute_capability / 10, ".",
+         device.compute_capability % 10, " found; the kernels need 8.0 (Ampere) or newer");
+  }
+  return device;
+}
+
+void launch(const DriverApi& api, CUfunction function, unsigned int blocks_x, int64_t blocks_y, int64_t blocks_z,
+            int threads, int shared_bytes, CUstream stream, const void* params) {
+  if (blocks_x == 0 || blocks_y == 0 || blocks_z == 0) return;
+  void* arguments[] = {const_cast<void*>(params)};
+  check(api,
+        api.cuLaunchKernel(function, blocks_x, static_cast<unsigned int>(blocks_y), static_cast<unsigned int>(blocks_z),
+                           static_cast<unsigned int>(threads), 1, 1, static_cast<unsigned int>(shared_bytes), stream,
+                           arguments, nullptr),
+        "cuLaunchKernel");
+}
+
+// A planned forward: its kernel loaded, its argument block and grid computed; running launches once.
+class ForwardCall final : public PreparedCall {
+ public:
+  ForwardCall(const DriverApi& api, const AttentionProblem& problem) : api_(api) {
+    const ScopedContext scope(api, problem.device_index);
+    context_ = scope.context();
+    const ForwardConfig config = choose_forward_config(problem.features(),
+                                                       dispatch_capability(supported_device(api, problem.device_index)));
+    kernels_ = &loaded_kernels(api, context_, device_info(api, problem.device_index), config);
+    params_ = forward_params(problem);
+    blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
+    batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
+  }
+  size_t workspace_size() const override { return 0; }
+  const char* kernel() const override { return kernels_->name.c_str(); }
+  void run(void* stream, void*) const override {
+    const ScopedContext scope(api_, context_);
+    launch(api_, kernels_->functions[0], blocks_, batch_, heads_, threads_, kernels_->shared_bytes,
+           static_cast<CUstream>(stream), &params_);
+  }
+
+ private:
+  const DriverApi& api_;
+  CUcontext context_ = nullptr;
+  const LoadedKernels* kernels_ = nullptr;
+  AttentionFwdParams params_{};
+  unsigned int blocks_ = 0;
+  int64_t batch_ = 0, heads_ = 0;
+  int threads_ = 0;
+};
+
+// A planned backward: the preprocess, main and conversion kernels of one configuration with the workspace
+// laid out for it (the workspace's address is bound when it runs).
+class BackwardCall final : public PreparedCall {
+ public:
+  BackwardCall(const DriverApi& api, const AttentionProblem& problem)
+      : api_(api), problem_(problem), config_(plan_config(api, problem)), layout_(problem, config_) {
+    const ScopedContext scope(api, problem.device_index);
+    context_ = scope.context();
+    kernels_ = &loaded_kernels(api, context_, device_info(api, problem.device_index), config_);
+  }
+  size_t workspace_size() const override { return layout_.bytes(); }
+  const char* kernel() const override { return kernels_->name.c_str(); }
+
+  void run(void* stream_handle, void* workspace) const override {
+    const ScopedContext scope(api_, context_);
+    const auto stream = static_cast<CUstream>(stream_handle);
+    const AttentionProblem& p = problem_;
+    const AttentionBwdParams params = backward_params(p, layout_, workspace);
+    check(api_,
+          api_.cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(params.dq_accum), 0,
+                                static_cast<size_t>(layout_.accum_floats()), stream),
+          "cuMemsetD32Async");
+    const std::vector<CUfunction>& kernels = kernels_->functions;
+    // The preprocess: 4 rows per CTA, each sequence's rows up to a multiple of 128.
+    const auto preprocess_blocks = static_cast<unsigned int>((p.seqlen_q + 127) / 128 * 32);
+    launch(api_, kernels[1], preprocess_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
+    const auto key_blocks = static_cast<unsigned int>((p.seqlen_k + config_.block_n - 1) / config_.block_n);
+    launch(api_, kernels[0], p.deterministic ? static_cast<unsigned int>(layout_.splits) : key_blocks, p.batch,
+           p.heads_kv, config_.warps * 32, kernels_->shared_bytes, stream, &params);
+    // The conversion: 4 rows per CTA, or a 64-row tile of the wgmma kernels' accumulator.
+    const auto convert_blocks =
+        static_cast<unsigned int>(config_.wgmma ? (p.seqlen_q + 63) / 64 : (p.seqlen_q + 3) / 4);
+    launch(api_, kernels[2], convert_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
+  }
+
+ private:
+  static BackwardConfig plan_config(const DriverApi& api, const AttentionProblem& problem) {
+    return choose_backward_config(problem.features(), dispatch_capability(supported_device(api, problem.device_index)));
+  }
+
+  const DriverApi& api_;
+  const AttentionProblem& problem_;
+  BackwardConfig config_;
+  BackwardWorkspace layout_;
+  CUcontext context_ = nullptr;
+  const LoadedKernels* kernels_ = nullptr;
+};
+
 class CudaBackend final : public Backend {
  public:
   const char* name() const override { return "cuda"; }
@@ -246,96 +408,26 @@ class CudaBackend final : public Backend {
     return {};
   }
 
-  size_t workspace_size(const AttentionProblem& problem) const override {
-    if (problem.direction != Direction::kBackward) return 0;
-    // The size asked for does not know the GPU: room for the kernels of every architecture (Hopper's pad the
-    // head dim further).
-    return std::max(BackwardWorkspace(problem, choose_backward_config(problem, 80)).bytes(),
-                    BackwardWorkspace(problem, choose_backward_config(problem, 90)).bytes());
+  std::unique_ptr<PreparedCall> prepare(const AttentionProblem& problem) const override {
+    const DriverApi& api = loaded_driver();
+    if (problem.direction == Direction::kForward) return std::make_unique<ForwardCall>(api, problem);
+    return std::make_unique<BackwardCall>(api, problem);
   }
 
-  void run(const AttentionProblem& problem, void* stream, void* workspace, size_t workspace_bytes) const override {
-    std::string reason;
-    const DriverApi* api = driver(&reason);
-    if (!api) fail(FAP_ERROR_BACKEND_UNAVAILABLE, reason);
-    const DeviceInfo device = current_device(*api, problem.device_index);
-    if (device.compute_capability < 80) {
-      fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': compute capability ", device.compute_capability / 10, ".",
-           device.compute_capability % 10, " found; the kernels need 8.0 (Ampere) or newer");
-    }
-    if (problem.direction == Direction::kForward) {
-      run_forward(*api, device, problem, static_cast<CUstream>(stream));
+  void precompile(const KernelFeatures& features, int32_t device_index) const override {
+    const DriverApi& api = loaded_driver();
+    int devices = 0;
+    check(api, api.cuDeviceGetCount(&devices), "cuDeviceGetCount");
+    require(device_index < devices, "device_index: expected a CUDA device ordinal below ", devices, ", got ",
+            device_index);
+    const ScopedContext scope(api, device_index);
+    const DeviceInfo& device = supported_device(api, device_index);
+    const int capability = dispatch_capability(device);
+    if (features.direction == Direction::kForward) {
+      loaded_kernels(api, scope.context(), device, choose_forward_config(features, capability));
     } else {
-      run_backward(*api, device, problem, static_cast<CUstream>(stream), workspace, workspace_bytes);
+      loaded_kernels(api, scope.context(), device, choose_backward_config(features, capability));
     }
-  }
-
- private:
-  static void require_shared(const DeviceInfo& device, const std::string& name, int bytes) {
-    if (bytes > device.max_shared) {
-      fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': ", name, " needs ", bytes, " bytes of shared memory, the device allows ",
-           device.max_shared);
-    }
-  }
-
-  static void launch(const DriverApi& api, CUfunction function, unsigned int blocks_x, int64_t blocks_y, int64_t blocks_z,
-                     int threads, int shared_bytes, CUstream stream, void* params) {
-    if (blocks_x == 0 || blocks_y == 0 || blocks_z == 0) return;
-    void* arguments[] = {params};
-    check(api,
-          api.cuLaunchKernel(function, blocks_x, static_cast<unsigned int>(blocks_y), static_cast<unsigned int>(blocks_z),
-                             static_cast<unsigned int>(threads), 1, 1, static_cast<unsigned int>(shared_bytes), stream,
-                             arguments, nullptr),
-          "cuLaunchKernel");
-  }
-
-  // FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 runs the kernels every sm_80+ GPU gets (mma.sync) also where
-  // an architecture has its own (Hopper's wgmma forward and backward): for testing those on any GPU, and as a
-  // fallback.
-  static int dispatch_capability(const DeviceInfo& device) {
-    const char* portable = std::getenv("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS");
-    return portable && std::string(portable) == "1" ? 80 : device.compute_capability;
-  }
-
-  static void run_forward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
-                          CUstream stream) {
-    const ForwardConfig config = choose_forward_config(problem, dispatch_capability(device));
-    require_shared(device, config.name(), config.shared_bytes());
-    const CUfunction function = registry().functions(
-        api, device, {config.name(), config.sources(), config.defines(), {"attention_fwd"}, config.shared_bytes()})[0];
-    AttentionFwdParams params = forward_params(problem);
-    const auto blocks = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
-    launch(api, function, blocks, problem.batch, problem.heads_q, config.warps * 32, config.shared_bytes(), stream,
-           &params);
-  }
-
-  static void run_backward(const DriverApi& api, const DeviceInfo& device, const AttentionProblem& problem,
-                           CUstream stream, void* workspace, size_t workspace_bytes) {
-    const BackwardConfig config = choose_backward_config(problem, dispatch_capability(device));
-    require_shared(device, config.name(), config.shared_bytes());
-    const std::vector<CUfunction> kernels = registry().functions(
-        api, device,
-        {config.name(), config.sources(), config.defines(),
-         {"attention_bwd", "attention_bwd_preprocess", "attention_bwd_convert"}, config.shared_bytes()});
-    const BackwardWorkspace layout(problem, config);
-    if (layout.bytes() > workspace_bytes) {  // workspace_size() and this call chose different tiles
-      fail(FAP_ERROR_INTERNAL, "backend 'cuda': ", config.name(), " needs ", layout.bytes(), " workspace bytes, got ",
-           workspace_bytes);
-    }
-    AttentionBwdParams params = backward_params(problem, layout, workspace);
-    check(api,
-          api.cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(params.dq_accum), 0,
-                               static_cast<size_t>(layout.accum_floats()), stream),
-          "cuMemsetD32Async");
-    // The preprocess: 4 rows per CTA, each sequence's rows up to a multiple of 128.
-    const auto preprocess_blocks = static_cast<unsigned int>((problem.seqlen_q + 127) / 128 * 32);
-    launch(api, kernels[1], preprocess_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
-    const auto key_blocks = static_cast<unsigned int>((problem.seqlen_k + config.block_n - 1) / config.block_n);
-    launch(api, kernels[0], problem.deterministic ? static_cast<unsigned int>(layout.splits) : key_blocks, problem.batch,
-           problem.heads_kv, config.warps * 32, config.shared_bytes(), stream, &params);
-    // The conversion: 4 rows per CTA, or a 64-row tile of the wgmma kernels' accumulator.
-    const auto convert_blocks = static_cast<unsigned int>(config.wgmma ? (problem.seqlen_q + 63) / 64 : (problem.seqlen_q + 3) / 4);
-    launch(api, kernels[2], convert_blocks, problem.batch, problem.heads_q, 128, 0, stream, &params);
   }
 };
 

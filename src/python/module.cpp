@@ -23,11 +23,11 @@ namespace {
 
 using TensorSpec = std::tuple<uintptr_t, int32_t, int32_t, int32_t, std::vector<int64_t>, std::vector<int64_t>>;
 using OptionalTensor = std::optional<TensorSpec>;
-// (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset,
-//  deterministic), in fap_options order.
-using OptionsSpec = std::tuple<float, bool, int32_t, int32_t, float, OptionalTensor, float, uint64_t, uint64_t, bool>;
-// Asked for the workspace size in bytes, returns the address of a buffer at least that large that stays
-// alive until the call returns (the Python side allocates it through torch).
+// flash_attn_plus.ops.Options: (softmax_scale, causal, window_left, window_right, softcap, dropout_p,
+// deterministic). ALiBi slopes and the dropout seed and offset travel beside it.
+using OptionsSpec = std::tuple<float, bool, int32_t, int32_t, float, float, bool>;
+// Asked for the workspace size in bytes, returns a tensor at least that large on the call's device (torch's
+// caching allocator), kept alive here until the call returns.
 using Allocator = nb::callable;
 
 fap_tensor to_tensor(const OptionalTensor& spec, const char* name) {
@@ -51,9 +51,9 @@ fap_tensor to_tensor(const OptionalTensor& spec, const char* name) {
   return view;
 }
 
-fap_options to_options(const OptionsSpec& spec) {
+fap_options to_options(const OptionsSpec& spec, const OptionalTensor& alibi, uint64_t seed, uint64_t offset) {
   fap_options options = fap_default_options();
-  const auto& [scale, causal, left, right, softcap, alibi, dropout_p, seed, offset, deterministic] = spec;
+  const auto& [scale, causal, left, right, softcap, dropout_p, deterministic] = spec;
   options.softmax_scale = scale;
   options.causal = causal ? 1 : 0;
   options.window_size_left = left;
@@ -67,16 +67,28 @@ fap_options to_options(const OptionsSpec& spec) {
   return options;
 }
 
-// Asks for the workspace size, allocates it through the caller and runs. SizeFn/RunFn are the C entry points.
-template <typename Args, typename SizeFn, typename RunFn>
-int run_with_workspace(const Args& args, const fap_options& options, uintptr_t stream, const Allocator& allocate,
-                       SizeFn size_fn, RunFn run_fn) {
+// Owns a plan for the length of one call.
+struct PlanHandle {
+  fap_plan* plan = nullptr;
+  ~PlanHandle() { fap_plan_destroy(plan); }
+};
+
+// Plans the call (one validation), allocates its workspace through the caller when it needs one, and runs it.
+template <typename Args, typename PlanFn>
+int plan_and_run(const Args& args, const fap_options& options, bool varlen, uintptr_t stream,
+                 const Allocator& allocate, PlanFn plan_fn) {
+  PlanHandle handle;
+  if (fap_status status = plan_fn(&args, &options, varlen ? 1 : 0, &handle.plan); status != FAP_SUCCESS) return status;
   size_t bytes = 0;
-  if (fap_status status = size_fn(&args, &options, &bytes); status != FAP_SUCCESS) return status;
-  void* workspace = nullptr;
-  if (bytes > 0) workspace = reinterpret_cast<void*>(nb::cast<uintptr_t>(allocate(bytes)));
+  if (fap_status status = fap_plan_workspace_size(handle.plan, &bytes); status != FAP_SUCCESS) return status;
+  nb::object workspace;
+  void* data = nullptr;
+  if (bytes > 0) {
+    workspace = allocate(bytes);
+    data = reinterpret_cast<void*>(nb::cast<uintptr_t>(workspace.attr("data_ptr")()));
+  }
   nb::gil_scoped_release no_gil;  // the CPU backend runs for a while; other Python threads may go on
-  return run_fn(&args, &options, reinterpret_cast<void*>(stream), workspace, bytes);
+  return fap_plan_run(handle.plan, reinterpret_cast<void*>(stream), data, bytes);
 }
 
 fap_fwd_args forward_args(const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
@@ -100,32 +112,31 @@ fap_fwd_args forward_args(const OptionalTensor& q, const OptionalTensor& k, cons
 int forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
             const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& attn_probs,
             const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-            int64_t max_seqlen_k, const OptionsSpec& options, uintptr_t stream, const Allocator& allocate) {
+            int64_t max_seqlen_k, const OptionalTensor& alibi_slopes, const OptionsSpec& options, uint64_t seed,
+            uint64_t offset, uintptr_t stream, const Allocator& allocate) {
   const fap_fwd_args args =
       forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  const fap_options opts = to_options(options);
-  return varlen ? run_with_workspace(args, opts, stream, allocate, fap_mha_varlen_fwd_workspace_size, fap_mha_varlen_fwd)
-                : run_with_workspace(args, opts, stream, allocate, fap_mha_fwd_workspace_size, fap_mha_fwd);
+  return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, fap_plan_fwd);
 }
 
-// The core's checks of a forward call without running it (the workspace query validates every argument
-// first): for backends served from Python, which keep the one validation of the library.
+// The core's checks of a forward call without running it: for backends served from Python, which keep the
+// one validation of the library.
 int check_forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
                   const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& cu_seqlens_q,
                   const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                  const OptionsSpec& options) {
+                  const OptionalTensor& alibi_slopes, const OptionsSpec& options) {
   const fap_fwd_args args =
       forward_args(q, k, v, out, softmax_lse, std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  const fap_options opts = to_options(options);
-  size_t bytes = 0;
-  return varlen ? fap_mha_varlen_fwd_workspace_size(&args, &opts, &bytes) : fap_mha_fwd_workspace_size(&args, &opts, &bytes);
+  const fap_options opts = to_options(options, alibi_slopes, 0, 0);
+  return fap_check_fwd(&args, &opts, varlen ? 1 : 0);
 }
 
 int backward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
              const OptionalTensor& out, const OptionalTensor& dout, const OptionalTensor& softmax_lse,
              const OptionalTensor& dq, const OptionalTensor& dk, const OptionalTensor& dv,
              const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-             int64_t max_seqlen_k, const OptionsSpec& options, uintptr_t stream, const Allocator& allocate) {
+             int64_t max_seqlen_k, const OptionalTensor& alibi_slopes, const OptionsSpec& options, uint64_t seed,
+             uint64_t offset, uintptr_t stream, const Allocator& allocate) {
   fap_bwd_args args{};
   args.q = to_tensor(q, "q");
   args.k = to_tensor(k, "k");
@@ -140,9 +151,18 @@ int backward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, cons
   args.cu_seqlens_k = to_tensor(cu_seqlens_k, "cu_seqlens_k");
   args.max_seqlen_q = max_seqlen_q;
   args.max_seqlen_k = max_seqlen_k;
-  const fap_options opts = to_options(options);
-  return varlen ? run_with_workspace(args, opts, stream, allocate, fap_mha_varlen_bwd_workspace_size, fap_mha_varlen_bwd)
-                : run_with_workspace(args, opts, stream, allocate, fap_mha_bwd_workspace_size, fap_mha_bwd);
+  return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, fap_plan_bwd);
+}
+
+// (backward, dtype, head_dim, window, softcap, alibi, dropout) per entry, as fap_kernel_spec.
+using KernelSpec = std::tuple<bool, int32_t, int32_t, bool, bool, bool, bool>;
+
+int precompile(const std::vector<KernelSpec>& list, int32_t device_index) {
+  std::vector<fap_kernel_spec> specs;
+  for (const auto& [backward, dtype, head_dim, window, softcap, alibi, dropout] : list)
+    specs.push_back({backward, dtype, head_dim, window, softcap, alibi, dropout});
+  nb::gil_scoped_release no_gil;  // compiling takes seconds
+  return fap_precompile(specs.data(), static_cast<int32_t>(specs.size()), device_index);
 }
 
 // (name, usable, reason, details) for every backend the library has.
@@ -169,6 +189,7 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward);
   m.def("check_forward", &check_forward);
   m.def("backward", &backward);
+  m.def("precompile", &precompile);
   m.attr("SUCCESS") = static_cast<int>(FAP_SUCCESS);
   m.attr("ERROR_INVALID_ARGUMENT") = static_cast<int>(FAP_ERROR_INVALID_ARGUMENT);
   m.attr("ERROR_UNSUPPORTED") = static_cast<int>(FAP_ERROR_UNSUPPORTED);

@@ -31,7 +31,7 @@ AttentionProblem problem(fap_dtype dtype, int64_t head_dim) {
 TEST(AttentionConfig, HeadDimIsRoundedUpToSixteenForMmaSync) {
   for (int compute_capability : {80, 86, 89, 100, 120})
     for (int64_t d = 1; d <= 256; ++d) {
-      const ForwardConfig config = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d), compute_capability);
+      const ForwardConfig config = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d).features(), compute_capability);
       EXPECT_FALSE(config.wgmma);
       EXPECT_GE(config.head_dim, d);
       EXPECT_LT(config.head_dim, d + 16);
@@ -46,7 +46,7 @@ TEST(AttentionConfig, HopperRunsTheWgmmaKernelOnWhole64ColumnBlocks) {
     for (bool dropout : {false, true}) {
       AttentionProblem p = problem(FAP_DTYPE_FLOAT16, d);
       p.dropout_p = dropout ? 0.1f : 0.0f;
-      const ForwardConfig config = choose_forward_config(p, 90);
+      const ForwardConfig config = choose_forward_config(p.features(), 90);
       EXPECT_TRUE(config.wgmma);
       EXPECT_GE(config.head_dim, d);
       EXPECT_LT(config.head_dim, d + 64);
@@ -57,20 +57,20 @@ TEST(AttentionConfig, HopperRunsTheWgmmaKernelOnWhole64ColumnBlocks) {
       EXPECT_NE(std::find(sources.begin(), sources.end(), "hopper.cuh"), sources.end());
       EXPECT_EQ(sources.back(), "attention_fwd_sm90.cuh");
     }
-  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128), 90).name(), "attention_fwd_sm90_bf16_d128_m128_n128_w12_s3");
-  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256), 90).name(), "attention_fwd_sm90_bf16_d256_m128_n64_w12_s2");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 90).name(), "attention_fwd_sm90_bf16_d128_m128_n128_w12_s3");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256).features(), 90).name(), "attention_fwd_sm90_bf16_d256_m128_n64_w12_s2");
 }
 
 TEST(AttentionConfig, FeaturesFollowTheProblem) {
   AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
-  EXPECT_EQ(choose_forward_config(p, 80).name(), "attention_fwd_fp16_d128_m128_n32_w4");
-  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64), 80).name(), "attention_fwd_bf16_d64_m128_n64_w8");
+  EXPECT_EQ(choose_forward_config(p.features(), 80).name(), "attention_fwd_fp16_d128_m128_n32_w4");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 80).name(), "attention_fwd_bf16_d64_m128_n64_w8");
   p.window = normalize_window(-1, -1, true, 100);
   p.softcap = 30.0f;
   p.dropout_p = 0.1f;
   const float slopes[] = {0.5f};
   p.alibi_slopes = slopes;
-  const ForwardConfig config = choose_forward_config(p, 80);
+  const ForwardConfig config = choose_forward_config(p.features(), 80);
   EXPECT_EQ(config.name(), "attention_fwd_fp16_d128_m64_n32_w4_window_softcap_alibi_dropout");
   const std::vector<std::string> defines = config.defines();
   EXPECT_NE(std::find(defines.begin(), defines.end(), "-DFAP_MIN_BLOCKS=1"), defines.end());
@@ -82,7 +82,7 @@ TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
   // The compiled kernel is keyed by the configuration alone: sizes are kernel arguments.
   AttentionProblem base = problem(FAP_DTYPE_BFLOAT16, 128);
   base.window = normalize_window(-1, -1, true, 4096);
-  const std::string name = choose_forward_config(base, 90).name();
+  const std::string name = choose_forward_config(base.features(), 90).name();
   for (int64_t batch : {1, 3, 64})
     for (int64_t seqlen : {1, 17, 1000, 16384}) {
       AttentionProblem p = base;
@@ -90,7 +90,7 @@ TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
       p.seqlen_q = p.total_q = seqlen;
       p.seqlen_k = p.total_k = seqlen + 5;
       p.window = normalize_window(-1, -1, true, p.seqlen_k);
-      EXPECT_EQ(choose_forward_config(p, 90).name(), name) << batch << " x " << seqlen;
+      EXPECT_EQ(choose_forward_config(p.features(), 90).name(), name) << batch << " x " << seqlen;
     }
 }
 
@@ -130,7 +130,7 @@ TEST(AttentionConfig, HopperBackwardPadsTheHeadDimAndLeavesDropoutToMmaSync) {
         AttentionProblem p = problem(FAP_DTYPE_BFLOAT16, d);
         p.deterministic = deterministic;
         p.dropout_p = dropout ? 0.1f : 0.0f;
-        const BackwardConfig hopper = choose_backward_config(p, 90), portable = choose_backward_config(p, 80);
+        const BackwardConfig hopper = choose_backward_config(p.features(), 90), portable = choose_backward_config(p.features(), 80);
         EXPECT_EQ(hopper.wgmma, !dropout) << d;
         if (hopper.wgmma) {
           EXPECT_EQ(hopper.head_dim, d <= 64 ? 64 : d <= 128 ? 128 : 256) << d;
