@@ -1,12 +1,15 @@
-"""torch tensors as the C API sees them: (data_ptr, dtype code, device type, device index, shape, strides).
+"""torch tensors as the C API sees them.
 
-Only the description crosses into C; the data stays where it is. Dtypes and devices the library does not
-know get code -1, which the core's validation rejects with a message naming the argument.
+The extension reads a tensor's pointer, dtype, device, shape and strides through its Python attributes; only
+that description crosses into C, the data stays where it is. Dtypes the library does not know get code -1 and
+devices other than the CPU and CUDA device type -1, which the core's validation rejects naming the argument.
 """
 import torch
 
+from ._library import _C
+
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.int32: 3}
-_DEVICE_CODES = {"cpu": 0, "cuda": 1}
+_C.register_dtypes(_DTYPE_CODES)
 
 
 def dtype_code(dtype):
@@ -14,20 +17,11 @@ def dtype_code(dtype):
     return _DTYPE_CODES.get(dtype, -1)
 
 
-def spec(tensor):
-    if tensor is None:
-        return None
-    device = tensor.device
-    return (tensor.data_ptr(), _DTYPE_CODES.get(tensor.dtype, -1), _DEVICE_CODES.get(device.type, -1),
-            device.index or 0, tuple(tensor.shape), tuple(tensor.stride()))
-
-
 def stream_of(tensor):
     """The CUstream to queue work on: torch's current stream of the tensor's device (0 on the CPU)."""
-    device = tensor.device
-    if device.type != "cuda":
+    if not tensor.is_cuda:
         return 0
-    return _current_raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+    return _current_raw_stream(tensor.get_device())
 
 
 def _current_raw_stream(index):
@@ -35,3 +29,9 @@ def _current_raw_stream(index):
     # cost of torch.cuda.current_stream(), which builds a Stream object.
     getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     return getter(index) if getter else torch.cuda.current_stream(index).cuda_stream
+
+
+def allocate_workspace(nbytes, like):
+    """The extension's callback for a call's workspace: a byte tensor on like's device from torch's caching
+    allocator."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=like.device)

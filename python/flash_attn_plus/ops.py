@@ -19,7 +19,6 @@ Philox offset of torch's CUDA generator is advanced, on the CPU one 63-bit seed 
 generator. torch.utils.checkpoint saves and restores those generator states, so a recomputation reproduces the
 mask. The (seed, offset) pair is returned as `rng_state` (int64, CPU) and replayed by the backward.
 """
-import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from . import _errors, backends, flaggems
 from ._library import _C
-from ._tensors import spec, stream_of
+from ._tensors import allocate_workspace, stream_of
 
 _UINT64 = 1 << 64
 
@@ -45,12 +44,6 @@ class Options(NamedTuple):
 
 def round_multiple(x, m):
     return (x + m - 1) // m * m
-
-
-@functools.lru_cache(maxsize=None)
-def _workspace_allocator(device):
-    """The extension's callback for a call's workspace: a byte tensor from torch's caching allocator."""
-    return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 def _draw_dropout_rng(device, increment):
@@ -150,9 +143,8 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max
         reason = flaggems.fallback_reason(varlen, options.causal, options.window_left, options.window_right,
                                           options.softcap, alibi_slopes, options.dropout_p)
         if not reason:
-            _check_for_python_backend(_C.check_forward(
-                varlen, spec(q), spec(k), spec(v), spec(out), spec(lse), spec(cu_seqlens_q), spec(cu_seqlens_k),
-                max_seqlen_q, max_seqlen_k, spec(alibi_slopes), _c_options(options)))
+            _check_for_python_backend(_C.check_forward(varlen, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options)))
             flaggems.check_tensors(q)
             with torch.cuda.device(q.device):
                 flaggems.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -164,10 +156,9 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max
     if options.dropout_p > 0:
         batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
         seed, offset = _draw_dropout_rng(q.device, max(batch, 1) * q.shape[-2] * 32)
-    _errors.check(_C.forward(varlen, spec(q), spec(k), spec(v), spec(out), spec(lse),
-                             spec(probs) if with_probs else None, spec(cu_seqlens_q), spec(cu_seqlens_k),
-                             max_seqlen_q, max_seqlen_k, spec(alibi_slopes), _c_options(options), seed % _UINT64,
-                             offset % _UINT64, stream_of(q), _workspace_allocator(q.device)))
+    _errors.check(_C.forward(varlen, q, k, v, out, lse, probs if with_probs else None, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options), seed % _UINT64,
+                             offset % _UINT64, stream_of(q), allocate_workspace))
     return out, lse, probs, (seed, offset)
 
 
@@ -177,10 +168,9 @@ def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi
     on the library's backend whichever backend ran the forward."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     seed, offset = rng if options.dropout_p > 0 else (0, 0)
-    _errors.check(_C.backward(cu_seqlens_q is not None, spec(q), spec(k), spec(v), spec(out), spec(dout),
-                              spec(softmax_lse), spec(dq), spec(dk), spec(dv), spec(cu_seqlens_q), spec(cu_seqlens_k),
-                              max_seqlen_q, max_seqlen_k, spec(alibi_slopes), _c_options(options), seed % _UINT64,
-                              offset % _UINT64, stream_of(q), _workspace_allocator(q.device)))
+    _errors.check(_C.backward(cu_seqlens_q is not None, q, k, v, out, dout, softmax_lse, dq, dk, dv, cu_seqlens_q,
+                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options),
+                              seed % _UINT64, offset % _UINT64, stream_of(q), allocate_workspace))
     return dq, dk, dv
 
 

@@ -1,16 +1,14 @@
-// The Python extension: a thin layer over the C API. Tensors arrive as plain tuples
-// (data_ptr, dtype, device_type, device_index, shape, strides) built by flash_attn_plus/_tensors.py, so
-// the extension links neither torch nor any array library and one build serves every torch version.
+// The Python extension: a thin layer over the C API. Tensors arrive as torch tensors and are read through their
+// Python attributes (data_ptr, dtype, device, shape, stride), so the extension links neither torch nor any array
+// library and one build serves every torch version.
 // Calls return the fap_status; flash_attn_plus/_errors.py turns a failure and fap_last_error() into the
 // matching Python exception.
 #include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -21,37 +19,65 @@ namespace nb = nanobind;
 
 namespace {
 
-using TensorSpec = std::tuple<uintptr_t, int32_t, int32_t, int32_t, std::vector<int64_t>, std::vector<int64_t>>;
-using OptionalTensor = std::optional<TensorSpec>;
 // flash_attn_plus.ops.Options: (softmax_scale, causal, window_left, window_right, softcap, dropout_p,
 // deterministic). ALiBi slopes and the dropout seed and offset travel beside it.
 using OptionsSpec = std::tuple<float, bool, int32_t, int32_t, float, float, bool>;
-// Asked for the workspace size in bytes, returns a tensor at least that large on the call's device (torch's
-// caching allocator), kept alive here until the call returns.
+// Called as allocate(nbytes, like) for a call's workspace: returns a tensor of at least nbytes on like's device
+// (torch's caching allocator), kept alive here until the call returns.
 using Allocator = nb::callable;
 
-fap_tensor to_tensor(const OptionalTensor& spec, const char* name) {
+// torch's dtype objects and their fap_dtype codes, given once by the Python package (register_dtypes): the
+// extension reads tensors through their Python attributes and links no torch.
+std::vector<std::pair<nb::object, int32_t>>& known_dtypes() {
+  // Never destroyed: its references must not be released after the interpreter has finalised.
+  static auto* dtypes = new std::vector<std::pair<nb::object, int32_t>>();
+  return *dtypes;
+}
+
+int32_t dtype_code(nb::handle dtype) {
+  for (const auto& [object, code] : known_dtypes())
+    if (object.is(dtype)) return code;
+  return -1;  // rejected by the core's validation, naming the argument
+}
+
+// A torch tensor (or None: absent) as the C API's view: pointer, dtype, device, shape and strides in elements.
+// Devices other than the CPU and CUDA (e.g. meta) get device type -1, which the core rejects by name.
+fap_tensor to_tensor(nb::handle tensor, const char* name) {
   fap_tensor view{};  // absent: data == NULL
-  if (!spec) return view;
-  const auto& [data, dtype, device_type, device_index, shape, strides] = *spec;
-  if (shape.size() > FAP_MAX_RANK || strides.size() != shape.size()) {
-    throw nb::value_error((std::string(name) + ": expected at most " + std::to_string(FAP_MAX_RANK) +
-                           " dimensions, got " + std::to_string(shape.size()))
-                              .c_str());
-  }
-  view.data = reinterpret_cast<void*>(data);
-  view.dtype = dtype;
-  view.device_type = device_type;
-  view.device_index = device_index;
-  view.rank = static_cast<int32_t>(shape.size());
-  for (size_t i = 0; i < shape.size(); ++i) {
-    view.shape[i] = shape[i];
-    view.strides[i] = strides[i];
+  if (tensor.is_none()) return view;
+  try {
+    const nb::tuple shape = nb::borrow<nb::tuple>(tensor.attr("shape"));
+    const nb::tuple strides = nb::borrow<nb::tuple>(tensor.attr("stride")());
+    if (shape.size() > FAP_MAX_RANK) {
+      throw nb::value_error((std::string(name) + ": expected at most " + std::to_string(FAP_MAX_RANK) +
+                             " dimensions, got " + std::to_string(shape.size()))
+                                .c_str());
+    }
+    view.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(tensor.attr("data_ptr")()));
+    view.dtype = dtype_code(tensor.attr("dtype"));
+    if (nb::cast<bool>(tensor.attr("is_cuda"))) {
+      view.device_type = FAP_DEVICE_CUDA;
+      view.device_index = nb::cast<int32_t>(tensor.attr("get_device")());
+    } else {
+      view.device_type = nb::cast<bool>(tensor.attr("is_cpu")) ? FAP_DEVICE_CPU : -1;
+    }
+    view.rank = static_cast<int32_t>(shape.size());
+    for (size_t i = 0; i < shape.size(); ++i) {
+      view.shape[i] = nb::cast<int64_t>(shape[i]);
+      view.strides[i] = nb::cast<int64_t>(strides[i]);
+    }
+  } catch (const nb::python_error&) {
+    throw nb::type_error((std::string(name) + ": expected a torch.Tensor or None, got " +
+                          nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(tensor.ptr())))
+                                                            .attr("__name__"))))
+                             .c_str());
+  } catch (const nb::cast_error&) {
+    throw nb::type_error((std::string(name) + ": expected a torch.Tensor or None").c_str());
   }
   return view;
 }
 
-fap_options to_options(const OptionsSpec& spec, const OptionalTensor& alibi, uint64_t seed, uint64_t offset) {
+fap_options to_options(const OptionsSpec& spec, nb::handle alibi, uint64_t seed, uint64_t offset) {
   fap_options options = fap_default_options();
   const auto& [scale, causal, left, right, softcap, dropout_p, deterministic] = spec;
   options.softmax_scale = scale;
@@ -76,7 +102,7 @@ struct PlanHandle {
 // Plans the call (one validation), allocates its workspace through the caller when it needs one, and runs it.
 template <typename Args, typename PlanFn>
 int plan_and_run(const Args& args, const fap_options& options, bool varlen, uintptr_t stream,
-                 const Allocator& allocate, PlanFn plan_fn) {
+                 const Allocator& allocate, nb::handle like, PlanFn plan_fn) {
   PlanHandle handle;
   if (fap_status status = plan_fn(&args, &options, varlen ? 1 : 0, &handle.plan); status != FAP_SUCCESS) return status;
   size_t bytes = 0;
@@ -84,16 +110,16 @@ int plan_and_run(const Args& args, const fap_options& options, bool varlen, uint
   nb::object workspace;
   void* data = nullptr;
   if (bytes > 0) {
-    workspace = allocate(bytes);
+    workspace = allocate(bytes, like);
     data = reinterpret_cast<void*>(nb::cast<uintptr_t>(workspace.attr("data_ptr")()));
   }
   nb::gil_scoped_release no_gil;  // the CPU backend runs for a while; other Python threads may go on
   return fap_plan_run(handle.plan, reinterpret_cast<void*>(stream), data, bytes);
 }
 
-fap_fwd_args forward_args(const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
-                          const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& attn_probs,
-                          const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
+fap_fwd_args forward_args(nb::handle q, nb::handle k, nb::handle v,
+                          nb::handle out, nb::handle softmax_lse, nb::handle attn_probs,
+                          nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
                           int64_t max_seqlen_k) {
   fap_fwd_args args{};
   args.q = to_tensor(q, "q");
@@ -109,33 +135,34 @@ fap_fwd_args forward_args(const OptionalTensor& q, const OptionalTensor& k, cons
   return args;
 }
 
-int forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
-            const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& attn_probs,
-            const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-            int64_t max_seqlen_k, const OptionalTensor& alibi_slopes, const OptionsSpec& options, uint64_t seed,
+int forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
+            nb::handle out, nb::handle softmax_lse, nb::handle attn_probs,
+            nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
+            int64_t max_seqlen_k, nb::handle alibi_slopes, const OptionsSpec& options, uint64_t seed,
             uint64_t offset, uintptr_t stream, const Allocator& allocate) {
   const fap_fwd_args args =
       forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, fap_plan_fwd);
+  return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, q,
+                      fap_plan_fwd);
 }
 
 // The core's checks of a forward call without running it: for backends served from Python, which keep the
 // one validation of the library.
-int check_forward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
-                  const OptionalTensor& out, const OptionalTensor& softmax_lse, const OptionalTensor& cu_seqlens_q,
-                  const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                  const OptionalTensor& alibi_slopes, const OptionsSpec& options) {
+int check_forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
+                  nb::handle out, nb::handle softmax_lse, nb::handle cu_seqlens_q,
+                  nb::handle cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                  nb::handle alibi_slopes, const OptionsSpec& options) {
   const fap_fwd_args args =
-      forward_args(q, k, v, out, softmax_lse, std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+      forward_args(q, k, v, out, softmax_lse, nb::none(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const fap_options opts = to_options(options, alibi_slopes, 0, 0);
   return fap_check_fwd(&args, &opts, varlen ? 1 : 0);
 }
 
-int backward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, const OptionalTensor& v,
-             const OptionalTensor& out, const OptionalTensor& dout, const OptionalTensor& softmax_lse,
-             const OptionalTensor& dq, const OptionalTensor& dk, const OptionalTensor& dv,
-             const OptionalTensor& cu_seqlens_q, const OptionalTensor& cu_seqlens_k, int64_t max_seqlen_q,
-             int64_t max_seqlen_k, const OptionalTensor& alibi_slopes, const OptionsSpec& options, uint64_t seed,
+int backward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
+             nb::handle out, nb::handle dout, nb::handle softmax_lse,
+             nb::handle dq, nb::handle dk, nb::handle dv,
+             nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
+             int64_t max_seqlen_k, nb::handle alibi_slopes, const OptionsSpec& options, uint64_t seed,
              uint64_t offset, uintptr_t stream, const Allocator& allocate) {
   fap_bwd_args args{};
   args.q = to_tensor(q, "q");
@@ -151,7 +178,8 @@ int backward(bool varlen, const OptionalTensor& q, const OptionalTensor& k, cons
   args.cu_seqlens_k = to_tensor(cu_seqlens_k, "cu_seqlens_k");
   args.max_seqlen_q = max_seqlen_q;
   args.max_seqlen_k = max_seqlen_k;
-  return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, fap_plan_bwd);
+  return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, q,
+                      fap_plan_bwd);
 }
 
 // (backward, dtype, head_dim, window, softcap, alibi, dropout) per entry, as fap_kernel_spec.
@@ -186,10 +214,24 @@ NB_MODULE(_C, m) {
   m.def("set_backend", [](const std::string& name) { return static_cast<int>(fap_set_backend(name.c_str())); });
   m.def("get_backend", [] { return std::string(fap_get_backend()); });
   m.def("backends", &backends);
-  m.def("forward", &forward);
-  m.def("check_forward", &check_forward);
-  m.def("backward", &backward);
+  // Tensor parameters take None for an absent tensor.
+  const auto tensor = [](const char* name) { return nb::arg(name).none(); };
+  m.def("forward", &forward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
+        tensor("softmax_lse"), tensor("attn_probs"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"),
+        nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), tensor("alibi_slopes"), nb::arg("options"), nb::arg("seed"),
+        nb::arg("offset"), nb::arg("stream"), nb::arg("allocate"));
+  m.def("check_forward", &check_forward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
+        tensor("softmax_lse"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"), nb::arg("max_seqlen_q"),
+        nb::arg("max_seqlen_k"), tensor("alibi_slopes"), nb::arg("options"));
+  m.def("backward", &backward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
+        tensor("dout"), tensor("softmax_lse"), tensor("dq"), tensor("dk"), tensor("dv"), tensor("cu_seqlens_q"),
+        tensor("cu_seqlens_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), tensor("alibi_slopes"),
+        nb::arg("options"), nb::arg("seed"), nb::arg("offset"), nb::arg("stream"), nb::arg("allocate"));
   m.def("precompile", &precompile);
+  m.def("register_dtypes", [](const nb::dict& codes) {
+    known_dtypes().clear();
+    for (const auto& [dtype, code] : codes) known_dtypes().emplace_back(nb::borrow(dtype), nb::cast<int32_t>(code));
+  });
   m.attr("SUCCESS") = static_cast<int>(FAP_SUCCESS);
   m.attr("ERROR_INVALID_ARGUMENT") = static_cast<int>(FAP_ERROR_INVALID_ARGUMENT);
   m.attr("ERROR_UNSUPPORTED") = static_cast<int>(FAP_ERROR_UNSUPPORTED);

@@ -59,6 +59,9 @@ CASES = {
     "leftpad_k": (lambda: _flash_attn_varlen_forward(*varlen()[:3], varlen()[3], varlen()[3], 6, 6, 0.0, 0.2, False,
                                                      leftpad_k=torch.zeros(2, dtype=torch.int32)), "leftpad_k"),
     "block_table dtype": (_varlen(block_table=torch.zeros(2, 1, dtype=torch.int64)), "block_table"),
+    "k on meta": (_dense(k=lambda a: a["k"].to("meta")), "k: "),
+    "alibi on meta": (_dense(alibi_slopes=torch.ones(4, device="meta")), "alibi_slopes: "),
+    "cu_seqlens on meta": (_varlen(cu_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")), "cu_seqlens_q: "),
 }
 
 
@@ -93,6 +96,14 @@ def test_a_failed_kvcache_call_leaves_the_cache_untouched():
         with pytest.raises(fap.InvalidArgumentError):
             fap.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, **options)
         assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), options
+
+
+def test_arguments_that_are_not_tensors_are_named():
+    q, k, v, cu = varlen()
+    with pytest.raises(TypeError, match="cu_seqlens_k: expected a torch.Tensor, got list"):
+        fap.flash_attn_varlen_func(q, k, v, cu, [0, 4, 10], 6, 6)
+    with pytest.raises(TypeError, match="alibi_slopes: expected a torch.Tensor or None, got tuple"):
+        fap.flash_attn_func(*qkv(), alibi_slopes=(1.0, 1.0, 1.0, 1.0))
 
 
 def test_missing_tensors_are_type_errors():
