@@ -1,6 +1,5 @@
 // FAP_HOST_DEVICE marks the functions of the headers shared by host code and the run-time compiled
-// device code (philox.h, mask.h). Under NVRTC this file is prepended to the kernel source instead of
-// being included.
+// device code (philox.h, mask.h), which NVRTC finds among the library's embedded headers.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

@@ -8,9 +8,7 @@
 // Causal attention is the window (left, 0).
 #pragma once
 
-#ifndef __CUDACC_RTC__  // NVRTC gets host_device.h prepended (src/cuda/kernel_sources.cpp)
 #include "core/host_device.h"
-#endif
 
 namespace fap {
 
@@ -52,11 +50,24 @@ FAP_HOST_DEVICE KeyRange allowed_keys(const AttentionWindow& window, long long r
   return range;
 }
 
-// ALiBi bias for query row i and key j: -slope * |i + len_k - len_q - j|.
-FAP_HOST_DEVICE float alibi_bias(float slope, long long row, long long column, long long len_q, long long len_k) {
-  long long distance = row + len_k - len_q - column;
+// The rules for one key, given the key on the row's diagonal (row + len_k - len_q), in the caller's integer
+// type (the CUDA kernels keep positions in int): the window test of allowed_keys (a normalised, active window),
+// and the ALiBi bias -slope * |diagonal - key|.
+template <typename Int>
+FAP_HOST_DEVICE bool window_allows(Int key, Int diagonal, Int left, Int right) {
+  return key >= diagonal - left && key <= diagonal + right;
+}
+
+template <typename Int>
+FAP_HOST_DEVICE float alibi_bias_at(float slope, Int diagonal, Int key) {
+  Int distance = diagonal - key;
   if (distance < 0) distance = -distance;
   return -slope * static_cast<float>(distance);
+}
+
+// ALiBi bias for query row i and key j: -slope * |i + len_k - len_q - j|.
+FAP_HOST_DEVICE float alibi_bias(float slope, long long row, long long column, long long len_q, long long len_k) {
+  return alibi_bias_at(slope, row + len_k - len_q, column);
 }
 
 }  // namespace fap

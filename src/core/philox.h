@@ -8,9 +8,7 @@
 // is >= dropout_threshold(p). Kept probabilities are scaled by 1 / (1 - p).
 #pragma once
 
-#ifndef __CUDACC_RTC__  // NVRTC gets host_device.h prepended (src/cuda/kernel_sources.cpp)
 #include "core/host_device.h"
-#endif
 
 namespace fap {
 

@@ -1,22 +1,9 @@
 #include "src/cuda/attention_config.h"
 
-#include <initializer_list>
-
 #include "core/error.h"
+#include "src/cuda/kernel_sources.h"
 
 namespace fap::cuda {
-namespace {
-
-// The embedded files of a kernel family in order: the shared headers, Hopper's building blocks for wgmma
-// kernels, then the family's own files (common parts first, the kernel last).
-std::vector<std::string> kernel_sources(bool wgmma, std::initializer_list<const char*> family_files) {
-  std::vector<std::string> files = {"host_device.h", "philox.h", "mask.h", "attention_params.cuh", "tensor_core.cuh"};
-  if (wgmma) files.emplace_back("hopper.cuh");
-  files.insert(files.end(), family_files.begin(), family_files.end());
-  return files;
-}
-
-}  // namespace
 
 std::string ForwardConfig::name() const {
   std::string text = concat(wgmma ? "attention_fwd_sm90_" : "attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim,
@@ -37,9 +24,7 @@ std::vector<std::string> ForwardConfig::defines() const {
           concat("-DFAP_STAGES=", stages)};
 }
 
-std::vector<std::string> ForwardConfig::sources() const {
-  return kernel_sources(wgmma, {"attention_fwd_common.cuh", wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"});
-}
+std::string ForwardConfig::source_file() const { return wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"; }
 
 int ForwardConfig::shared_bytes() const {
   // Q tile plus two (wgmma: `stages`) stages of K and V tiles: mma.sync rows padded by 8 elements of 2
@@ -224,14 +209,21 @@ std::vector<BackwardConfig> all_backward_configs(int compute_capability) {
   return every_config(compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
 }
 
-std::vector<std::string> BackwardConfig::sources() const {
-  if (!wgmma) return kernel_sources(false, {"attention_bwd_common.cuh", "attention_bwd.cuh"});
-  return kernel_sources(true, {"attention_bwd_common.cuh", "attention_bwd_sm90_common.cuh",
-                               head_dim == 256 ? "attention_bwd_sm90_wide.cuh" : "attention_bwd_sm90.cuh"});
+std::string BackwardConfig::source_file() const {
+  if (!wgmma) return "attention_bwd.cuh";
+  return head_dim == 256 ? "attention_bwd_sm90_wide.cuh" : "attention_bwd_sm90.cuh";
 }
 
 std::string nvrtc_arch(int compute_capability) {
   return concat("sm_", compute_capability, compute_capability == 90 ? "a" : "");
 }
+
+template <typename Config>
+CompileRequest compile_request(const Config& config, const std::string& arch) {
+  return {config.name(), kernel_translation_unit(config.source_file()), config.defines(), arch, kernel_headers()};
+}
+
+template CompileRequest compile_request(const ForwardConfig&, const std::string&);
+template CompileRequest compile_request(const BackwardConfig&, const std::string&);
 
 }  // namespace fap::cuda

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/problem.h"
+#include "src/cuda/jit_cache.h"
 
 namespace fap::cuda {
 
@@ -24,7 +25,7 @@ struct ForwardConfig {
 
   std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window, attention_fwd_sm90_bf16_d128_...
   std::vector<std::string> defines() const;
-  std::vector<std::string> sources() const;  // the embedded files the kernel is compiled from, in order
+  std::string source_file() const;  // the embedded kernel file (it includes what it needs)
   std::vector<std::string> kernels() const { return {"attention_fwd"}; }  // the module's kernels, main one first
   int shared_bytes() const;
 
@@ -50,7 +51,7 @@ struct BackwardConfig {
 
   std::string name() const;  // e.g. attention_bwd_bf16_d128_m64_n64_w8_s2_q2_window
   std::vector<std::string> defines() const;
-  std::vector<std::string> sources() const;  // the embedded files the kernels are compiled from, in order
+  std::string source_file() const;  // the embedded kernel file (it includes what it needs)
   std::vector<std::string> kernels() const {  // the module's kernels, main one first
     return {"attention_bwd", "attention_bwd_preprocess", "attention_bwd_convert"};
   }
@@ -74,5 +75,10 @@ std::vector<BackwardConfig> all_backward_configs(int compute_capability);
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);
+
+// What NVRTC compiles for a configuration on an architecture ("sm_80", "sm_90a"): its kernel file's translation
+// unit with every embedded file as a header, and its defines.
+template <typename Config>
+CompileRequest compile_request(const Config& config, const std::string& arch);
 
 }  // namespace fap::cuda

@@ -131,8 +131,7 @@ const LoadedKernels& loaded_kernels(const DriverApi& api, CUcontext context, con
     fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': ", entry.name, " needs ", entry.shared_bytes,
          " bytes of shared memory, the device allows ", device.max_shared);
   }
-  const std::string cubin = kernel_cache().cubin(
-      {entry.name, assemble_source(config.sources()), config.defines(), nvrtc_arch(device.compute_capability)});
+  const std::string cubin = kernel_cache().cubin(compile_request(config, nvrtc_arch(device.compute_capability)));
   CUmodule module = nullptr;
   check(api, api.cuModuleLoadData(&module, cubin.data()), "cuModuleLoadData");
   for (const std::string& kernel : config.kernels()) {
@@ -160,39 +159,33 @@ bool vector_loads(const AttentionProblem& p, std::initializer_list<const Operand
   return true;
 }
 
-AttentionFwdParams forward_params(const AttentionProblem& p) {
-  AttentionFwdParams params{};
-  params.q = p.q.data;
-  params.k = p.k.data;
-  params.v = p.v.data;
-  params.out = p.out.data;
+void strides(const Operand& o, long long& batch, long long& row, long long& head) {
+  batch = o.batch_stride, row = o.row_stride, head = o.head_stride;
+}
+
+// What every attention kernel reads; vector_loads for the operands the kernel copies with 16-byte loads.
+AttentionParams attention_params(const AttentionProblem& p, bool vector_loads) {
+  AttentionParams params{};
+  params.q = p.q.data, params.k = p.k.data, params.v = p.v.data, params.out = p.out.data;
   params.lse = p.lse.data;
-  params.q_batch_stride = p.q.batch_stride, params.q_row_stride = p.q.row_stride, params.q_head_stride = p.q.head_stride;
-  params.k_batch_stride = p.k.batch_stride, params.k_row_stride = p.k.row_stride, params.k_head_stride = p.k.head_stride;
-  params.v_batch_stride = p.v.batch_stride, params.v_row_stride = p.v.row_stride, params.v_head_stride = p.v.head_stride;
-  params.out_batch_stride = p.out.batch_stride, params.out_row_stride = p.out.row_stride;
-  params.out_head_stride = p.out.head_stride;
+  strides(p.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride);
+  strides(p.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
+  strides(p.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
+  strides(p.out, params.out_batch_stride, params.out_row_stride, params.out_head_stride);
   params.lse_batch_stride = p.lse.batch_stride, params.lse_head_stride = p.lse.head_stride;
   params.lse_row_stride = p.lse.row_stride;
-  params.cu_seqlens_q = p.cu_seqlens_q;
-  params.cu_seqlens_k = p.cu_seqlens_k;
-  params.seqlen_q = static_cast<int>(p.seqlen_q);
-  params.seqlen_k = static_cast<int>(p.seqlen_k);
-  params.heads_q = static_cast<int>(p.heads_q);
-  params.group_size = static_cast<int>(p.group_size());
+  params.cu_seqlens_q = p.cu_seqlens_q, params.cu_seqlens_k = p.cu_seqlens_k;
+  params.seqlen_q = static_cast<int>(p.seqlen_q), params.seqlen_k = static_cast<int>(p.seqlen_k);
+  params.heads_q = static_cast<int>(p.heads_q), params.group_size = static_cast<int>(p.group_size());
   params.head_dim = static_cast<int>(p.head_dim);
-  params.vector_loads = vector_loads(p, {&p.q, &p.k, &p.v});
-  params.scale = p.softmax_scale;
-  params.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  params.vector_loads = vector_loads;
+  params.scale = p.softmax_scale, params.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   params.softcap = p.softcap;
-  params.window_left = p.window.left;
-  params.window_right = p.window.right;
-  params.alibi = p.alibi_slopes;
-  params.alibi_batch_stride = p.alibi_batch_stride;
+  params.window_left = p.window.left, params.window_right = p.window.right;
+  params.alibi = p.alibi_slopes, params.alibi_batch_stride = p.alibi_batch_stride;
   params.dropout_threshold = p.dropout_p > 0.0f ? dropout_threshold(p.dropout_p) : 0u;
   params.dropout_scale = 1.0f / (1.0f - p.dropout_p);
-  params.dropout_seed = p.dropout_seed;
-  params.dropout_offset = p.dropout_offset;
+  params.dropout_seed = p.dropout_seed, params.dropout_offset = p.dropout_offset;
   return params;
 }
 
@@ -224,41 +217,19 @@ struct BackwardWorkspace {
 
 AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWorkspace& layout, void* workspace) {
   AttentionBwdParams params{};
-  params.q = p.q.data, params.k = p.k.data, params.v = p.v.data, params.out = p.out.data, params.dout = p.dout.data;
-  params.lse = p.lse.data;
-  params.dq = p.dq.data, params.dk = p.dk.data, params.dv = p.dv.data;
+  static_cast<AttentionParams&>(params) = attention_params(p, vector_loads(p, {&p.q, &p.k, &p.v, &p.dout}));
+  params.dout = p.dout.data, params.dq = p.dq.data, params.dk = p.dk.data, params.dv = p.dv.data;
   params.dsum = static_cast<float*>(workspace);
   params.lse_log2 = reinterpret_cast<float*>(static_cast<char*>(workspace) + layout.softmax_bytes);
   params.softmax_head_stride = layout.padded_rows;
   params.dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + layout.accum_offset);
   params.dq_accum_split_stride = layout.padded_rows * p.heads_q * layout.head_dim;
-  const auto strides = [](const Operand& o, long long& batch, long long& row, long long& head) {
-    batch = o.batch_stride, row = o.row_stride, head = o.head_stride;
-  };
-  strides(p.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride);
-  strides(p.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
-  strides(p.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
-  strides(p.out, params.out_batch_stride, params.out_row_stride, params.out_head_stride);
   strides(p.dout, params.dout_batch_stride, params.dout_row_stride, params.dout_head_stride);
   strides(p.dq, params.dq_batch_stride, params.dq_row_stride, params.dq_head_stride);
   strides(p.dk, params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride);
   strides(p.dv, params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride);
-  params.lse_batch_stride = p.lse.batch_stride, params.lse_head_stride = p.lse.head_stride;
-  params.lse_row_stride = p.lse.row_stride;
-  params.cu_seqlens_q = p.cu_seqlens_q, params.cu_seqlens_k = p.cu_seqlens_k;
-  params.seqlen_q = static_cast<int>(p.seqlen_q), params.seqlen_k = static_cast<int>(p.seqlen_k);
-  params.heads_q = static_cast<int>(p.heads_q), params.group_size = static_cast<int>(p.group_size());
-  params.head_dim = static_cast<int>(p.head_dim);
   params.splits = static_cast<int>(layout.splits);
   params.deterministic = p.deterministic ? 1 : 0;
-  params.vector_loads = vector_loads(p, {&p.q, &p.k, &p.v, &p.dout});
-  params.scale = p.softmax_scale, params.scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  params.softcap = p.softcap;
-  params.window_left = p.window.left, params.window_right = p.window.right;
-  params.alibi = p.alibi_slopes, params.alibi_batch_stride = p.alibi_batch_stride;
-  params.dropout_threshold = p.dropout_p > 0.0f ? dropout_threshold(p.dropout_p) : 0u;
-  params.dropout_scale = 1.0f / (1.0f - p.dropout_p);
-  params.dropout_seed = p.dropout_seed, params.dropout_offset = p.dropout_offset;
   return params;
 }
 
@@ -309,7 +280,7 @@ class ForwardCall final : public PreparedCall {
     const ForwardConfig config = choose_forward_config(problem.features(),
                                                        dispatch_capability(supported_device(api, problem.device_index)));
     kernels_ = &loaded_kernels(api, context_, device_info(api, problem.device_index), config);
-    params_ = forward_params(problem);
+    params_ = attention_params(problem, vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
     blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
     batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
   }
@@ -325,7 +296,7 @@ class ForwardCall final : public PreparedCall {
   const DriverApi& api_;
   CUcontext context_ = nullptr;
   const LoadedKernels* kernels_ = nullptr;
-  AttentionFwdParams params_{};
+  AttentionParams params_{};
   unsigned int blocks_ = 0;
   int64_t batch_ = 0, heads_ = 0;
   int threads_ = 0;

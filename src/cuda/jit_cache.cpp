@@ -52,8 +52,14 @@ void check_nvrtc(const NvrtcApi& api, nvrtcResult result, const char* call, cons
 
 std::string compile_with_nvrtc(const NvrtcApi& api, const CompileRequest& request) {
   nvrtcProgram program = nullptr;
-  check_nvrtc(api, api.nvrtcCreateProgram(&program, request.source.c_str(), (request.name + ".cu").c_str(), 0,
-                                          nullptr, nullptr),
+  std::vector<const char*> header_texts, header_names;
+  for (const Header& header : request.headers) {
+    header_names.push_back(header.name);
+    header_texts.push_back(header.text);
+  }
+  check_nvrtc(api,
+              api.nvrtcCreateProgram(&program, request.source.c_str(), (request.name + ".cu").c_str(),
+                                     static_cast<int>(request.headers.size()), header_texts.data(), header_names.data()),
               "nvrtcCreateProgram");
   std::vector<std::string> options = request.options;
   options.push_back("--gpu-architecture=" + request.arch);
@@ -112,6 +118,8 @@ std::string KernelCache::key(const CompileRequest& request) const {
   std::string text = concat("compiler=", compiler_.identity, " arch=", request.arch, " name=", request.name,
                             " source=", hex(fnv1a64(request.source)), "/", request.source.size(), " options=");
   for (const std::string& option : request.options) text += option + " ";
+  text += "headers=";
+  for (const Header& header : request.headers) text += concat(header.name, ":", hex(fnv1a64(header.text)), " ");
   return text;
 }
 

@@ -3,7 +3,8 @@
 //
 // Disk cache: $FLASH_ATTENTION_PLUS_CACHE_DIR, else $XDG_CACHE_HOME/flash_attn_plus, else
 // ~/.cache/flash_attn_plus. One file per kernel, named <kernel name>-<key hash>.cubin, holding a header
-// (format tag, the full key, payload size and checksum) and the CUBIN. Files are written to a unique
+// (format tag, the full key, payload size and checksum) and the CUBIN. The key holds the compiler's identity,
+// the architecture, the name, the options and hashes of the source and of every header. Files are written to a unique
 // temporary name and renamed into place, so concurrent processes never see a partial file; a file whose
 // header, size or checksum does not match is rebuilt; when the directory cannot be written the cache
 // works in memory only.
@@ -18,11 +19,18 @@
 
 namespace fap::cuda {
 
+// A header the source may #include, by the name it is included as (e.g. "core/mask.h").
+struct Header {
+  const char* name;
+  const char* text;
+};
+
 struct CompileRequest {
   std::string name;                  // readable, e.g. "attention_fwd_bf16_d128_m128_n64_causal"
-  std::string source;                // complete, self-contained CUDA source
+  std::string source;                // the translation unit; it may include `headers` and nothing else
   std::vector<std::string> options;  // e.g. "-DHEAD_DIM=128"; the architecture is added by the compiler
   std::string arch;                  // e.g. "sm_90a"
+  std::vector<Header> headers;       // every header's text is part of the cache key
 };
 
 // The compiler behind the cache: NVRTC in the library, a stand-in in tests.

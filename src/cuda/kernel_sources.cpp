@@ -1,21 +1,15 @@
 #include "src/cuda/kernel_sources.h"
 
-#include <cstring>
-
 #include "core/error.h"
 
 namespace fap::cuda {
 
-std::string assemble_source(const std::vector<std::string>& files) {
-  std::string source;
-  for (const std::string& file : files) {
-    const EmbeddedSource* found = nullptr;
-    for (int i = 0; i < kKernelSourceCount; ++i)
-      if (file == kKernelSources[i].name) found = &kKernelSources[i];
-    if (!found) fail(FAP_ERROR_INTERNAL, "kernel source ", file, " is not embedded in the library");
-    source += "// ---- " + file + "\n" + found->text + "\n";
-  }
-  return source;
+std::string kernel_translation_unit(const std::string& file) {
+  for (int i = 0; i < kKernelSourceCount; ++i)
+    if (file == kKernelSources[i].name) return "#include \"" + file + "\"\n";
+  fail(FAP_ERROR_INTERNAL, "kernel source ", file, " is not embedded in the library");
 }
+
+std::vector<Header> kernel_headers() { return {kKernelSources, kKernelSources + kKernelSourceCount}; }
 
 }  // namespace fap::cuda

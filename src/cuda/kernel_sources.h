@@ -1,21 +1,22 @@
-// The device sources embedded in the library (cmake/embed_sources.cmake) and the assembly of a complete
-// NVRTC translation unit from them.
+// The device sources embedded in the library (cmake/embed_sources.cmake): the kernel files under their own
+// names ("attention_fwd.cuh") and the headers they share with the host under "core/..." ("core/mask.h"), so
+// that NVRTC compiles a kernel from one #include line with the embedded files as its headers.
 #pragma once
 
 #include <string>
 #include <vector>
 
+#include "src/cuda/jit_cache.h"
+
 namespace fap::cuda {
 
-struct EmbeddedSource {
-  const char* name;  // file name, e.g. "attention_fwd.cuh"
-  const char* text;
-};
-
-extern const EmbeddedSource kKernelSources[];
+extern const Header kKernelSources[];
 extern const int kKernelSourceCount;
 
-// The named files concatenated in order (each must be embedded; throws fap::Error(INTERNAL) otherwise).
-std::string assemble_source(const std::vector<std::string>& files);
+// The translation unit of a kernel family: an #include of its file (which must be embedded; throws
+// fap::Error(INTERNAL) otherwise).
+std::string kernel_translation_unit(const std::string& file);
+// Every embedded file, as NVRTC's headers.
+std::vector<Header> kernel_headers();
 
 }  // namespace fap::cuda

@@ -2,6 +2,8 @@
 // its documentation.
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 #include "core/mask.h"
 
 namespace fap {
@@ -26,6 +28,31 @@ TEST(Mask, WindowIsInclusiveOnBothSides) {
   const KeyRange keys = allowed_keys(window, 5, 10, 10);
   EXPECT_EQ(keys.begin, 3);
   EXPECT_EQ(keys.end, 7);
+}
+
+// The per-key forms the CUDA kernels use (int positions, from the row's diagonal key) agree with the range
+// form and alibi_bias on every (row, key) of a few shapes and windows.
+TEST(Mask, PerKeyRulesAgreeWithTheRangeForm) {
+  int windows = 0;
+  for (int len_q : {1, 5, 9})
+    for (int len_k : {1, 4, 9})
+      for (const auto& [left, right, causal] : {std::tuple{-1, -1, true}, std::tuple{2, 1, false},
+                                                std::tuple{0, 3, false}, std::tuple{3, -1, false}}) {
+        const AttentionWindow window = normalize_window(left, right, causal, len_k);
+        if (!window.active()) continue;  // a side >= len_k is unbounded: no window at all
+        ++windows;
+        for (int row = 0; row < len_q; ++row) {
+          const KeyRange range = allowed_keys(window, row, len_q, len_k);
+          const int diagonal = row + len_k - len_q;
+          for (int key = 0; key < len_k; ++key) {
+            EXPECT_EQ(window_allows(key, diagonal, static_cast<int>(window.left), static_cast<int>(window.right)),
+                      key >= range.begin && key < range.end)
+                << len_q << "x" << len_k << " row " << row << " key " << key;
+            EXPECT_EQ(alibi_bias_at(0.5f, diagonal, key), alibi_bias(0.5f, row, key, len_q, len_k));
+          }
+        }
+      }
+  EXPECT_GT(windows, 20);
 }
 
 TEST(Mask, NormalisationFollowsFlashAttention2) {

@@ -41,7 +41,7 @@ struct CountingCompiler {
 };
 
 CompileRequest request(const std::string& define = "-DHEAD_DIM=128") {
-  return {"attention_fwd_test", "__global__ void k() {}", {define}, "sm_90a"};
+  return {"attention_fwd_test", "#include \"k.cuh\"", {define}, "sm_90a", {{"k.cuh", "__global__ void k() {}"}}};
 }
 
 TEST(JitCache, CompilesOnceThenHitsMemoryAndDisk) {
@@ -71,12 +71,15 @@ TEST(JitCache, EveryPartOfTheKeyMatters) {
   CompileRequest other_source = request();
   other_source.source += " // changed";
   cache.cubin(other_source);
-  EXPECT_EQ(counting.calls, 4);
+  CompileRequest other_header = request();
+  other_header.headers[0].text = "__global__ void k() { /* changed */ }";
+  cache.cubin(other_header);
+  EXPECT_EQ(counting.calls, 5);
   Compiler newer = counting.compiler();
   newer.identity = "stand-in-2";
   KernelCache upgraded(newer, dir);
   upgraded.cubin(request());
-  EXPECT_EQ(counting.calls, 5);
+  EXPECT_EQ(counting.calls, 6);
 }
 
 TEST(JitCache, CorruptOrTruncatedEntriesAreRebuilt) {
@@ -172,12 +175,20 @@ TEST(JitCache, RealNvrtcCompilesForAmpereAndHopper) {
                      "  if (i < n) x[i] += 1.0f;\n"
                      "}\n",
                      {},
-                     "sm_80"};
+                     "sm_80",
+                     {}};
   const std::string ampere = cache.cubin(add);
   ASSERT_GT(ampere.size(), 4u);
   EXPECT_EQ(ampere.substr(1, 3), "ELF");
   add.arch = "sm_90a";
   EXPECT_EQ(cache.cubin(add).substr(1, 3), "ELF");
+  CompileRequest included = add;  // a translation unit of embedded headers, as the attention kernels are
+  included.name = "add_one_included";
+  included.source = "#include \"add.cuh\"\n";
+  included.headers = {{"add.cuh", "#pragma once\n#include \"core/one.h\"\n"
+                                  "extern \"C\" __global__ void add_one(float* x) { x[threadIdx.x] += kOne; }\n"},
+                      {"core/one.h", "#pragma once\nconstexpr float kOne = 1.0f;\n"}};
+  EXPECT_EQ(cache.cubin(included).substr(1, 3), "ELF");
   CompileRequest broken = add;
   broken.source = "__global__ void broken( {";
   try {

@@ -17,7 +17,10 @@
 //
 // Compile-time configuration: FAP_HEAD_DIM, FAP_BLOCK_M (queries per step), FAP_BLOCK_N (keys per CTA),
 // FAP_WARPS, FAP_DKV_SPLIT, FAP_Q_STAGES, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
-// Needs philox.h, mask.h, attention_params.cuh, tensor_core.cuh and attention_bwd_common.cuh before it.
+#pragma once
+
+#include "attention_bwd_common.cuh"
+
 
 #define FAP_DS_STRIDE (FAP_BLOCK_M + 8)              // dS^T tile row stride (halves): conflict-free ldmatrix
 #define FAP_DKV_COLS (FAP_HEAD_DIM / FAP_DKV_SPLIT)  // dK/dV columns per warp
@@ -44,13 +47,12 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   const int m = lane / 8, r = lane % 8;  // ldmatrix: this lane addresses row r of matrix m
   const int key_tile = warp / FAP_DKV_SPLIT, part = warp % FAP_DKV_SPLIT;
   const int dkv_col0 = part * FAP_DKV_COLS, query_col0 = part * FAP_Q_COLS;
-  const int offset = s.len_k - s.len_q;
   const int key_blocks = (s.len_k + FAP_BLOCK_N - 1) / FAP_BLOCK_N;
 
   for (int key_block = blockIdx.x; key_block < key_blocks; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-    const QueryBlocks blocks = query_blocks_for_keys<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, key0);
-    const int first_block = blocks.first, query_blocks = blocks.count;
+    const BlockRange blocks = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::query_blocks(p, s, key0);
+    const int first_block = blocks.first, query_blocks = blocks.end - blocks.first;
     const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
 
     // Issues the loads of step `step` into stage `stage`: Q and dO tiles by cp.async, LSE and D directly.
@@ -103,9 +105,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       __syncthreads();  // this stage's tiles are in; the previous step is finished with the other stage
       if (FAP_Q_STAGES == 2 && step + 1 < steps) load_step(step + 1, stage ^ 1);
       cp_async_commit();
-#if FAP_ALIBI
-      const float slope = p.alibi[batch * p.alibi_batch_stride + head];
-#endif
+      const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
 
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and its slice of the queries.
       float st[FAP_Q_COLS / 8][4], dpt[FAP_Q_COLS / 8][4];
@@ -131,12 +131,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
 
       // P^T after dropout and dS^T (the derivative with respect to the scaled, capped score) into shared memory.
-      const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
-#if FAP_WINDOW
-      // Key j is allowed for row i iff i + window_low <= j <= i + window_high (both fit in int here:
-      // windows are normalised to at most max_seqlen_k).
-      const int window_low = (int)(offset - p.window_left), window_high = (int)(offset + p.window_right);
-#endif
+      const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, s, q0, key0);
 #pragma unroll
       for (int j = 0; j < FAP_Q_COLS / 8; ++j)
 #pragma unroll
@@ -146,31 +141,12 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
           for (int c = 0; c < 2; ++c) {
             const int query_local = query_col0 + j * 8 + quad * 2 + c;
             const int key = key0 + key_tile * 16 + group + 8 * half;
-            const int row = q0 + query_local;
-            float x = st[j][2 * half + c];
-            float cap_derivative = 1.0f;
-#if FAP_SOFTCAP || FAP_ALIBI
-            x *= p.scale;
-#if FAP_SOFTCAP
-            const float capped = tanhf(x / p.softcap);
-            x = p.softcap * capped;
-            cap_derivative = 1.0f - capped * capped;
-#endif
-#if FAP_ALIBI
-            x += alibi_bias(slope, row, key, s.len_q, s.len_k);
-#endif
-            x *= FAP_LOG2E;
-#else
-            x *= p.scale_log2;
-#endif
-            float prob = exp2f(x - lse_stage[query_local]);
-            if (needs_mask) {
-              bool allowed = key < s.len_k;
-#if FAP_WINDOW
-              allowed = allowed && key >= row + window_low && key <= row + window_high;
-#endif
-              if (!allowed) prob = 0.0f;
-            }
+            const int row = q0 + query_local, diagonal = row + s.offset;
+            float cap_derivative;
+            float prob =
+                exp2f(backward_score_log2(st[j][2 * half + c], p, slope, diagonal, key, &cap_derivative) -
+                      lse_stage[query_local]);
+            if (needs_mask && !key_allowed(p, s, diagonal, key)) prob = 0.0f;
             float dp = dpt[j][2 * half + c];
 #if FAP_DROPOUT
             const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset,

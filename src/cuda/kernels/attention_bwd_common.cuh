@@ -3,9 +3,14 @@
 //   attention_bwd_preprocess  D = rowsum(dO * O) and the LSE in base-2 units per (head, row), in the
 //                             padded row layout below
 //   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
-// and the pieces both main kernels share. The host clears the dQ accumulator before the main kernel. Needs
-// FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW, FAP_DQ_TILES and tensor_core.cuh (with what it
-// needs) before it.
+// and the pieces both main kernels share. The host clears the dQ accumulator before the main kernel. Uses
+// FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW and FAP_DQ_TILES.
+#pragma once
+
+#include "core/philox.h"
+#include "attention_core.cuh"
+#include "tensor_core.cuh"
+
 
 #define FAP_LOG2E 1.4426950408889634f
 
@@ -15,28 +20,27 @@ namespace fap {
 // largest query block) of its own, padded_row0 = (global_row0 / 128 + batch) * 128 (the host sizes the
 // buffers for the rounding), so that a query block of a sequence's rows is contiguous and 16-byte aligned
 // and never reaches the next sequence's rows.
-struct SequenceRows {
-  int q_start, k_start;  // first row of the sequence in q / k
-  int global_row0;       // its first row counted over all sequences (row counts fit in int, as in FA2)
-  int padded_row0;       // its first padded row
-  int len_q, len_k;
+struct SequenceRows : SequenceInfo {
+  int padded_row0;  // the sequence's first padded row
 };
 
 __device__ __forceinline__ SequenceRows sequence_rows(const AttentionBwdParams& p, int batch) {
   SequenceRows s;
-  if (p.cu_seqlens_q) {
-    s.q_start = s.global_row0 = p.cu_seqlens_q[batch];
-    s.k_start = p.cu_seqlens_k[batch];
-    s.len_q = p.cu_seqlens_q[batch + 1] - s.q_start;
-    s.len_k = p.cu_seqlens_k[batch + 1] - s.k_start;
-  } else {
-    s.q_start = s.k_start = 0;
-    s.global_row0 = batch * p.seqlen_q;
-    s.len_q = p.seqlen_q;
-    s.len_k = p.seqlen_k;
-  }
+  static_cast<SequenceInfo&>(s) = sequence_info(p, batch);
   s.padded_row0 = (s.global_row0 / 128 + batch) * 128;
   return s;
+}
+
+// The score of q.k in base-2 units as the forward's exponential saw it: plain scores as one product with
+// scale * log2(e) (the forward folds the same product into its exponential's multiply-add).
+__device__ __forceinline__ float backward_score_log2(float x, const AttentionBwdParams& p, float slope, int diagonal,
+                                                     int key, float* cap_derivative) {
+#if FAP_SOFTCAP || FAP_ALIBI
+  return score_log2(x, p, slope, diagonal, key, cap_derivative);
+#else
+  *cap_derivative = 1.0f;
+  return x * p.scale_log2;
+#endif
 }
 
 // dsum and lse_log2 of (head, row of the sequence).
@@ -147,38 +151,6 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
 }
 #endif
 
-// The query blocks of BLOCK_M rows that may see a key of [key0, key0 + BLOCK_N) (the mask is monotone in
-// the row): first, count.
-struct QueryBlocks {
-  int first, count;
-};
-
-template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ QueryBlocks query_blocks_for_keys(const AttentionBwdParams& p, const SequenceRows& s, int key0) {
-  long long row_begin = 0, row_end = s.len_q;
-#if FAP_WINDOW
-  const long long offset = s.len_k - s.len_q;
-  const long long last_key = (long long)min(key0 + BLOCK_N, s.len_k) - 1;
-  const long long first = key0 - offset - p.window_right, last = last_key - offset + p.window_left;
-  row_begin = first > 0 ? first : 0;
-  row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
-#endif
-  const int first_block = (int)(row_begin / BLOCK_M);
-  return {first_block, row_end > row_begin ? (int)((row_end + BLOCK_M - 1) / BLOCK_M) - first_block : 0};
-}
-
-// Whether some (row, key) of the step's tile is outside the allowed keys (else it skips the mask).
-template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ bool step_needs_mask(const AttentionBwdParams& p, const SequenceRows& s, int q0, int key0) {
-  bool needs_mask = key0 + BLOCK_N > s.len_k;
-#if FAP_WINDOW
-  const long long offset = s.len_k - s.len_q;
-  needs_mask = needs_mask || key0 < (long long)q0 + BLOCK_M - 1 + offset - p.window_left ||
-               key0 + BLOCK_N - 1 > (long long)q0 + offset + p.window_right;
-#endif
-  return needs_mask;
-}
-
 // Starts copying LSE (base-2 units) and D of the BLOCK_M query rows from q0 (a multiple of BLOCK_M, which
 // divides 128) into shared memory with cp.async: whole padded rows (rows past the sequence have P = 0).
 template <int BLOCK_M>
@@ -227,30 +199,9 @@ template <bool MASKED>
 __device__ __forceinline__ float backward_probability(float x, const AttentionBwdParams& p, const SequenceRows& s,
                                                       float slope, int row, int key, float lse_log2,
                                                       float* cap_derivative) {
-  *cap_derivative = 1.0f;
-#if FAP_SOFTCAP || FAP_ALIBI
-  x *= p.scale;
-#if FAP_SOFTCAP
-  const float capped = tanhf(x / p.softcap);
-  x = p.softcap * capped;
-  *cap_derivative = 1.0f - capped * capped;
-#endif
-#if FAP_ALIBI
-  x -= slope * (float)abs(row + s.len_k - s.len_q - key);  // mask.h's alibi_bias
-#endif
-  x *= FAP_LOG2E;
-#else
-  x *= p.scale_log2;
-#endif
-  float prob = fast_exp2(x - lse_log2);
-  if (MASKED) {
-    bool allowed = key < s.len_k;
-#if FAP_WINDOW
-    const int diagonal = row + s.len_k - s.len_q;  // windows are normalised to at most max_seqlen_k: int
-    allowed = allowed && key >= diagonal - (int)p.window_left && key <= diagonal + (int)p.window_right;
-#endif
-    if (!allowed) prob = 0.0f;
-  }
+  const int diagonal = row + s.offset;
+  float prob = fast_exp2(backward_score_log2(x, p, slope, diagonal, key, cap_derivative) - lse_log2);
+  if (MASKED && !key_allowed(p, s, diagonal, key)) prob = 0.0f;
   return prob;
 }
 

@@ -14,9 +14,11 @@
 // mode (one accumulator slice per CTA). Dropout uses the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (8192 / FAP_HEAD_DIM), FAP_BLOCK_N (128),
-// FAP_WARPS (8), FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
-// attention_params.cuh, tensor_core.cuh, hopper.cuh, attention_bwd_common.cuh and attention_bwd_sm90_common.cuh
-// before it.
+// FAP_WARPS (8), FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW.
+#pragma once
+
+#include "attention_bwd_sm90_common.cuh"
+
 
 #define FAP_DQ_STAGES 2
 
@@ -100,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
 
       // P^T and dS^T (the derivative with respect to the scaled, capped score), in place.
-      const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
+      const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, s, q0, key0);
       const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
       if (needs_mask) {
         softmax_gradients<true>(st, dpt, p, s, slope, q0, 0, key0, key_local, lse_stage, dsum_stage);

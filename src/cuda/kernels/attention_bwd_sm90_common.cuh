@@ -1,8 +1,12 @@
 // The pieces both Hopper (sm_90a) backward main kernels share: attention_bwd_sm90.cuh (d <= 128, the
 // warpgroups split the keys) and attention_bwd_sm90_wide.cuh (d = 256, they split the head dim). Loads into
 // the 128-byte-swizzled tiles wgmma reads (hopper.cuh), the walk over a CTA's (query head, query block)
-// steps, the softmax gradients and the staging of dQ for the bulk reductions. Needs attention_bwd_common.cuh
-// (and what it needs) and hopper.cuh before it.
+// steps, the softmax gradients and the staging of dQ for the bulk reductions.
+#pragma once
+
+#include "hopper.cuh"
+#include "attention_bwd_common.cuh"
+
 
 namespace fap {
 
@@ -98,9 +102,9 @@ __device__ __forceinline__ KeyBlockSteps start_key_block(unsigned char* k_tile, 
                                                          const QueryStages<BLOCK_M>& stages,
                                                          const AttentionBwdParams& p, const SequenceRows& s,
                                                          int batch, int kv_head, int key0) {
-  const QueryBlocks blocks = query_blocks_for_keys<BLOCK_M, BLOCK_N>(p, s, key0);
-  const KeyBlockSteps steps = {blocks.count * p.group_size, blocks.first * BLOCK_M,
-                               (blocks.first + blocks.count) * BLOCK_M};
+  const BlockRange blocks = BlockInfo<BLOCK_M, BLOCK_N>::query_blocks(p, s, key0);
+  const KeyBlockSteps steps = {(blocks.end - blocks.first) * p.group_size, blocks.first * BLOCK_M,
+                               blocks.end * BLOCK_M};
   load_key_tiles<BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
   if (steps.count > 0) stages.load(p, s, batch, {kv_head * p.group_size, steps.first_q0}, 0);
   cp_async_commit();

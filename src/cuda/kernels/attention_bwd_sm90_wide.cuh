@@ -15,9 +15,11 @@
 // the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (256), FAP_BLOCK_M (64), FAP_BLOCK_N (64), FAP_WARPS (8),
-// FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW. Needs philox.h, mask.h,
-// attention_params.cuh, tensor_core.cuh, hopper.cuh, attention_bwd_common.cuh and attention_bwd_sm90_common.cuh
-// before it.
+// FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW.
+#pragma once
+
+#include "attention_bwd_sm90_common.cuh"
+
 
 namespace fap {
 
@@ -109,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       fence_registers<16>(&dpt[0][0]);
 
       // P^T and dS^T (the derivative with respect to the scaled, capped score), in place, then to shared memory.
-      const bool needs_mask = step_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, q0, key0);
+      const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, s, q0, key0);
       const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
       const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
       const float* dsum_stage = dsum_rows + stage * FAP_BLOCK_M;

@@ -9,8 +9,10 @@
 //   FAP_HEAD_DIM  head dim rounded up to a multiple of 16     FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS, FAP_ROW_TILES
 //   FAP_BF16      1: bfloat16, 0: float16                      FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW
 //   FAP_MIN_BLOCKS  0 or 1 (see the launch bounds below)
-// Needs philox.h, mask.h, attention_params.cuh, tensor_core.cuh and attention_fwd_common.cuh before it (the
-// host concatenates the sources).
+#pragma once
+
+#include "attention_fwd_common.cuh"
+
 
 namespace fap {
 
@@ -30,14 +32,14 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
 
   const int block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
   const int kv_head = head / p.group_size;
-  const ForwardSequence seq = forward_sequence(p, batch);
+  const SequenceInfo seq = sequence_info(p, batch);
   const int row_begin = block * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
 
   const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
   const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
   const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
-  const KeyTiles tiles = key_tiles<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin);
+  const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
 
   load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, seq.len_q - row_begin, p.head_dim, p.vector_loads);
   if (tiles.first < tiles.end) {
@@ -111,7 +113,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
     }
 
     const int key0 = tile * FAP_BLOCK_N;
-    const bool needs_mask = tile_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin, key0);
+    const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0);
 #pragma unroll
     for (int t = 0; t < FAP_ROW_TILES; ++t) {
       float correction[2];

@@ -1,64 +1,19 @@
 // The parts of the attention forward that do not depend on how the tensor cores are driven, shared by the
-// mma.sync kernel (attention_fwd.cuh, sm_80+) and the warpgroup-MMA kernel (attention_fwd_sm90.cuh):
-// where a block's sequence and keys are, the score transform and mask, the online softmax, dropout, and
-// the final normalisation and stores.
+// mma.sync kernel (attention_fwd.cuh, sm_80+) and the warpgroup-MMA kernel (attention_fwd_sm90.cuh): a
+// tile's scores (attention_core.cuh's rule, each case its own code), the online softmax, dropout, and the
+// final normalisation and stores.
 //
 // Score and output fragments are in the accumulator layout of mma.sync.m16n8k16, which wgmma's m64 tiles
 // share per warp: fragment [j][e] holds row `rows[e / 2]` and column 8 j + 2 quad + e % 2, quad = lane % 4.
-// Needs FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW and the sources tensor_core.cuh needs, before it.
+// Uses FAP_SOFTCAP, FAP_ALIBI and FAP_WINDOW (through attention_core.cuh, which the sequence, block ranges
+// and score rule come from).
+#pragma once
+
+#include "core/philox.h"
+#include "attention_core.cuh"
+#include "tensor_core.cuh"
 
 namespace fap {
-
-// One query block's sequence: where its rows and keys start and how many there are.
-struct ForwardSequence {
-  long long q_start, k_start;
-  int len_q, len_k;
-  int offset;  // len_k - len_q: the bottom-right diagonal
-};
-
-__device__ __forceinline__ ForwardSequence forward_sequence(const AttentionFwdParams& p, int batch) {
-  ForwardSequence sequence{0, 0, p.seqlen_q, p.seqlen_k, 0};
-  if (p.cu_seqlens_q) {
-    sequence.q_start = p.cu_seqlens_q[batch];
-    sequence.k_start = p.cu_seqlens_k[batch];
-    sequence.len_q = p.cu_seqlens_q[batch + 1] - (int)sequence.q_start;
-    sequence.len_k = p.cu_seqlens_k[batch + 1] - (int)sequence.k_start;
-  }
-  sequence.offset = sequence.len_k - sequence.len_q;
-  return sequence;
-}
-
-// The key tiles [first, end) that any of the rows row_begin .. row_begin + BLOCK_M - 1 may see (the mask
-// is monotone in the row).
-struct KeyTiles {
-  int first, end;
-};
-
-template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ KeyTiles key_tiles(const AttentionFwdParams& p, const ForwardSequence& s, int row_begin) {
-  long long key_begin = 0, key_end = s.len_k;
-#if FAP_WINDOW
-  const long long first = row_begin + s.offset - p.window_left;
-  const long long last = (long long)min(row_begin + BLOCK_M, s.len_q) - 1 + s.offset + p.window_right + 1;
-  key_begin = first > 0 ? first : 0;
-  key_end = last < s.len_k ? last : s.len_k;
-#endif
-  const int first_tile = (int)(key_begin / BLOCK_N);
-  return {first_tile, key_end > key_begin ? (int)((key_end + BLOCK_N - 1) / BLOCK_N) : first_tile};
-}
-
-// Whether some key of the tile starting at key0 is outside some row's allowed range (most tiles lie wholly
-// inside: only the others pay for the per-element mask).
-template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ bool tile_needs_mask(const AttentionFwdParams& p, const ForwardSequence& s, int row_begin,
-                                                int key0) {
-  bool needs_mask = key0 + BLOCK_N > s.len_k;
-#if FAP_WINDOW
-  needs_mask = needs_mask || key0 < (long long)row_begin + BLOCK_M - 1 + s.offset - p.window_left ||
-               key0 + BLOCK_N - 1 > (long long)row_begin + s.offset + p.window_right;
-#endif
-  return needs_mask;
-}
 
 // Raw products -> scores for the softmax. SCALED: to base-2 units (scale, softcap, ALiBi, log2(e)); else
 // they stay raw products and online_softmax folds the scale into its multiply-add, which needs a positive
@@ -66,12 +21,10 @@ __device__ __forceinline__ bool tile_needs_mask(const AttentionFwdParams& p, con
 // int arithmetic (sequence lengths are int32, FlashAttention-2's limit): 64-bit index math here costs
 // registers the wgmma kernel needs.
 template <bool MASKED, bool SCALED, int N8>
-__device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
+__device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const SequenceInfo& seq,
                                                const int (&rows)[2], int key0, float slope) {
   const int first_key = key0 + threadIdx.x % 4 * 2;
-#if FAP_ALIBI || FAP_WINDOW
   const int diagonal[2] = {rows[0] + seq.offset, rows[1] + seq.offset};  // the key on each row's diagonal
-#endif
 #pragma unroll
   for (int j = 0; j < N8; ++j)
 #pragma unroll
@@ -79,22 +32,10 @@ __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const Attentio
       const int key = first_key + j * 8 + (e % 2);
       float x = s[j][e];
       if (SCALED) {
-        x *= p.scale;
-#if FAP_SOFTCAP
-        x = p.softcap * tanhf(x / p.softcap);
-#endif
-#if FAP_ALIBI
-        x -= slope * (float)abs(diagonal[e / 2] - key);  // mask.h's alibi_bias
-#endif
-        x *= 1.4426950408889634f;
+        float unused_derivative;
+        x = score_log2(x, p, slope, diagonal[e / 2], key, &unused_derivative);
       }
-      if (MASKED) {
-        bool allowed = key < seq.len_k;
-#if FAP_WINDOW
-        allowed = allowed && key >= diagonal[e / 2] - (int)p.window_left && key <= diagonal[e / 2] + (int)p.window_right;
-#endif
-        if (!allowed) x = -FAP_INFINITY;
-      }
+      if (MASKED && !key_allowed(p, seq, diagonal[e / 2], key)) x = -FAP_INFINITY;
       s[j][e] = x;
     }
 }
@@ -103,7 +44,7 @@ __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const Attentio
 // takes the prepared scores to base-2 units.
 template <int N8>
 __device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const AttentionFwdParams& p,
-                                                     const ForwardSequence& seq, const int (&rows)[2], int key0,
+                                                     const SequenceInfo& seq, const int (&rows)[2], int key0,
                                                      bool needs_mask, float slope) {
   const bool scaled = FAP_SOFTCAP || FAP_ALIBI || !(p.scale_log2 > 0.0f);  // zero or negative scales can't fold
   if (scaled) {
@@ -171,7 +112,7 @@ __device__ __forceinline__ void apply_dropout(float (&s)[N8][4], const Attention
 // correction for the output accumulated so far. Dropout is applied after the row sums, which count every
 // probability.
 template <int N8>
-__device__ __forceinline__ void softmax_tile(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
+__device__ __forceinline__ void softmax_tile(float (&s)[N8][4], const AttentionFwdParams& p, const SequenceInfo& seq,
                                              int batch, int head, const int (&rows)[2], int key0, bool needs_mask,
                                              float slope, float (&row_max)[2], float (&row_sum)[2],
                                              float (&correction)[2]) {
@@ -206,7 +147,7 @@ __device__ __forceinline__ void pack_probabilities(unsigned int (&a)[4], const f
 // The end of a row block: reduces the row sums over the quad, normalises, stores out and lse. Rows with
 // nothing to attend to get zeros and lse = +inf.
 template <int D8>
-__device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const ForwardSequence& seq, int batch, int head,
+__device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const SequenceInfo& seq, int batch, int head,
                                            const int (&rows)[2], const float (&acc)[D8][4], float (&row_sum)[2],
                                            const float (&row_max)[2]) {
   const int quad = threadIdx.x % 4;

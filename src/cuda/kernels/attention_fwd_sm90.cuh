@@ -11,8 +11,12 @@
 // registers to the consumers (setmaxnreg).
 //
 // Compile-time configuration: FAP_HEAD_DIM (a multiple of 64), FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS (12), FAP_STAGES,
-// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW. Needs philox.h, mask.h, attention_params.cuh,
-// tensor_core.cuh, hopper.cuh and attention_fwd_common.cuh before it.
+// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
+#pragma once
+
+#include "hopper.cuh"
+#include "attention_fwd_common.cuh"
+
 
 namespace fap {
 
@@ -82,10 +86,10 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
 
   // Blocks with the most keys first under a causal mask, so the long ones do not finish last.
   const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
-  const ForwardSequence seq = forward_sequence(p, batch);
+  const SequenceInfo seq = sequence_info(p, batch);
   const int row_begin = block * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
-  const KeyTiles tiles = key_tiles<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin);
+  const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
   const int tile_count = tiles.end - tiles.first;
 
   if (threadIdx.x == 0) {
@@ -168,7 +172,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
     const auto softmax = [&](int index) {
       const int key0 = (tiles.first + index) * FAP_BLOCK_N;
       float correction[2];
-      softmax_tile(s, p, seq, batch, head, rows, key0, tile_needs_mask<FAP_BLOCK_M, FAP_BLOCK_N>(p, seq, row_begin, key0),
+      softmax_tile(s, p, seq, batch, head, rows, key0, BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0),
                    slope, row_max, row_sum, correction);
       rescale_rows(acc, correction);
 #pragma unroll

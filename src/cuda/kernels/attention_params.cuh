@@ -1,15 +1,16 @@
-// The argument block of the forward kernel, shared by the host launcher and the kernel source (compiled
-// by NVRTC), so it is plain C++ with no includes. Strides are in elements.
+// The kernels' argument blocks, shared by the host launcher and the kernel sources (compiled by NVRTC), so they
+// are plain C++ with no includes. Strides are in elements. AttentionParams holds what every attention kernel
+// reads (the forward needs nothing more); the backward's block extends it with its gradients and workspace.
 #pragma once
 
 namespace fap {
 
-struct AttentionFwdParams {
+struct AttentionParams {
   const void* q;
   const void* k;
   const void* v;
-  void* out;
-  float* lse;  // nullptr: not requested
+  void* out;   // the forward's output, the backward's input
+  float* lse;  // the forward's output (nullptr: not requested), the backward's input
   long long q_batch_stride, q_row_stride, q_head_stride;
   long long k_batch_stride, k_row_stride, k_head_stride;
   long long v_batch_stride, v_row_stride, v_head_stride;
@@ -20,7 +21,7 @@ struct AttentionFwdParams {
   int seqlen_q, seqlen_k;   // dense lengths, or varlen maxima
   int heads_q, group_size;  // query heads, query heads per kv head
   int head_dim;
-  int vector_loads;         // 1 when every row starts 16-byte aligned and head_dim % 8 == 0
+  int vector_loads;         // 1 when every row read starts 16-byte aligned and head_dim % 8 == 0
   float scale;              // softmax scale
   float scale_log2;         // scale * log2(e)
   float softcap;            // 0: off
@@ -32,19 +33,12 @@ struct AttentionFwdParams {
   unsigned long long dropout_seed, dropout_offset;
 };
 
-}  // namespace fap
+using AttentionFwdParams = AttentionParams;
 
-namespace fap {
-
-// The argument block of the three backward kernels (attention_bwd.cuh). Rows of the workspace buffers are
-// "global rows": batch * seqlen_q + row for dense problems, the absolute row for varlen ones.
-struct AttentionBwdParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* out;
+// The three backward kernels (attention_bwd_common.cuh). Rows of the workspace buffers are "padded rows"
+// (attention_bwd_common.cuh).
+struct AttentionBwdParams : AttentionParams {
   const void* dout;
-  const float* lse;
   void* dq;
   void* dk;
   void* dv;
@@ -53,31 +47,12 @@ struct AttentionBwdParams {
   float* lse_log2;  // [head][padded row] the forward's LSE in base-2 units, in the workspace
   long long dq_accum_split_stride;
   long long softmax_head_stride;  // of dsum and lse_log2: the padded rows
-  long long q_batch_stride, q_row_stride, q_head_stride;
-  long long k_batch_stride, k_row_stride, k_head_stride;
-  long long v_batch_stride, v_row_stride, v_head_stride;
-  long long out_batch_stride, out_row_stride, out_head_stride;
   long long dout_batch_stride, dout_row_stride, dout_head_stride;
   long long dq_batch_stride, dq_row_stride, dq_head_stride;
   long long dk_batch_stride, dk_row_stride, dk_head_stride;
   long long dv_batch_stride, dv_row_stride, dv_head_stride;
-  long long lse_batch_stride, lse_head_stride, lse_row_stride;
-  const int* cu_seqlens_q;  // nullptr for dense problems
-  const int* cu_seqlens_k;
-  int seqlen_q, seqlen_k;   // dense lengths, or varlen maxima
-  int heads_q, group_size;
-  int head_dim;
-  int splits;               // dq_accum slices: 1, or the deterministic mode's CTAs per (batch, kv head)
-  int deterministic;        // 1: each CTA adds into its own slice, in a fixed order
-  int vector_loads;         // 1 when every row of q, k, v, dout starts 16-byte aligned and head_dim % 8 == 0
-  float scale, scale_log2;
-  float softcap;
-  long long window_left, window_right;
-  const float* alibi;
-  long long alibi_batch_stride;
-  unsigned int dropout_threshold;
-  float dropout_scale;
-  unsigned long long dropout_seed, dropout_offset;
+  int splits;        // dq_accum slices: 1, or the deterministic mode's CTAs per (batch, kv head)
+  int deterministic; // 1: each CTA adds into its own slice, in a fixed order
 };
 
 }  // namespace fap

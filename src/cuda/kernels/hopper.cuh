@@ -2,12 +2,16 @@
 // warpgroup MMA (wgmma.mma_async) for the widths the attention kernels use and the fences around it,
 // mbarriers (producer/consumer hand-offs of shared-memory tiles), bulk reductions, named barriers and
 // setmaxnreg.
-// Header-free like tensor_core.cuh (which it follows: it uses FAP_MMA_TYPES and shared_address()).
+// No toolkit headers, like tensor_core.cuh (whose FAP_MMA_TYPES and shared_address() it uses).
 //
 // Tile layout (both operands of every product): a tile of ROWS rows x FAP_HEAD_DIM columns of 16-bit
 // elements is stored as FAP_HEAD_DIM / 64 column blocks of ROWS rows x 128 bytes, and the 16-byte chunk c
 // of row r sits at chunk c ^ (r % 8) of its row (the 128-byte swizzle the tensor cores read without bank
 // conflicts). Tiles start 1024-byte aligned, so each 8-row group is one swizzle atom.
+#pragma once
+
+#include "tensor_core.cuh"
+
 
 namespace fap {
 

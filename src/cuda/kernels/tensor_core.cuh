@@ -1,8 +1,10 @@
 // Tensor-core building blocks shared by the attention kernels (sm_80+): fp16/bf16 storage and rounding,
-// cp.async, ldmatrix and mma.sync.m16n8k16 wrappers, and the shared-memory tile loader. Header-free: NVRTC
-// compiles it with no toolkit headers.
+// cp.async, ldmatrix and mma.sync.m16n8k16 wrappers, and the shared-memory tile loader. It includes no toolkit
+// header (NVRTC compiles the kernels from the library's embedded files alone).
 //
-// Needs FAP_HEAD_DIM (head dim rounded up to a multiple of 16), FAP_WARPS and FAP_BF16.
+// Uses FAP_HEAD_DIM (head dim rounded up to a multiple of 16), FAP_WARPS and FAP_BF16.
+#pragma once
+
 
 #define FAP_STRIDE (FAP_HEAD_DIM + 8)  // shared-memory row stride in halves: +16 bytes avoids bank conflicts
 #define FAP_INFINITY __int_as_float(0x7f800000)  // no math.h under NVRTC

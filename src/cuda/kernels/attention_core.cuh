@@ -1,0 +1,116 @@
+// What every attention kernel shares, whichever way it drives the tensor cores (mma.sync or wgmma), forward or
+// backward: where a batch entry's sequence lies (SequenceInfo), which blocks of keys a block of rows sees and
+// the converse (BlockInfo), and FlashAttention-2's score rule for one (row, key): the transform (scale,
+// softcap, ALiBi) with its derivative, and the mask, whose rule is core/mask.h's.
+//
+// Positions are int (sequence lengths are int32, FlashAttention-2's limit): 64-bit index math costs registers
+// the wgmma kernels need. Uses FAP_SOFTCAP, FAP_ALIBI and FAP_WINDOW.
+#pragma once
+
+#include "core/mask.h"
+#include "attention_params.cuh"
+
+namespace fap {
+
+// One batch entry's sequence. Dense problems: starts 0 (the batch stride places the sequence) and the
+// lengths of the tensors; varlen ones: from cu_seqlens.
+struct SequenceInfo {
+  int q_start, k_start;  // first row of the sequence in q (out, lse) / k, v
+  int global_row0;       // its first query row counted over all sequences (dense: batch * seqlen_q)
+  int len_q, len_k;
+  int offset;            // len_k - len_q: the key on row i's diagonal is i + offset (bottom-right alignment)
+};
+
+__device__ __forceinline__ SequenceInfo sequence_info(const AttentionParams& p, int batch) {
+  SequenceInfo s;
+  if (p.cu_seqlens_q) {
+    s.q_start = s.global_row0 = p.cu_seqlens_q[batch];
+    s.k_start = p.cu_seqlens_k[batch];
+    s.len_q = p.cu_seqlens_q[batch + 1] - s.q_start;
+    s.len_k = p.cu_seqlens_k[batch + 1] - s.k_start;
+  } else {
+    s.q_start = s.k_start = 0;
+    s.global_row0 = batch * p.seqlen_q;
+    s.len_q = p.seqlen_q;
+    s.len_k = p.seqlen_k;
+  }
+  s.offset = s.len_k - s.len_q;
+  return s;
+}
+
+// Blocks [first, end).
+struct BlockRange {
+  int first, end;
+};
+
+// Blocks of BLOCK_M rows against blocks of BLOCK_N keys under the mask, which is monotone in the row.
+template <int BLOCK_M, int BLOCK_N>
+struct BlockInfo {
+  // The key blocks that any row of the block starting at row0 may see.
+  static __device__ __forceinline__ BlockRange key_blocks(const AttentionParams& p, const SequenceInfo& s, int row0) {
+    long long key_begin = 0, key_end = s.len_k;
+#if FAP_WINDOW
+    const long long first = row0 + s.offset - p.window_left;
+    const long long last = (long long)min(row0 + BLOCK_M, s.len_q) - 1 + s.offset + p.window_right + 1;
+    key_begin = first > 0 ? first : 0;
+    key_end = last < s.len_k ? last : s.len_k;
+#endif
+    const int first_block = (int)(key_begin / BLOCK_N);
+    return {first_block, key_end > key_begin ? (int)((key_end + BLOCK_N - 1) / BLOCK_N) : first_block};
+  }
+
+  // The row blocks that may see any key of the block starting at key0.
+  static __device__ __forceinline__ BlockRange query_blocks(const AttentionParams& p, const SequenceInfo& s, int key0) {
+    long long row_begin = 0, row_end = s.len_q;
+#if FAP_WINDOW
+    const long long last_key = (long long)min(key0 + BLOCK_N, s.len_k) - 1;
+    const long long first = key0 - s.offset - p.window_right, last = last_key - s.offset + p.window_left;
+    row_begin = first > 0 ? first : 0;
+    row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
+#endif
+    const int first_block = (int)(row_begin / BLOCK_M);
+    return {first_block, row_end > row_begin ? (int)((row_end + BLOCK_M - 1) / BLOCK_M) : first_block};
+  }
+
+  // Whether some (row, key) of the tile (row0, key0) is outside the allowed keys: most tiles lie wholly inside,
+  // and only the others pay for the per-element mask.
+  static __device__ __forceinline__ bool needs_mask(const AttentionParams& p, const SequenceInfo& s, int row0,
+                                                    int key0) {
+    bool needs = key0 + BLOCK_N > s.len_k;
+#if FAP_WINDOW
+    needs = needs || key0 < (long long)row0 + BLOCK_M - 1 + s.offset - p.window_left ||
+            key0 + BLOCK_N - 1 > (long long)row0 + s.offset + p.window_right;
+#endif
+    return needs;
+  }
+};
+
+// The score of one raw product x = q.k in base-2 units: scale, softcap, ALiBi (by the distance of the key
+// from the row's diagonal key), times log2(e). *cap_derivative gets d(softcap(y))/dy at y = scale * x (1 without
+// softcap), which the backward's dS needs (the forward's is dead code).
+__device__ __forceinline__ float score_log2(float x, const AttentionParams& p, float slope, int diagonal, int key,
+                                            float* cap_derivative) {
+  *cap_derivative = 1.0f;
+  x *= p.scale;
+#if FAP_SOFTCAP
+  const float capped = tanhf(x / p.softcap);
+  x = p.softcap * capped;
+  *cap_derivative = 1.0f - capped * capped;
+#endif
+#if FAP_ALIBI
+  x += alibi_bias_at(slope, diagonal, key);
+#endif
+  return x * 1.4426950408889634f;
+}
+
+// Whether key may be seen by the row whose diagonal key is `diagonal` (mask.h's rule; windows are normalised to
+// at most max_seqlen_k, so they fit in int).
+__device__ __forceinline__ bool key_allowed(const AttentionParams& p, const SequenceInfo& s, int diagonal, int key) {
+  bool allowed = key < s.len_k;
+#if FAP_WINDOW
+  allowed = allowed && window_allows(key, diagonal, (int)p.window_left, (int)p.window_right);
+#endif
+  return allowed;
+}
+
+}  // namespace fap
