@@ -99,7 +99,7 @@ def _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_soft
     """out, softmax_lse and S_dmask (None unless asked for; empty without dropout, as FA2's)."""
     lse_shape, probs_shape = _forward_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, with_probs)
     probs = q.new_empty(probs_shape) if return_softmax else None
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), probs
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32), probs
 
 
 def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k):
@@ -166,7 +166,7 @@ def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi
               rng, options):
     """(dq, dk, dv) for the forward that produced out and softmax_lse with dropout state rng = (seed, offset),
     on the library's backend whichever backend ran the forward."""
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     seed, offset = rng if options.dropout_p > 0 else (0, 0)
     _errors.check(_C.backward(cu_seqlens_q is not None, q, k, v, out, dout, softmax_lse, dq, dk, dv, cu_seqlens_q,
                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options),
@@ -262,35 +262,45 @@ def _op_backward(ctx, dout, _dlse, _dprobs, _drng):
 attention_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+class _Call(NamedTuple):
+    """What a forward takes besides q, k and v (one argument of _AttentionFunction.apply: each argument costs
+    autograd host time). Its tensors never need gradients (FA2 gives none for them)."""
+    cu_seqlens_q: Optional[Tensor]
+    cu_seqlens_k: Optional[Tensor]
+    block_table: Optional[Tensor]
+    alibi_slopes: Optional[Tensor]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    return_softmax: bool
+    options: Options
+
+
 class _AttentionFunction(torch.autograd.Function):
     """The eager route: the same forward and backward without the custom ops' dispatch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
-                return_softmax, options):
-        out, lse, probs, rng = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
-                                        max_seqlen_k, return_softmax, options)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    def forward(ctx, q, k, v, call):
+        out, lse, probs, rng = _forward(q, k, v, *call)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
-        ctx.paged = block_table is not None
-        ctx.lengths = (max_seqlen_q, max_seqlen_k)
-        ctx.options, ctx.rng = options, rng
+        ctx.call, ctx.rng = call, rng
         ctx.mark_non_differentiable(lse, *([probs] if probs is not None else []))
         return out, lse, probs, rng
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dprobs, _drng):
-        if ctx.paged:
+        call = ctx.call
+        if call.block_table is not None:
             _no_paged_backward()
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         dout = _prepare_dout(dout, out)
+        common = (dout, q, k, v, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.alibi_slopes, call.max_seqlen_q,
+                  call.max_seqlen_k)
         if _traced(dout, q):  # e.g. compiled autograd tracing this backward
-            grads = attention_backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                                          *ctx.lengths, _rng_tensor(ctx.rng), *ctx.options)
+            grads = attention_backward_op(*common, _rng_tensor(ctx.rng), *call.options)
         else:
-            grads = _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *ctx.lengths,
-                              ctx.rng, ctx.options)
-        return grads + (None,) * 8
+            grads = _backward(*common, ctx.rng, call.options)
+        return grads + (None,)
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
@@ -300,9 +310,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_sl
     if _traced(q, k, v):
         return attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
                                     max_seqlen_k, return_softmax, *options)
-    out, lse, probs, rng = _AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
-                                                    max_seqlen_q, max_seqlen_k, return_softmax, options)
-    return out, lse, probs, rng
+    return _AttentionFunction.apply(q, k, v, _Call(cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
+                                                   max_seqlen_k, return_softmax, options))
 
 
 def attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,

@@ -199,7 +199,7 @@ template <bool MASKED>
 __device__ __forceinline__ float backward_probability(float x, const AttentionBwdParams& p, const SequenceRows& s,
                                                       float slope, int row, int key, float lse_log2,
                                                       float* cap_derivative) {
-  const int diagonal = row + s.offset;
+  const int diagonal = row + s.offset();
   float prob = fast_exp2(backward_score_log2(x, p, slope, diagonal, key, cap_derivative) - lse_log2);
   if (MASKED && !key_allowed(p, s, diagonal, key)) prob = 0.0f;
   return prob;

@@ -18,7 +18,9 @@ struct SequenceInfo {
   int q_start, k_start;  // first row of the sequence in q (out, lse) / k, v
   int global_row0;       // its first query row counted over all sequences (dense: batch * seqlen_q)
   int len_q, len_k;
-  int offset;            // len_k - len_q: the key on row i's diagonal is i + offset (bottom-right alignment)
+  // The key on row i's diagonal is i + offset() (bottom-right alignment). Computed where used, not kept: one
+  // more value live through a kernel costs the wgmma backward its last free register.
+  __device__ __forceinline__ int offset() const { return len_k - len_q; }
 };
 
 __device__ __forceinline__ SequenceInfo sequence_info(const AttentionParams& p, int batch) {
@@ -34,7 +36,6 @@ __device__ __forceinline__ SequenceInfo sequence_info(const AttentionParams& p, 
     s.len_q = p.seqlen_q;
     s.len_k = p.seqlen_k;
   }
-  s.offset = s.len_k - s.len_q;
   return s;
 }
 
@@ -50,8 +51,8 @@ struct BlockInfo {
   static __device__ __forceinline__ BlockRange key_blocks(const AttentionParams& p, const SequenceInfo& s, int row0) {
     long long key_begin = 0, key_end = s.len_k;
 #if FAP_WINDOW
-    const long long first = row0 + s.offset - p.window_left;
-    const long long last = (long long)min(row0 + BLOCK_M, s.len_q) - 1 + s.offset + p.window_right + 1;
+    const long long first = row0 + s.offset() - p.window_left;
+    const long long last = (long long)min(row0 + BLOCK_M, s.len_q) - 1 + s.offset() + p.window_right + 1;
     key_begin = first > 0 ? first : 0;
     key_end = last < s.len_k ? last : s.len_k;
 #endif
@@ -64,7 +65,7 @@ struct BlockInfo {
     long long row_begin = 0, row_end = s.len_q;
 #if FAP_WINDOW
     const long long last_key = (long long)min(key0 + BLOCK_N, s.len_k) - 1;
-    const long long first = key0 - s.offset - p.window_right, last = last_key - s.offset + p.window_left;
+    const long long first = key0 - s.offset() - p.window_right, last = last_key - s.offset() + p.window_left;
     row_begin = first > 0 ? first : 0;
     row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
 #endif
@@ -78,8 +79,8 @@ struct BlockInfo {
                                                     int key0) {
     bool needs = key0 + BLOCK_N > s.len_k;
 #if FAP_WINDOW
-    needs = needs || key0 < (long long)row0 + BLOCK_M - 1 + s.offset - p.window_left ||
-            key0 + BLOCK_N - 1 > (long long)row0 + s.offset + p.window_right;
+    needs = needs || key0 < (long long)row0 + BLOCK_M - 1 + s.offset() - p.window_left ||
+            key0 + BLOCK_N - 1 > (long long)row0 + s.offset() + p.window_right;
 #endif
     return needs;
   }
@@ -103,12 +104,14 @@ __device__ __forceinline__ float score_log2(float x, const AttentionParams& p, f
   return x * 1.4426950408889634f;
 }
 
-// Whether key may be seen by the row whose diagonal key is `diagonal` (mask.h's rule; windows are normalised to
-// at most max_seqlen_k, so they fit in int).
+// Whether key may be seen by the row whose diagonal key is `diagonal`: mask.h's window_allows (windows are
+// normalised to at most max_seqlen_k, so they fit in int), written out so that the window's bounds are read only
+// where the key passes the first test: as a call's arguments they live longer, and the wgmma backward at d = 64
+// spilled (ptxas, sm_90a). tests/core/test_mask.cpp checks window_allows against allowed_keys.
 __device__ __forceinline__ bool key_allowed(const AttentionParams& p, const SequenceInfo& s, int diagonal, int key) {
   bool allowed = key < s.len_k;
 #if FAP_WINDOW
-  allowed = allowed && window_allows(key, diagonal, (int)p.window_left, (int)p.window_right);
+  allowed = allowed && key >= diagonal - (int)p.window_left && key <= diagonal + (int)p.window_right;
 #endif
   return allowed;
 }

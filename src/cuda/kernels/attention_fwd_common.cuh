@@ -24,7 +24,7 @@ template <bool MASKED, bool SCALED, int N8>
 __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const SequenceInfo& seq,
                                                const int (&rows)[2], int key0, float slope) {
   const int first_key = key0 + threadIdx.x % 4 * 2;
-  const int diagonal[2] = {rows[0] + seq.offset, rows[1] + seq.offset};  // the key on each row's diagonal
+  const int diagonal[2] = {rows[0] + seq.offset(), rows[1] + seq.offset()};  // the key on each row's diagonal
 #pragma unroll
   for (int j = 0; j < N8; ++j)
 #pragma unroll
