@@ -117,21 +117,27 @@ int plan_and_run(const Args& args, const fap_options& options, bool varlen, uint
   return fap_plan_run(handle.plan, reinterpret_cast<void*>(stream), data, bytes);
 }
 
-fap_fwd_args forward_args(nb::handle q, nb::handle k, nb::handle v,
-                          nb::handle out, nb::handle softmax_lse, nb::handle attn_probs,
-                          nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
-                          int64_t max_seqlen_k) {
-  fap_fwd_args args{};
+// The arguments forward and backward calls share (the same field names in fap_fwd_args and fap_bwd_args).
+template <typename Args>
+void set_shared_args(Args& args, nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle softmax_lse,
+                     nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   args.q = to_tensor(q, "q");
   args.k = to_tensor(k, "k");
   args.v = to_tensor(v, "v");
   args.out = to_tensor(out, "out");
   args.softmax_lse = to_tensor(softmax_lse, "softmax_lse");
-  args.attn_probs = to_tensor(attn_probs, "attn_probs");
   args.cu_seqlens_q = to_tensor(cu_seqlens_q, "cu_seqlens_q");
   args.cu_seqlens_k = to_tensor(cu_seqlens_k, "cu_seqlens_k");
   args.max_seqlen_q = max_seqlen_q;
   args.max_seqlen_k = max_seqlen_k;
+}
+
+fap_fwd_args forward_args(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle softmax_lse,
+                          nb::handle attn_probs, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  fap_fwd_args args{};
+  set_shared_args(args, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  args.attn_probs = to_tensor(attn_probs, "attn_probs");
   return args;
 }
 
@@ -165,19 +171,11 @@ int backward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
              int64_t max_seqlen_k, nb::handle alibi_slopes, const OptionsSpec& options, uint64_t seed,
              uint64_t offset, uintptr_t stream, const Allocator& allocate) {
   fap_bwd_args args{};
-  args.q = to_tensor(q, "q");
-  args.k = to_tensor(k, "k");
-  args.v = to_tensor(v, "v");
-  args.out = to_tensor(out, "out");
+  set_shared_args(args, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   args.dout = to_tensor(dout, "dout");
-  args.softmax_lse = to_tensor(softmax_lse, "softmax_lse");
   args.dq = to_tensor(dq, "dq");
   args.dk = to_tensor(dk, "dk");
   args.dv = to_tensor(dv, "dv");
-  args.cu_seqlens_q = to_tensor(cu_seqlens_q, "cu_seqlens_q");
-  args.cu_seqlens_k = to_tensor(cu_seqlens_k, "cu_seqlens_k");
-  args.max_seqlen_q = max_seqlen_q;
-  args.max_seqlen_k = max_seqlen_k;
   return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, q,
                       fap_plan_bwd);
 }

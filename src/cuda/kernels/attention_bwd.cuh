@@ -141,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
           for (int c = 0; c < 2; ++c) {
             const int query_local = query_col0 + j * 8 + quad * 2 + c;
             const int key = key0 + key_tile * 16 + group + 8 * half;
-            const int row = q0 + query_local, diagonal = row + s.offset();
+            const int row = q0 + query_local, diagonal = row + s.offset;
             float cap_derivative;
             float prob =
                 exp2f(backward_score_log2(st[j][2 * half + c], p, slope, diagonal, key, &cap_derivative) -

@@ -20,13 +20,13 @@ namespace fap {
 // largest query block) of its own, padded_row0 = (global_row0 / 128 + batch) * 128 (the host sizes the
 // buffers for the rounding), so that a query block of a sequence's rows is contiguous and 16-byte aligned
 // and never reaches the next sequence's rows.
-struct SequenceRows : SequenceInfo {
+struct SequenceRows : SequenceInfo<int> {
   int padded_row0;  // the sequence's first padded row
 };
 
 __device__ __forceinline__ SequenceRows sequence_rows(const AttentionBwdParams& p, int batch) {
   SequenceRows s;
-  static_cast<SequenceInfo&>(s) = sequence_info(p, batch);
+  static_cast<SequenceInfo<int>&>(s) = sequence_info<int>(p, batch);
   s.padded_row0 = (s.global_row0 / 128 + batch) * 128;
   return s;
 }
@@ -199,7 +199,7 @@ template <bool MASKED>
 __device__ __forceinline__ float backward_probability(float x, const AttentionBwdParams& p, const SequenceRows& s,
                                                       float slope, int row, int key, float lse_log2,
                                                       float* cap_derivative) {
-  const int diagonal = row + s.offset();
+  const int diagonal = row + s.offset;
   float prob = fast_exp2(backward_score_log2(x, p, slope, diagonal, key, cap_derivative) - lse_log2);
   if (MASKED && !key_allowed(p, s, diagonal, key)) prob = 0.0f;
   return prob;

@@ -13,29 +13,27 @@
 namespace fap {
 
 // One batch entry's sequence. Dense problems: starts 0 (the batch stride places the sequence) and the
-// lengths of the tensors; varlen ones: from cu_seqlens.
+// lengths of the tensors; varlen ones: from cu_seqlens. Start: the type of the starts, 64-bit in the forward
+// and 32-bit in the backward, as each family's register budget compiles without spills.
+template <typename Start>
 struct SequenceInfo {
-  int q_start, k_start;  // first row of the sequence in q (out, lse) / k, v
-  int global_row0;       // its first query row counted over all sequences (dense: batch * seqlen_q)
+  Start q_start, k_start;  // first row of the sequence in q (out, lse) / k, v
+  int global_row0;         // its first query row counted over all sequences (dense: batch * seqlen_q)
   int len_q, len_k;
-  // The key on row i's diagonal is i + offset() (bottom-right alignment). Computed where used, not kept: one
-  // more value live through a kernel costs the wgmma backward its last free register.
-  __device__ __forceinline__ int offset() const { return len_k - len_q; }
+  int offset;              // len_k - len_q: the key on row i's diagonal is i + offset (bottom-right alignment)
 };
 
-__device__ __forceinline__ SequenceInfo sequence_info(const AttentionParams& p, int batch) {
-  SequenceInfo s;
+template <typename Start>
+__device__ __forceinline__ SequenceInfo<Start> sequence_info(const AttentionParams& p, int batch) {
+  SequenceInfo<Start> s{0, 0, batch * p.seqlen_q, p.seqlen_q, p.seqlen_k, 0};
   if (p.cu_seqlens_q) {
-    s.q_start = s.global_row0 = p.cu_seqlens_q[batch];
+    s.q_start = p.cu_seqlens_q[batch];
     s.k_start = p.cu_seqlens_k[batch];
-    s.len_q = p.cu_seqlens_q[batch + 1] - s.q_start;
-    s.len_k = p.cu_seqlens_k[batch + 1] - s.k_start;
-  } else {
-    s.q_start = s.k_start = 0;
-    s.global_row0 = batch * p.seqlen_q;
-    s.len_q = p.seqlen_q;
-    s.len_k = p.seqlen_k;
+    s.global_row0 = (int)s.q_start;
+    s.len_q = p.cu_seqlens_q[batch + 1] - (int)s.q_start;
+    s.len_k = p.cu_seqlens_k[batch + 1] - (int)s.k_start;
   }
+  s.offset = s.len_k - s.len_q;
   return s;
 }
 
@@ -48,11 +46,12 @@ struct BlockRange {
 template <int BLOCK_M, int BLOCK_N>
 struct BlockInfo {
   // The key blocks that any row of the block starting at row0 may see.
-  static __device__ __forceinline__ BlockRange key_blocks(const AttentionParams& p, const SequenceInfo& s, int row0) {
+  template <typename Start>
+  static __device__ __forceinline__ BlockRange key_blocks(const AttentionParams& p, const SequenceInfo<Start>& s, int row0) {
     long long key_begin = 0, key_end = s.len_k;
 #if FAP_WINDOW
-    const long long first = row0 + s.offset() - p.window_left;
-    const long long last = (long long)min(row0 + BLOCK_M, s.len_q) - 1 + s.offset() + p.window_right + 1;
+    const long long first = row0 + s.offset - p.window_left;
+    const long long last = (long long)min(row0 + BLOCK_M, s.len_q) - 1 + s.offset + p.window_right + 1;
     key_begin = first > 0 ? first : 0;
     key_end = last < s.len_k ? last : s.len_k;
 #endif
@@ -61,11 +60,13 @@ struct BlockInfo {
   }
 
   // The row blocks that may see any key of the block starting at key0.
-  static __device__ __forceinline__ BlockRange query_blocks(const AttentionParams& p, const SequenceInfo& s, int key0) {
+  template <typename Start>
+  static __device__ __forceinline__ BlockRange query_blocks(const AttentionParams& p, const SequenceInfo<Start>& s,
+                                                            int key0) {
     long long row_begin = 0, row_end = s.len_q;
 #if FAP_WINDOW
     const long long last_key = (long long)min(key0 + BLOCK_N, s.len_k) - 1;
-    const long long first = key0 - s.offset() - p.window_right, last = last_key - s.offset() + p.window_left;
+    const long long first = key0 - s.offset - p.window_right, last = last_key - s.offset + p.window_left;
     row_begin = first > 0 ? first : 0;
     row_end = last + 1 < s.len_q ? last + 1 : s.len_q;
 #endif
@@ -75,12 +76,13 @@ struct BlockInfo {
 
   // Whether some (row, key) of the tile (row0, key0) is outside the allowed keys: most tiles lie wholly inside,
   // and only the others pay for the per-element mask.
-  static __device__ __forceinline__ bool needs_mask(const AttentionParams& p, const SequenceInfo& s, int row0,
+  template <typename Start>
+  static __device__ __forceinline__ bool needs_mask(const AttentionParams& p, const SequenceInfo<Start>& s, int row0,
                                                     int key0) {
     bool needs = key0 + BLOCK_N > s.len_k;
 #if FAP_WINDOW
-    needs = needs || key0 < (long long)row0 + BLOCK_M - 1 + s.offset() - p.window_left ||
-            key0 + BLOCK_N - 1 > (long long)row0 + s.offset() + p.window_right;
+    needs = needs || key0 < (long long)row0 + BLOCK_M - 1 + s.offset - p.window_left ||
+            key0 + BLOCK_N - 1 > (long long)row0 + s.offset + p.window_right;
 #endif
     return needs;
   }
@@ -108,7 +110,9 @@ __device__ __forceinline__ float score_log2(float x, const AttentionParams& p, f
 // normalised to at most max_seqlen_k, so they fit in int), written out so that the window's bounds are read only
 // where the key passes the first test: as a call's arguments they live longer, and the wgmma backward at d = 64
 // spilled (ptxas, sm_90a). tests/core/test_mask.cpp checks window_allows against allowed_keys.
-__device__ __forceinline__ bool key_allowed(const AttentionParams& p, const SequenceInfo& s, int diagonal, int key) {
+template <typename Start>
+__device__ __forceinline__ bool key_allowed(const AttentionParams& p, const SequenceInfo<Start>& s, int diagonal,
+                                            int key) {
   bool allowed = key < s.len_k;
 #if FAP_WINDOW
   allowed = allowed && key >= diagonal - (int)p.window_left && key <= diagonal + (int)p.window_right;

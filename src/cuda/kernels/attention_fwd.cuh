@@ -32,7 +32,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
 
   const int block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
   const int kv_head = head / p.group_size;
-  const SequenceInfo seq = sequence_info(p, batch);
+  const ForwardSequence seq = sequence_info<long long>(p, batch);
   const int row_begin = block * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
 

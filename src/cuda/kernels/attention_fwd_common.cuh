@@ -15,16 +15,18 @@
 
 namespace fap {
 
+using ForwardSequence = SequenceInfo<long long>;
+
 // Raw products -> scores for the softmax. SCALED: to base-2 units (scale, softcap, ALiBi, log2(e)); else
 // they stay raw products and online_softmax folds the scale into its multiply-add, which needs a positive
 // scale. MASKED: -inf outside the allowed keys (only tiles that cross a boundary pay for it). Positions are
 // int arithmetic (sequence lengths are int32, FlashAttention-2's limit): 64-bit index math here costs
 // registers the wgmma kernel needs.
 template <bool MASKED, bool SCALED, int N8>
-__device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const SequenceInfo& seq,
+__device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
                                                const int (&rows)[2], int key0, float slope) {
   const int first_key = key0 + threadIdx.x % 4 * 2;
-  const int diagonal[2] = {rows[0] + seq.offset(), rows[1] + seq.offset()};  // the key on each row's diagonal
+  const int diagonal[2] = {rows[0] + seq.offset, rows[1] + seq.offset};  // the key on each row's diagonal
 #pragma unroll
   for (int j = 0; j < N8; ++j)
 #pragma unroll
@@ -44,7 +46,7 @@ __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const Attentio
 // takes the prepared scores to base-2 units.
 template <int N8>
 __device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const AttentionFwdParams& p,
-                                                     const SequenceInfo& seq, const int (&rows)[2], int key0,
+                                                     const ForwardSequence& seq, const int (&rows)[2], int key0,
                                                      bool needs_mask, float slope) {
   const bool scaled = FAP_SOFTCAP || FAP_ALIBI || !(p.scale_log2 > 0.0f);  // zero or negative scales can't fold
   if (scaled) {
@@ -112,7 +114,7 @@ __device__ __forceinline__ void apply_dropout(float (&s)[N8][4], const Attention
 // correction for the output accumulated so far. Dropout is applied after the row sums, which count every
 // probability.
 template <int N8>
-__device__ __forceinline__ void softmax_tile(float (&s)[N8][4], const AttentionFwdParams& p, const SequenceInfo& seq,
+__device__ __forceinline__ void softmax_tile(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
                                              int batch, int head, const int (&rows)[2], int key0, bool needs_mask,
                                              float slope, float (&row_max)[2], float (&row_sum)[2],
                                              float (&correction)[2]) {
@@ -147,7 +149,7 @@ __device__ __forceinline__ void pack_probabilities(unsigned int (&a)[4], const f
 // The end of a row block: reduces the row sums over the quad, normalises, stores out and lse. Rows with
 // nothing to attend to get zeros and lse = +inf.
 template <int D8>
-__device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const SequenceInfo& seq, int batch, int head,
+__device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const ForwardSequence& seq, int batch, int head,
                                            const int (&rows)[2], const float (&acc)[D8][4], float (&row_sum)[2],
                                            const float (&row_max)[2]) {
   const int quad = threadIdx.x % 4;

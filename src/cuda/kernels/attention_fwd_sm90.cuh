@@ -86,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
 
   // Blocks with the most keys first under a causal mask, so the long ones do not finish last.
   const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
-  const SequenceInfo seq = sequence_info(p, batch);
+  const ForwardSequence seq = sequence_info<long long>(p, batch);
   const int row_begin = block * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
   const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
