@@ -1,6 +1,7 @@
 """Two builds of the library timed side by side in one process: each shape's forward and backward through the C
-API of build A and of build B, in interleaved rounds (median of the rounds' medians), on the same tensors. For
-checking that a change leaves the kernels' speed alone (or by how much it moves it).
+API of build A and of build B, in interleaved rounds (each build first in every other round; median of the
+rounds' medians), on the same tensors. For checking that a change leaves the kernels' speed alone (or by how
+much it moves it).
 
     python bench/ab_compare.py --a old/libflash_attn_plus.so --b build/libflash_attn_plus.so --out results.json
 
@@ -15,11 +16,6 @@ import torch
 
 import fap_ctypes as fc
 from timing import time_ms
-
-
-def one_library(path):
-    lib = fc.load(path)
-    return lib
 
 
 def prepare(lib, q, k, v, out, lse, dout, grads, causal):
@@ -50,7 +46,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="ab_compare.json")
     args = parser.parse_args()
-    libraries = {"a": one_library(args.a), "b": one_library(args.b)}
+    libraries = {"a": fc.load(args.a), "b": fc.load(args.b)}
     rows = []
     for head_dim in (64, 128, 256):
         for seqlen in (1024, 4096, 16384):
@@ -63,8 +59,9 @@ def main():
                 grads = [torch.empty_like(x) for x in (q, k, v)]
                 calls = {name: prepare(lib, q, k, v, out, lse, dout, grads, causal) for name, lib in libraries.items()}
                 times = {(name, kind): [] for name in calls for kind in ("fwd", "bwd")}
-                for _ in range(args.rounds):
-                    for name, (forward, backward) in calls.items():
+                for round_index in range(args.rounds):
+                    order = list(calls.items())
+                    for name, (forward, backward) in order[::-1] if round_index % 2 else order:  # alternate who goes first
                         times[(name, "fwd")].append(time_ms(forward, warmup=3, repeat=10))
                         forward()  # out and lse of this build for its backward
                         times[(name, "bwd")].append(time_ms(backward, warmup=3, repeat=10))
