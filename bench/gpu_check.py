@@ -1,4 +1,4 @@
-"""GPU check of the CUDA backend, one call on the device machine: correctness of every forward feature
+"""GPU check of the CUDA backend, in one run on a machine with a GPU: correctness of every forward feature
 against a float64 reference with FlashAttention-2's rule, then forward timings against torch SDPA (flash
 and cuDNN backends) in the same run. Both forward kernels are checked and timed where the GPU has its own
 (Hopper: the wgmma kernel, and the portable mma.sync one through FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine: the checks of a change to the library's core. Builds the Python package (see
+# On a machine with a GPU: the checks of a change to the library's core. Builds the Python package (see
 # gpu_build_python.sh), runs the Python suite on CUDA tensors, the host time per call (bench/host_overhead.py)
 # and, given two builds of the C library, their kernels side by side (bench/ab_compare.py; the architecture's own
 # kernels, then the portable mma.sync ones). Results under $OUT.

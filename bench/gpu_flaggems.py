@@ -1,4 +1,4 @@
-"""The flaggems backend on a GPU, one call on the device machine: whether it is usable (and why not), the
+"""The flaggems backend on a GPU, in one run on a machine with a GPU: whether it is usable (and why not), the
 latency of its first call and of each call that brings a new batch size, head count, sequence length,
 scale or head dim (FlagGems' Triton kernels are specialised on them), and the same call switched between
 the cuda, flaggems and cpu backends in one process with matching results. Writes JSON under --out.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine without network: builds the Python package against carried libraries, then runs the
+# On a machine with a GPU and no network: builds the Python package against carried libraries, then runs the
 # Python suite on CUDA tensors, torch.compile included, and the HF transformers check. Results under $OUT.
 #   .device/hwy/usr: Highway's headers, CMake package and libraries copied from this machine (see
-#   docs/python.md, "Running on the lent GPU").
+#   docs/python.md, "Running on a machine with a GPU and no network").
 set -uo pipefail
 source bench/gpu_build_python.sh
 python3 -c "import flash_attn_plus as f; f.info()" | tee "$out/info.txt"

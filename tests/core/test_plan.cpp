@@ -28,7 +28,7 @@ bool contains(const char* text, const std::string& part) { return std::string(te
 
 class PlanTest : public ::testing::TestWithParam<bool> {};
 
-TEST_P(PlanTest, ForwardPlanRunsTwiceLikeTheOneCallEntryPoint) {
+TEST_P(PlanTest, ForwardPlanRunsTwiceLikeFapMhaFwd) {
   const bool varlen = GetParam();
   AttentionCase planned(small_case(varlen)), direct(small_case(varlen));
   fap_fwd_args args = planned.forward_args();
@@ -59,7 +59,7 @@ TEST_P(PlanTest, ForwardPlanRunsTwiceLikeTheOneCallEntryPoint) {
   EXPECT_EQ(direct.lse, planned.lse);
 }
 
-TEST_P(PlanTest, BackwardPlanMatchesTheOneCallEntryPoint) {
+TEST_P(PlanTest, BackwardPlanMatchesFapMhaBwd) {
   const bool varlen = GetParam();
   AttentionCase planned(small_case(varlen)), direct(small_case(varlen));
   const fap_options options = planned.options();

@@ -1,5 +1,5 @@
 """The Python suite runs on the CPU by default; `--device cuda` (or FAP_TEST_DEVICE=cuda) runs the same
-cases on CUDA tensors (the device script does this on the GPU machine)."""
+cases on CUDA tensors (bench/gpu_python.sh does this on a machine with a GPU)."""
 import os
 import sys
 
