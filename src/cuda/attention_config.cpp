@@ -91,10 +91,6 @@ void set_backward_tiles(BackwardConfig& config) {
 // registers d = 128 keeps for dK and dV hold the wider scores instead); at d = 256 two warpgroups of 128
 // columns on 64 keys, 64 queries per step. Dropout: the mma.sync tiles.
 void set_sm90_backward_tiles(BackwardConfig& config) {
-  if (config.dropout) {
-    set_backward_tiles(config);
-    return;
-  }
   config.wgmma = true;
   config.head_dim = config.head_dim <= 64 ? 64 : config.head_dim <= 128 ? 128 : 256;
   config.warps = 8, config.dkv_split = 1, config.q_stages = 2;
@@ -149,52 +145,66 @@ void set_sm90_tiles(ForwardConfig& config) {
   if (config.shared_bytes() > 227 * 1024) config.stages = 2;
 }
 
-}  // namespace
-
-namespace {
-
-// The dtype, head dim (rounded up to a multiple of 16) and features, then the tile shape.
+// The kernel families of each direction, in the order the dispatch tries them: the first that runs the call's
+// features on the device's compute capability is chosen, and its tile rule shapes the configuration. A new
+// family is one entry here (and its kernel file).
 template <typename Config>
-Config config_for(const KernelFeatures& features, void (*set_tile_shape)(Config&)) {
-  Config config;
-  config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
-  config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
-  config.softcap = features.softcap;
-  config.alibi = features.alibi;
-  config.dropout = features.dropout;
-  config.window = features.window;
-  set_tile_shape(config);
-  return config;
+struct KernelFamily {
+  bool (*runs)(const KernelFeatures& features, int compute_capability);
+  void (*set_tile_shape)(Config& config);
+};
+
+bool on_hopper(const KernelFeatures&, int compute_capability) { return compute_capability == 90; }
+bool on_hopper_without_dropout(const KernelFeatures& features, int compute_capability) {
+  return compute_capability == 90 && !features.dropout;  // dropout's backward stays on mma.sync
+}
+bool on_sm80_and_later(const KernelFeatures&, int compute_capability) { return compute_capability >= 80; }
+
+const KernelFamily<ForwardConfig> kForwardFamilies[] = {
+    {on_hopper, set_sm90_tiles},          // attention_fwd_sm90.cuh: wgmma, warp-specialised
+    {on_sm80_and_later, set_tiles},       // attention_fwd.cuh: mma.sync
+};
+
+const KernelFamily<BackwardConfig> kBackwardFamilies[] = {
+    {on_hopper_without_dropout, set_sm90_backward_tiles},  // attention_bwd_sm90(_wide).cuh: wgmma
+    {on_sm80_and_later, set_backward_tiles},               // attention_bwd.cuh: mma.sync
+};
+
+// The dtype, head dim (rounded up to a multiple of 16) and features, then the first family's tile shape.
+template <typename Config, size_t N>
+Config choose(const KernelFamily<Config> (&families)[N], const KernelFeatures& features, int compute_capability) {
+  for (const KernelFamily<Config>& family : families) {
+    if (!family.runs(features, compute_capability)) continue;
+    Config config;
+    config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
+    config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
+    config.softcap = features.softcap;
+    config.alibi = features.alibi;
+    config.dropout = features.dropout;
+    config.window = features.window;
+    family.set_tile_shape(config);
+    return config;
+  }
+  fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
+       compute_capability % 10);
 }
 
-}  // namespace
-
-ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability) {
-  return config_for(features, compute_capability == 90 ? set_sm90_tiles : set_tiles);
-}
-
-BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability) {
-  return config_for(features, compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
-}
-
-namespace {
-
-// Every dtype x head dim (multiples of 16) x feature combination with its tile shape; a head dim the tile
-// rule pads to a larger one is left out (the larger one is listed).
-template <typename Config>
-std::vector<Config> every_config(void (*set_tile_shape)(Config&)) {
+// Every configuration the dispatch can choose on a compute capability: each dtype x head dim (multiples of 16) x
+// feature combination, without repeats (head dims a tile rule pads share the padded one's configuration).
+template <typename Config, size_t N>
+std::vector<Config> every_config(const KernelFamily<Config> (&families)[N], int compute_capability) {
   std::vector<Config> configs;
   for (int bf16 = 0; bf16 < 2; ++bf16)
     for (int head_dim = 16; head_dim <= 256; head_dim += 16)
-      for (int features = 0; features < 16; ++features) {
-        Config config;
-        config.bf16 = bf16 != 0;
-        config.head_dim = head_dim;
-        config.window = features & 1;
-        config.softcap = features & 2;
-        config.alibi = features & 4;
-        config.dropout = features & 8;
-        set_tile_shape(config);
+      for (int bits = 0; bits < 16; ++bits) {
+        KernelFeatures features;
+        features.dtype = bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
+        features.head_dim = head_dim;
+        features.window = bits & 1;
+        features.softcap = bits & 2;
+        features.alibi = bits & 4;
+        features.dropout = bits & 8;
+        const Config config = choose(families, features, compute_capability);
         if (config.head_dim == head_dim) configs.push_back(config);
       }
   return configs;
@@ -202,11 +212,19 @@ std::vector<Config> every_config(void (*set_tile_shape)(Config&)) {
 
 }  // namespace
 
+ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability) {
+  return choose(kForwardFamilies, features, compute_capability);
+}
+
+BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability) {
+  return choose(kBackwardFamilies, features, compute_capability);
+}
+
 std::vector<ForwardConfig> all_forward_configs(int compute_capability) {
-  return every_config(compute_capability == 90 ? set_sm90_tiles : set_tiles);
+  return every_config(kForwardFamilies, compute_capability);
 }
 std::vector<BackwardConfig> all_backward_configs(int compute_capability) {
-  return every_config(compute_capability == 90 ? set_sm90_backward_tiles : set_backward_tiles);
+  return every_config(kBackwardFamilies, compute_capability);
 }
 
 std::string BackwardConfig::source_file() const {

@@ -138,6 +138,25 @@ TEST(AttentionConfig, HopperBackwardPadsTheHeadDimAndLeavesDropoutToMmaSync) {
       }
 }
 
+// The decision list: Hopper's families first (the backward's without dropout), mma.sync from sm_80 on, and
+// nothing below it.
+TEST(AttentionConfig, FamiliesAreTriedInOrder) {
+  AttentionProblem p = problem(FAP_DTYPE_BFLOAT16, 128);
+  EXPECT_TRUE(choose_forward_config(p.features(), 90).wgmma);
+  EXPECT_FALSE(choose_forward_config(p.features(), 89).wgmma);
+  EXPECT_TRUE(choose_backward_config(p.features(), 90).wgmma);
+  p.dropout_p = 0.1f;
+  EXPECT_TRUE(choose_forward_config(p.features(), 90).wgmma);
+  EXPECT_FALSE(choose_backward_config(p.features(), 90).wgmma);
+  try {
+    choose_forward_config(p.features(), 75);
+    FAIL() << "expected no kernel for sm_75";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.status(), FAP_ERROR_UNSUPPORTED);
+    EXPECT_NE(std::string(error.what()).find("compute capability 7.5"), std::string::npos) << error.what();
+  }
+}
+
 TEST(AttentionConfig, ArchitectureNames) {
   EXPECT_EQ(nvrtc_arch(80), "sm_80");
   EXPECT_EQ(nvrtc_arch(86), "sm_86");
