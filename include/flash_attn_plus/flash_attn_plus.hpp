@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flash_attn_plus/flash_attn_plus.h"
@@ -89,6 +90,45 @@ inline void backward(const fap_bwd_args& args, const fap_options& options, void*
   check(layout == Layout::kDense ? fap_mha_bwd(&args, &options, stream, workspace, workspace_bytes)
                                  : fap_mha_varlen_bwd(&args, &options, stream, workspace, workspace_bytes));
 }
+
+// One planned call (fap_plan_*): checked and prepared once, run any number of times. Move-only.
+class Plan {
+ public:
+  Plan(const fap_fwd_args& args, const fap_options& options, Layout layout = Layout::kDense) {
+    check(fap_plan_fwd(&args, &options, layout == Layout::kVarlen ? 1 : 0, &plan_));
+  }
+  Plan(const fap_bwd_args& args, const fap_options& options, Layout layout = Layout::kDense) {
+    check(fap_plan_bwd(&args, &options, layout == Layout::kVarlen ? 1 : 0, &plan_));
+  }
+  Plan(Plan&& other) noexcept : plan_(other.plan_) { other.plan_ = nullptr; }
+  Plan& operator=(Plan&& other) noexcept {
+    std::swap(plan_, other.plan_);
+    return *this;
+  }
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() { fap_plan_destroy(plan_); }
+
+  size_t workspace_size() const {
+    size_t bytes = 0;
+    check(fap_plan_workspace_size(plan_, &bytes));
+    return bytes;
+  }
+  std::string backend() const { return describe(true); }
+  std::string kernel() const { return describe(false); }
+  void run(void* stream, void* workspace, size_t workspace_bytes) const {
+    check(fap_plan_run(plan_, stream, workspace, workspace_bytes));
+  }
+
+ private:
+  std::string describe(bool backend_name) const {
+    const char *backend_text = nullptr, *kernel_text = nullptr;
+    check(fap_plan_describe(plan_, &backend_text, &kernel_text));
+    return backend_name ? backend_text : kernel_text;
+  }
+
+  fap_plan* plan_ = nullptr;
+};
 
 // Host tensors: the workspace is allocated here.
 inline void forward(const fap_fwd_args& args, const fap_options& options = fap_default_options(),

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "flash_attn_plus/flash_attn_plus.h"
+#include "flash_attn_plus/flash_attn_plus.hpp"
 #include "tests/support/attention_case.h"
 
 namespace fap::test {
@@ -116,6 +117,28 @@ TEST(PlanApi, BadArgumentsFailNamingThemAndLeaveNoPlan) {
   EXPECT_EQ(fap_plan_run(nullptr, nullptr, nullptr, 0), FAP_ERROR_INVALID_ARGUMENT);
   EXPECT_EQ(fap_plan_describe(nullptr, nullptr, nullptr), FAP_ERROR_INVALID_ARGUMENT);
   fap_plan_destroy(nullptr);
+}
+
+TEST(PlanApi, CppPlanRunsAndThrowsNamingTheArgument) {
+  AttentionCase planned(small_case(true)), direct(small_case(true));
+  fap_fwd_args args = planned.forward_args();
+  const fap_options options = planned.options();
+  const flash_attn_plus::Plan plan(args, options, flash_attn_plus::Layout::kVarlen);
+  EXPECT_EQ(plan.backend(), "cpu");
+  EXPECT_EQ(plan.kernel(), "");
+  std::vector<unsigned char> workspace(plan.workspace_size() + 16);
+  plan.run(nullptr, workspace.data(), workspace.size());
+  fap_fwd_args direct_args = direct.forward_args();
+  flash_attn_plus::forward(direct_args, options, flash_attn_plus::Layout::kVarlen);
+  EXPECT_EQ(planned.out.bytes, direct.out.bytes);
+  args.max_seqlen_k = 1;  // shorter than the sequences
+  try {
+    flash_attn_plus::Plan bad(args, options, flash_attn_plus::Layout::kVarlen);
+    FAIL() << "expected an error";
+  } catch (const flash_attn_plus::Error& error) {
+    EXPECT_EQ(error.status(), FAP_ERROR_INVALID_ARGUMENT);
+    EXPECT_TRUE(contains(error.what(), "cu_seqlens_k")) << error.what();
+  }
 }
 
 TEST(PlanApi, RunRefusesASmallWorkspaceWithoutWriting) {
