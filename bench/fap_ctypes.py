@@ -27,7 +27,8 @@ class Options(ctypes.Structure):
 class FwdArgs(ctypes.Structure):
     _fields_ = [("q", Tensor), ("k", Tensor), ("v", Tensor), ("out", Tensor), ("softmax_lse", Tensor),
                 ("attn_probs", Tensor), ("cu_seqlens_q", Tensor), ("cu_seqlens_k", Tensor),
-                ("max_seqlen_q", ctypes.c_int64), ("max_seqlen_k", ctypes.c_int64)]
+                ("max_seqlen_q", ctypes.c_int64), ("max_seqlen_k", ctypes.c_int64), ("block_table", Tensor),
+                ("seqused_k", Tensor)]
 
 
 class BwdArgs(ctypes.Structure):

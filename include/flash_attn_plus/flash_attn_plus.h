@@ -95,6 +95,13 @@ typedef struct fap_fwd_args {
   fap_tensor attn_probs;  /* optional output (debugging and FlashAttention-2's S_dmask) */
   fap_tensor cu_seqlens_q, cu_seqlens_k;
   int64_t max_seqlen_q, max_seqlen_k;
+  /* Optional, varlen forward only (FlashAttention-2's paged KV cache and used key counts):
+   *   block_table int32 (batch, max_blocks), last dimension contiguous: k and v are caches (num_blocks,
+   *     page_size, heads_k, head_dim) of any page size, and key t of sequence b is row t % page_size of block
+   *     block_table[b][t / page_size]; cu_seqlens_k then only counts each sequence's keys.
+   *   seqused_k int32 (batch): sequence b attends to its first seqused_k[b] keys only. */
+  fap_tensor block_table;
+  fap_tensor seqused_k;
 } fap_fwd_args;
 
 /* Backward: gradients of out with respect to q, k, v, given the forward's out and softmax_lse. */

@@ -111,16 +111,17 @@ def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_l
                         softcap=0.0, alibi_slopes=None, return_softmax=False):
     """Returns (out, softmax_lse, S_dmask, rng_state)."""
     return _forward_with_rng_state(q, k, v, None, None, 0, 0, dropout_p, softmax_scale, causal, window_size_left,
-                                   window_size_right, softcap, alibi_slopes, return_softmax, None)
+                                   window_size_right, softcap, alibi_slopes, return_softmax, None, None)
 
 
 def _forward_with_rng_state(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                             causal, window_size_left, window_size_right, softcap, alibi_slopes, return_softmax,
-                            block_table):
+                            block_table, seqused_k):
     q, k, v = maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v)
     options = Options(softmax_scale, causal, window_size_left, window_size_right, softcap, dropout_p, False)
     out, lse, probs, rng = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
-                                             int(max_seqlen_q), int(max_seqlen_k), bool(return_softmax), options)
+                                             int(max_seqlen_q), int(max_seqlen_k), bool(return_softmax), options,
+                                             seqused_k)
     return out, lse, probs if probs is not None else q.new_empty((0,)), rng_state_tensor(rng)
 
 
@@ -135,11 +136,9 @@ def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     """Returns (out, softmax_lse (nheads, total_q), S_dmask, rng_state)."""
     if leftpad_k is not None:
         _unsupported_argument("leftpad_k")
-    if seqused_k is not None:
-        _unsupported_argument("seqused_k")
     return _forward_with_rng_state(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                    softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
-                                   return_softmax, block_table)
+                                   return_softmax, block_table, seqused_k)
 
 
 def _softmax_d(dout, out, varlen, cu_seqlens_q):

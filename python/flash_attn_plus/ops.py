@@ -130,7 +130,7 @@ def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k):
     return k_cache.reshape(-1, *k_cache.shape[2:])[rows], v_cache.reshape(-1, *v_cache.shape[2:])[rows]
 
 
-def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
+def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
              return_softmax, options):
     """(out, softmax_lse, S_dmask, (seed, offset)); S_dmask is None unless return_softmax, and empty unless
     dropout_p > 0 too."""
@@ -144,7 +144,8 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max
                                           options.softcap, alibi_slopes, options.dropout_p)
         if not reason:
             _check_for_python_backend(_C.check_forward(varlen, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                       max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options)))
+                                                       seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                                       _c_options(options)))
             flaggems.check_tensors(q)
             with torch.cuda.device(q.device):
                 flaggems.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -157,7 +158,7 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max
         batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
         seed, offset = _draw_dropout_rng(q.device, max(batch, 1) * q.shape[-2] * 32)
     _errors.check(_C.forward(varlen, q, k, v, out, lse, probs if with_probs else None, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options), seed % _UINT64,
+                             seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options), seed % _UINT64,
                              offset % _UINT64, stream_of(q), allocate_workspace))
     return out, lse, probs, (seed, offset)
 
@@ -191,20 +192,21 @@ def rng_state_tensor(rng):
 
 @torch.library.custom_op("flash_attn_plus::fwd", mutates_args=())
 def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
-                         cu_seqlens_k: Optional[Tensor], block_table: Optional[Tensor], alibi_slopes: Optional[Tensor],
+                         cu_seqlens_k: Optional[Tensor], seqused_k: Optional[Tensor], block_table: Optional[Tensor],
+                         alibi_slopes: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_k: int, return_softmax: bool, softmax_scale: float,
                          causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
                          deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, softmax_lse, S_dmask, rng_state); the last seven parameters are Options' fields."""
     options = Options(softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic)
-    out, lse, probs, rng = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
-                                    max_seqlen_k, return_softmax, options)
+    out, lse, probs, rng = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+                                    max_seqlen_q, max_seqlen_k, return_softmax, options)
     return out, lse, probs if probs is not None else q.new_empty((0,)), _rng_tensor(rng)
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k, return_softmax,
-      *options):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
+      return_softmax, *options):
     out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, True,
                                        return_softmax and Options(*options).dropout_p > 0)
     return out, lse, probs, torch.empty(2, dtype=torch.int64)
@@ -235,28 +237,33 @@ def _prepare_dout(dout, out):
     return dout if dout.stride(-1) == 1 else dout.contiguous()
 
 
-def _no_paged_backward():
-    raise _errors.UnsupportedError("block_table: there is no backward through a paged KV cache "
-                                   "(FlashAttention-2 has none either)")
+def _no_backward(name, what):
+    raise _errors.UnsupportedError(f"{name}: there is no backward through {what} (FlashAttention-2 has none either)")
+
+
+def _check_differentiable(block_table, seqused_k):
+    if block_table is not None:
+        _no_backward("block_table", "a paged KV cache")
+    if seqused_k is not None:
+        _no_backward("seqused_k", "used key counts")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k = inputs[:9]
+    q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k = inputs[:10]
     out, lse, _probs, rng_state = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradients of lse, S_dmask and rng_state (unused)
-    ctx.paged = block_table is not None
+    ctx.undifferentiable = (block_table, seqused_k)
     ctx.lengths = (max_seqlen_q, max_seqlen_k)
-    ctx.options = Options(*inputs[10:])
+    ctx.options = Options(*inputs[11:])
 
 
 def _op_backward(ctx, dout, _dlse, _dprobs, _drng):
-    if ctx.paged:
-        _no_paged_backward()
+    _check_differentiable(*ctx.undifferentiable)
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
     dq, dk, dv = attention_backward_op(_prepare_dout(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                        alibi_slopes, *ctx.lengths, rng_state, *ctx.options)
-    return (dq, dk, dv) + (None,) * 14
+    return (dq, dk, dv) + (None,) * 15
 
 
 attention_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -267,6 +274,7 @@ class _Call(NamedTuple):
     autograd host time). Its tensors never need gradients (FA2 gives none for them)."""
     cu_seqlens_q: Optional[Tensor]
     cu_seqlens_k: Optional[Tensor]
+    seqused_k: Optional[Tensor]
     block_table: Optional[Tensor]
     alibi_slopes: Optional[Tensor]
     max_seqlen_q: int
@@ -290,8 +298,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse, _dprobs, _drng):
         call = ctx.call
-        if call.block_table is not None:
-            _no_paged_backward()
+        _check_differentiable(call.block_table, call.seqused_k)
         q, k, v, out, lse = ctx.saved_tensors
         dout = _prepare_dout(dout, out)
         common = (dout, q, k, v, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.alibi_slopes, call.max_seqlen_q,
@@ -304,14 +311,14 @@ class _AttentionFunction(torch.autograd.Function):
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
-                      return_softmax, options):
+                      return_softmax, options, seqused_k=None):
     """(out, softmax_lse, S_dmask, rng_state) with autograd to q, k, v, by the eager route unless torch traces
     the call."""
     if _traced(q, k, v):
-        return attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
-                                    max_seqlen_k, return_softmax, *options)
-    return _AttentionFunction.apply(q, k, v, _Call(cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q,
-                                                   max_seqlen_k, return_softmax, options))
+        return attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+                                    max_seqlen_q, max_seqlen_k, return_softmax, *options)
+    return _AttentionFunction.apply(q, k, v, _Call(cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+                                                   max_seqlen_q, max_seqlen_k, return_softmax, options))
 
 
 def attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,

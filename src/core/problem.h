@@ -15,6 +15,7 @@ namespace fap {
 struct Operand {
   void* data = nullptr;
   int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
+  int64_t block_stride = 0;  // k, v of a paged KV cache: between its blocks (rows count within a block)
 };
 
 // softmax_lse, addressed as (batch, head, row) for both dense (B, H, Sq) and varlen (H, total_q) layouts.
@@ -57,6 +58,9 @@ struct AttentionProblem {
   int64_t total_q = 0, total_k = 0;    // rows of the q / k tensors per batch entry (varlen: all rows)
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* seqused_k = nullptr;    // varlen forward: keys each sequence uses (else its cu_seqlens_k count)
+  const int32_t* block_table = nullptr;  // varlen forward with a paged KV cache: (batch, max_blocks)
+  int64_t block_table_stride = 0, page_size = 0;
 
   Operand q, k, v, out;
   Operand dout, dq, dk, dv;  // backward only
@@ -90,7 +94,16 @@ struct AttentionProblem {
   SequenceExtent sequence(int64_t b) const {
     if (!varlen) return {0, 0, seqlen_q, seqlen_k};
     const int64_t q_start = cu_seqlens_q[b], k_start = cu_seqlens_k[b];
-    return {q_start, k_start, cu_seqlens_q[b + 1] - q_start, cu_seqlens_k[b + 1] - k_start};
+    return {q_start, k_start, cu_seqlens_q[b + 1] - q_start, seqused_k ? seqused_k[b] : cu_seqlens_k[b + 1] - k_start};
+  }
+
+  // The element offset of key t of sequence b, head h, in k or v (a paged cache: through the block table).
+  int64_t key_offset(const Operand& o, int64_t b, const SequenceExtent& seq, int64_t t, int64_t h) const {
+    if (block_table) {
+      const int64_t block = block_table[b * block_table_stride + t / page_size];
+      return block * o.block_stride + (t % page_size) * o.row_stride + h * o.head_stride;
+    }
+    return b * o.batch_stride + (seq.k_start + t) * o.row_stride + h * o.head_stride;
   }
 
   float alibi_slope(int64_t b, int64_t head) const {

@@ -1,9 +1,11 @@
 #include "core/validate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -200,20 +202,71 @@ void check_probs(const fap_tensor& probs, AttentionProblem& problem, const fap_t
                    probs.strides[1], probs.strides[2], probs.strides[3]};
 }
 
+// Sequence b's keys in cu_seqlens_k (before seqused_k), read on the host.
+int64_t cu_length(const AttentionProblem& p, int64_t b) { return int64_t{p.cu_seqlens_k[b + 1]} - p.cu_seqlens_k[b]; }
+
+// The paged cache's table; problem.page_size is set. Keys past a sequence's count are never read, so only the
+// blocks that hold its keys must be valid.
+void check_block_table(const fap_tensor& table, AttentionProblem& problem, int64_t num_blocks, const fap_tensor& q) {
+  const char* name = "block_table";
+  check_layout(table, name, 2, "(batch, max_blocks)", {problem.batch, -1}, true);
+  check_known_dtype(table, name);
+  check_dtype(table, name, FAP_DTYPE_INT32);
+  check_same_device(table, name, q);
+  const int64_t max_blocks = table.shape[1];
+  problem.block_table = static_cast<const int32_t*>(table.data);
+  problem.block_table_stride = table.strides[0];
+  // Device-resident tables can't be read here without a synchronisation.
+  if (table.device_type != FAP_DEVICE_CPU) return;
+  for (int64_t b = 0; b < problem.batch; ++b) {
+    const int64_t keys = cu_length(problem, b);
+    require(keys <= max_blocks * problem.page_size, name, ": sequence ", b, " has ", keys, " keys, more than its ",
+            max_blocks, " blocks of ", problem.page_size, " hold");
+    for (int64_t j = 0; j * problem.page_size < keys; ++j) {
+      const int64_t block = problem.block_table[b * problem.block_table_stride + j];
+      require(block >= 0 && block < num_blocks, name, "[", b, "][", j, "] = ", block, ": expected a block index in [0, ",
+              num_blocks, ")");
+    }
+  }
+}
+
+void check_seqused_k(const fap_tensor& seqused, AttentionProblem& problem, int64_t max_seqlen_k, const fap_tensor& q) {
+  const char* name = "seqused_k";
+  require(problem.varlen, name, ": only varlen calls take it; this dense call got it");
+  check_layout(seqused, name, 1, "(batch)", {problem.batch}, true);
+  check_known_dtype(seqused, name);
+  check_dtype(seqused, name, FAP_DTYPE_INT32);
+  check_same_device(seqused, name, q);
+  problem.seqused_k = static_cast<const int32_t*>(seqused.data);
+  if (seqused.device_type != FAP_DEVICE_CPU) return;
+  for (int64_t b = 0; b < problem.batch; ++b) {
+    const int64_t used = problem.seqused_k[b];
+    require(used >= 0 && used <= cu_length(problem, b) && used <= max_seqlen_k, name, "[", b, "] = ", used,
+            ": expected a key count in [0, ", std::min(cu_length(problem, b), max_seqlen_k),
+            "] (the sequence's keys in cu_seqlens_k, at most max_seqlen_k)");
+  }
+}
+
 // Reads the sizes from q and k and checks the shared inputs q, k, v and the varlen offsets.
 AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fap_tensor& v,
                               const fap_tensor& cu_seqlens_q, const fap_tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                              int64_t max_seqlen_k, bool varlen) {
+                              int64_t max_seqlen_k, bool varlen, const fap_tensor& block_table) {
   AttentionProblem problem;
   problem.varlen = varlen;
+  const bool paged = is_present(block_table);
+  require(!paged || varlen, "block_table: only varlen calls take a paged KV cache; this dense call got one");
   require(is_present(q), "q: required, got an absent tensor");
   require(is_present(k), "k: required, got an absent tensor");
   require(is_present(v), "v: required, got an absent tensor");
   const int q_rank = varlen ? 3 : 4;
   require(q.rank == q_rank, "q: expected a rank-", q_rank, " tensor ",
           varlen ? "(total_q, heads, head_dim)" : "(batch, seqlen_q, heads, head_dim)", ", got rank ", q.rank);
-  require(k.rank == q_rank, "k: expected a rank-", q_rank, " tensor ",
-          varlen ? "(total_k, heads_k, head_dim)" : "(batch, seqlen_k, heads_k, head_dim)", ", got rank ", k.rank);
+  const int k_rank = paged ? 4 : q_rank;
+  require(k.rank == k_rank, "k: expected a rank-", k_rank, " tensor ",
+          paged    ? "(num_blocks, page_size, heads_k, head_dim) (a paged KV cache)"
+          : varlen ? "(total_k, heads_k, head_dim)"
+                   : "(batch, seqlen_k, heads_k, head_dim)",
+          ", got rank ", k.rank);
   check_known_dtype(q, "q");
   require(q.dtype != FAP_DTYPE_INT32, "q: expected dtype float16, bfloat16 or float32, got int32");
   require(q.device_type == FAP_DEVICE_CPU || q.device_type == FAP_DEVICE_CUDA, "q: unknown device type ",
@@ -224,7 +277,7 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
 
   const int64_t head_dim = q.shape[q_rank - 1];
   const int64_t heads_q = q.shape[q_rank - 2];
-  const int64_t heads_kv = k.shape[q_rank - 2];
+  const int64_t heads_kv = k.shape[k_rank - 2];
   require(head_dim >= 1 && head_dim <= kMaxHeadDim, "q: head_dim (last dimension) must be in [1, ", kMaxHeadDim,
           "], got ", head_dim);
   require(heads_q >= 1, "q: heads must be >= 1, got ", heads_q);
@@ -255,17 +308,38 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     problem.seqlen_k = problem.total_k = k.shape[1];
   }
   check_operand(q, "q", varlen, {problem.batch, problem.total_q, heads_q, head_dim}, q);
-  check_operand(k, "k", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
-  check_operand(v, "v", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+  if (paged) {
+    for (const auto& [cache, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+      check_layout(*cache, name, 4, "(num_blocks, page_size, heads_k, head_dim)", {k.shape[0], k.shape[1], heads_kv,
+                                                                                    head_dim},
+                   true);
+      check_known_dtype(*cache, name);
+      check_dtype(*cache, name, q.dtype);
+      check_same_device(*cache, name, q);
+    }
+    require(k.shape[1] >= 1, "k: page_size (dimension 1 of a paged KV cache) must be >= 1, got ", k.shape[1]);
+  } else {
+    check_operand(k, "k", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+    check_operand(v, "v", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+  }
   if (varlen) {
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", problem.batch, problem.total_q, max_seqlen_q, "max_seqlen_q", q);
-    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", problem.batch, problem.total_k, max_seqlen_k, "max_seqlen_k", q);
+    // A paged cache's keys are found through the block table: cu_seqlens_k only counts them.
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", problem.batch,
+                     paged ? std::numeric_limits<int32_t>::max() : problem.total_k, max_seqlen_k, "max_seqlen_k", q);
     problem.cu_seqlens_q = static_cast<const int32_t*>(cu_seqlens_q.data);
     problem.cu_seqlens_k = static_cast<const int32_t*>(cu_seqlens_k.data);
   }
   problem.q = make_operand(q, varlen);
   problem.k = make_operand(k, varlen);
   problem.v = make_operand(v, varlen);
+  if (paged) {
+    for (const auto& [cache, operand] : {std::pair{&k, &problem.k}, std::pair{&v, &problem.v}}) {
+      *operand = Operand{cache->data, 0, cache->strides[1], cache->strides[2], cache->strides[0]};
+    }
+    problem.page_size = k.shape[1];
+    check_block_table(block_table, problem, k.shape[0], q);
+  }
   return problem;
 }
 
@@ -283,8 +357,9 @@ const char* dtype_name(int32_t dtype) {
 
 AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_options& options, bool varlen) {
   AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                          args.max_seqlen_q, args.max_seqlen_k, varlen);
+                                          args.max_seqlen_q, args.max_seqlen_k, varlen, args.block_table);
   problem.direction = Direction::kForward;
+  if (is_present(args.seqused_k)) check_seqused_k(args.seqused_k, problem, args.max_seqlen_k, args.q);
   require(is_present(args.out), "out: required, got an absent tensor");
   check_operand(args.out, "out", varlen, {problem.batch, problem.total_q, problem.heads_q, problem.head_dim}, args.q);
   problem.out = make_operand(args.out, varlen);
@@ -320,7 +395,7 @@ KernelFeatures make_kernel_features(const fap_kernel_spec& spec, int32_t index) 
 
 AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_options& options, bool varlen) {
   AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                          args.max_seqlen_q, args.max_seqlen_k, varlen);
+                                          args.max_seqlen_q, args.max_seqlen_k, varlen, fap_tensor{});
   problem.direction = Direction::kBackward;
   const OperandShape q_shape{problem.batch, problem.total_q, problem.heads_q, problem.head_dim};
   const OperandShape k_shape{problem.batch, problem.total_k, problem.heads_kv, problem.head_dim};

@@ -61,11 +61,14 @@ void for_each_row(const AttentionProblem& p, const Operand& operand, int64_t hea
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t h = 0; h < heads; ++h) {
       const SequenceExtent seq = p.sequence(b);
-      const int64_t start = side == Side::kQuery ? seq.q_start : seq.k_start;
-      const int64_t length = side == Side::kQuery ? seq.len_q : seq.len_k;
-      for (int64_t row = 0; row < length; ++row) {
-        write(h, staged.sequence_start[b] + row,
-              b * operand.batch_stride + (start + row) * operand.row_stride + h * operand.head_stride);
+      if (side == Side::kKey) {
+        for (int64_t row = 0; row < seq.len_k; ++row)
+          write(h, staged.sequence_start[b] + row, p.key_offset(operand, b, seq, row, h));
+      } else {
+        for (int64_t row = 0; row < seq.len_q; ++row) {
+          write(h, staged.sequence_start[b] + row,
+                b * operand.batch_stride + (seq.q_start + row) * operand.row_stride + h * operand.head_stride);
+        }
       }
     }
 }

@@ -376,6 +376,10 @@ class CudaBackend final : public Backend {
   std::string unsupported_reason(const AttentionProblem& problem) const override {
     if (problem.dtype == FAP_DTYPE_FLOAT32) return "float32 tensors: the CUDA kernels take float16 and bfloat16";
     if (problem.probs.data) return "attn_probs is not implemented on CUDA yet";
+    if (problem.block_table || problem.seqused_k) {
+      return "block_table and seqused_k (a paged KV cache, used key counts) are not implemented by the CUDA kernels "
+             "yet";
+    }
     return {};
   }
 

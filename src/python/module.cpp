@@ -133,21 +133,23 @@ void set_shared_args(Args& args, nb::handle q, nb::handle k, nb::handle v, nb::h
 }
 
 fap_fwd_args forward_args(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle softmax_lse,
-                          nb::handle attn_probs, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
+                          nb::handle attn_probs, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle seqused_k,
                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
   fap_fwd_args args{};
   set_shared_args(args, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   args.attn_probs = to_tensor(attn_probs, "attn_probs");
+  args.seqused_k = to_tensor(seqused_k, "seqused_k");
   return args;
 }
 
 int forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
             nb::handle out, nb::handle softmax_lse, nb::handle attn_probs,
-            nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
+            nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle seqused_k, int64_t max_seqlen_q,
             int64_t max_seqlen_k, nb::handle alibi_slopes, const OptionsSpec& options, uint64_t seed,
             uint64_t offset, uintptr_t stream, const Allocator& allocate) {
   const fap_fwd_args args =
-      forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+      forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                   max_seqlen_k);
   return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, q,
                       fap_plan_fwd);
 }
@@ -156,10 +158,11 @@ int forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
 // one validation of the library.
 int check_forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
                   nb::handle out, nb::handle softmax_lse, nb::handle cu_seqlens_q,
-                  nb::handle cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                  nb::handle cu_seqlens_k, nb::handle seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                   nb::handle alibi_slopes, const OptionsSpec& options) {
   const fap_fwd_args args =
-      forward_args(q, k, v, out, softmax_lse, nb::none(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+      forward_args(q, k, v, out, softmax_lse, nb::none(), cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                   max_seqlen_k);
   const fap_options opts = to_options(options, alibi_slopes, 0, 0);
   return fap_check_fwd(&args, &opts, varlen ? 1 : 0);
 }
@@ -216,10 +219,11 @@ NB_MODULE(_C, m) {
   const auto tensor = [](const char* name) { return nb::arg(name).none(); };
   m.def("forward", &forward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
         tensor("softmax_lse"), tensor("attn_probs"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"),
-        nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), tensor("alibi_slopes"), nb::arg("options"), nb::arg("seed"),
+        tensor("seqused_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), tensor("alibi_slopes"), nb::arg("options"), nb::arg("seed"),
         nb::arg("offset"), nb::arg("stream"), nb::arg("allocate"));
   m.def("check_forward", &check_forward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
-        tensor("softmax_lse"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"), nb::arg("max_seqlen_q"),
+        tensor("softmax_lse"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"), tensor("seqused_k"),
+        nb::arg("max_seqlen_q"),
         nb::arg("max_seqlen_k"), tensor("alibi_slopes"), nb::arg("options"));
   m.def("backward", &backward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
         tensor("dout"), tensor("softmax_lse"), tensor("dq"), tensor("dk"), tensor("dv"), tensor("cu_seqlens_q"),

@@ -100,3 +100,31 @@ def test_underscore_helpers_follow_fa2(device, varlen):
     grads = torch.autograd.grad(out2, leaves, dout)
     for mine, theirs in zip((dq, dk, dv), grads):
         assert torch.equal(mine, theirs)
+
+
+def test_varlen_forward_with_used_key_counts(device):
+    """FA2's internal varlen forward takes seqused_k: sequence b attends to its first seqused_k[b] keys only
+    (here against the same call over sequences cut to those keys); there is no backward through it."""
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
+    lengths_q, capacity, used = [3, 6], [7, 5], [4, 5]
+    q = torch.randn(sum(lengths_q), 4, 32, dtype=torch.float16, device=device)
+    k, v = (torch.randn(sum(capacity), 2, 32, dtype=torch.float16, device=device) for _ in range(2))
+    cu_q = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 7, 12], dtype=torch.int32, device=device)
+    seqused_k = torch.tensor(used, dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        with pytest.raises(fap.UnsupportedError, match="seqused_k"):
+            _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True, seqused_k=seqused_k)
+        return
+    out, lse, _, _ = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True, seqused_k=seqused_k)
+    keep = torch.cat([torch.arange(0, 4), torch.arange(7, 12)]).to(device)
+    cut_k = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    expected, expected_lse, _, _ = _flash_attn_varlen_forward(q, k[keep], v[keep], cu_q, cut_k, 6, 7, 0.0, 0.2, True)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    with pytest.raises(fap.InvalidArgumentError, match=r"seqused_k\[0\] = 8"):
+        _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True,
+                                   seqused_k=torch.tensor([8, 5], dtype=torch.int32))
+    leaf = q.clone().requires_grad_()
+    out, _, _, _ = _flash_attn_varlen_forward(leaf, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True, seqused_k=seqused_k)
+    with pytest.raises(fap.UnsupportedError, match="seqused_k: there is no backward"):
+        out.sum().backward()
