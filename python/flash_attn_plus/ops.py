@@ -74,12 +74,6 @@ def _c_options(options):
             float(options.softcap), float(options.dropout_p), bool(options.deterministic))
 
 
-def _check_for_python_backend(status):
-    """The core's verdict on a call a Python-served backend will run: argument errors are raised."""
-    if status != _C.SUCCESS:
-        _errors.check(status)
-
-
 def _forward_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, with_probs):
     """Shapes of (softmax_lse, S_dmask). Inputs of the wrong rank get empty shapes: the C library then
     rejects them with a message naming the argument."""
@@ -143,9 +137,9 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_
         reason = flaggems.fallback_reason(varlen, options.causal, options.window_left, options.window_right,
                                           options.softcap, alibi_slopes, options.dropout_p)
         if not reason:
-            _check_for_python_backend(_C.check_forward(varlen, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                       seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                                                       _c_options(options)))
+            # The library's checks (fap_check_fwd), so that errors read the same on every backend.
+            _errors.check(_C.check_forward(varlen, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                           max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options)))
             flaggems.check_tensors(q)
             with torch.cuda.device(q.device):
                 flaggems.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -51,6 +51,12 @@ AttentionProblem build_problem(const fap_bwd_args* args, const fap_options* opti
   return make_backward_problem(*args, *options, varlen);
 }
 
+// The C API's varlen flag: 0 (dense layout) or 1 (varlen).
+bool varlen_layout(int32_t varlen) {
+  require(varlen == 0 || varlen == 1, "varlen: expected 0 (dense) or 1 (varlen), got ", varlen);
+  return varlen != 0;
+}
+
 const Backend& backend_for(const AttentionProblem& problem) {
   const Backend& backend = resolve_backend(problem.device_type);
   const std::string reason = backend.unsupported_reason(problem);
@@ -99,8 +105,7 @@ fap_status create_plan(const Args* args, const fap_options* options, int32_t var
   return guarded([&] {
     require(plan != nullptr, "plan: expected a pointer to receive the plan, got NULL");
     *plan = nullptr;
-    require(varlen == 0 || varlen == 1, "varlen: expected 0 (dense) or 1 (varlen), got ", varlen);
-    *plan = new fap_plan(args, options, varlen != 0);
+    *plan = new fap_plan(args, options, varlen_layout(varlen));
   });
 }
 
@@ -244,10 +249,7 @@ fap_status fap_plan_run(const fap_plan* plan, void* stream, void* workspace, siz
 void fap_plan_destroy(fap_plan* plan) { delete plan; }
 
 fap_status fap_check_fwd(const fap_fwd_args* args, const fap_options* options, int32_t varlen) {
-  return guarded([&] {
-    fap::require(varlen == 0 || varlen == 1, "varlen: expected 0 (dense) or 1 (varlen), got ", varlen);
-    fap::build_problem(args, options, varlen != 0);
-  });
+  return guarded([&] { fap::build_problem(args, options, fap::varlen_layout(varlen)); });
 }
 
 fap_status fap_precompile(const fap_kernel_spec* specs, int32_t count, int32_t device_index) {

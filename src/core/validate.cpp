@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
@@ -104,6 +104,13 @@ struct OperandShape {
   int64_t batch, rows, heads, head_dim;
 };
 
+// A tensor's dtype (a known code, then the expected one) and device (q's).
+void check_dtype_and_device(const fap_tensor& t, const char* name, int32_t dtype, const fap_tensor& q) {
+  check_known_dtype(t, name);
+  check_dtype(t, name, dtype);
+  check_same_device(t, name, q);
+}
+
 void check_operand(const fap_tensor& t, const char* name, bool varlen, const OperandShape& shape,
                    const fap_tensor& q) {
   if (varlen) {
@@ -113,18 +120,14 @@ void check_operand(const fap_tensor& t, const char* name, bool varlen, const Ope
                                                                   shape.head_dim},
                  true);
   }
-  check_known_dtype(t, name);
-  check_dtype(t, name, q.dtype);
-  check_same_device(t, name, q);
+  check_dtype_and_device(t, name, q.dtype, q);
 }
 
 void check_cu_seqlens(const fap_tensor& cu, const char* name, int64_t batch, int64_t total, int64_t max_seqlen,
                       const char* max_name, const fap_tensor& q) {
   require(is_present(cu), name, ": required for varlen attention, got an absent tensor");
   check_layout(cu, name, 1, "(batch + 1)", {batch + 1}, true);
-  check_known_dtype(cu, name);
-  check_dtype(cu, name, FAP_DTYPE_INT32);
-  check_same_device(cu, name, q);
+  check_dtype_and_device(cu, name, FAP_DTYPE_INT32, q);
   // Device-resident offsets can't be read here without a synchronisation; device backends bound-check them.
   if (cu.device_type != FAP_DEVICE_CPU) return;
   const auto* values = static_cast<const int32_t*>(cu.data);
@@ -168,9 +171,7 @@ void check_options(const fap_options& options, const fap_tensor& q, int64_t batc
   } else {
     check_layout(alibi, name, 2, "(batch, heads)", {batch, heads_q}, true);
   }
-  check_known_dtype(alibi, name);
-  check_dtype(alibi, name, FAP_DTYPE_FLOAT32);
-  check_same_device(alibi, name, q);
+  check_dtype_and_device(alibi, name, FAP_DTYPE_FLOAT32, q);
   problem.alibi_slopes = static_cast<const float*>(alibi.data);
   problem.alibi_batch_stride = alibi.rank == 2 ? alibi.strides[0] : 0;
 }
@@ -184,9 +185,7 @@ void check_lse(const fap_tensor& lse, const char* name, AttentionProblem& proble
                  false);
     problem.lse = {static_cast<float*>(lse.data), lse.strides[0], lse.strides[1], lse.strides[2]};
   }
-  check_known_dtype(lse, name);
-  check_dtype(lse, name, FAP_DTYPE_FLOAT32);
-  check_same_device(lse, name, q);
+  check_dtype_and_device(lse, name, FAP_DTYPE_FLOAT32, q);
 }
 
 void check_probs(const fap_tensor& probs, AttentionProblem& problem, const fap_tensor& q) {
@@ -195,9 +194,7 @@ void check_probs(const fap_tensor& probs, AttentionProblem& problem, const fap_t
   require(probs.shape[2] >= problem.seqlen_q && probs.shape[3] >= problem.seqlen_k, name,
           ": expected at least ", problem.seqlen_q, " rows and ", problem.seqlen_k, " columns, got shape ",
           describe_shape(probs));
-  check_known_dtype(probs, name);
-  check_dtype(probs, name, q.dtype);
-  check_same_device(probs, name, q);
+  check_dtype_and_device(probs, name, q.dtype, q);
   problem.probs = {probs.data,       probs.shape[2],   probs.shape[3],   probs.strides[0],
                    probs.strides[1], probs.strides[2], probs.strides[3]};
 }
@@ -210,9 +207,7 @@ int64_t cu_length(const AttentionProblem& p, int64_t b) { return int64_t{p.cu_se
 void check_block_table(const fap_tensor& table, AttentionProblem& problem, int64_t num_blocks, const fap_tensor& q) {
   const char* name = "block_table";
   check_layout(table, name, 2, "(batch, max_blocks)", {problem.batch, -1}, true);
-  check_known_dtype(table, name);
-  check_dtype(table, name, FAP_DTYPE_INT32);
-  check_same_device(table, name, q);
+  check_dtype_and_device(table, name, FAP_DTYPE_INT32, q);
   const int64_t max_blocks = table.shape[1];
   problem.block_table = static_cast<const int32_t*>(table.data);
   problem.block_table_stride = table.strides[0];
@@ -234,9 +229,7 @@ void check_seqused_k(const fap_tensor& seqused, AttentionProblem& problem, int64
   const char* name = "seqused_k";
   require(problem.varlen, name, ": only varlen calls take it; this dense call got it");
   check_layout(seqused, name, 1, "(batch)", {problem.batch}, true);
-  check_known_dtype(seqused, name);
-  check_dtype(seqused, name, FAP_DTYPE_INT32);
-  check_same_device(seqused, name, q);
+  check_dtype_and_device(seqused, name, FAP_DTYPE_INT32, q);
   problem.seqused_k = static_cast<const int32_t*>(seqused.data);
   if (seqused.device_type != FAP_DEVICE_CPU) return;
   for (int64_t b = 0; b < problem.batch; ++b) {
@@ -309,18 +302,19 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
   }
   check_operand(q, "q", varlen, {problem.batch, problem.total_q, heads_q, head_dim}, q);
   if (paged) {
-    for (const auto& [cache, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    for (const auto& [cache, name, operand] : {std::tuple{&k, "k", &problem.k}, std::tuple{&v, "v", &problem.v}}) {
       check_layout(*cache, name, 4, "(num_blocks, page_size, heads_k, head_dim)", {k.shape[0], k.shape[1], heads_kv,
                                                                                     head_dim},
                    true);
-      check_known_dtype(*cache, name);
-      check_dtype(*cache, name, q.dtype);
-      check_same_device(*cache, name, q);
+      check_dtype_and_device(*cache, name, q.dtype, q);
+      *operand = Operand{cache->data, 0, cache->strides[1], cache->strides[2], cache->strides[0]};
     }
     require(k.shape[1] >= 1, "k: page_size (dimension 1 of a paged KV cache) must be >= 1, got ", k.shape[1]);
   } else {
     check_operand(k, "k", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
     check_operand(v, "v", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+    problem.k = make_operand(k, varlen);
+    problem.v = make_operand(v, varlen);
   }
   if (varlen) {
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", problem.batch, problem.total_q, max_seqlen_q, "max_seqlen_q", q);
@@ -331,12 +325,7 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     problem.cu_seqlens_k = static_cast<const int32_t*>(cu_seqlens_k.data);
   }
   problem.q = make_operand(q, varlen);
-  problem.k = make_operand(k, varlen);
-  problem.v = make_operand(v, varlen);
   if (paged) {
-    for (const auto& [cache, operand] : {std::pair{&k, &problem.k}, std::pair{&v, &problem.v}}) {
-      *operand = Operand{cache->data, 0, cache->strides[1], cache->strides[2], cache->strides[0]};
-    }
     problem.page_size = k.shape[1];
     check_block_table(block_table, problem, k.shape[0], q);
   }

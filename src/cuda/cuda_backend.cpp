@@ -271,21 +271,43 @@ void launch(const DriverApi& api, CUfunction function, unsigned int blocks_x, in
         "cuLaunchKernel");
 }
 
-// A planned forward: its kernel loaded, its argument block and grid computed; running launches once.
-class ForwardCall final : public PreparedCall {
+// What a planned CUDA call launches with: its device, the context it was planned in (current for its launches)
+// and its configuration's loaded kernels.
+class CudaCall : public PreparedCall {
  public:
-  ForwardCall(const DriverApi& api, const AttentionProblem& problem) : api_(api) {
-    const ScopedContext scope(api, problem.device_index);
-    context_ = scope.context();
-    const ForwardConfig config = choose_forward_config(problem.features(),
-                                                       dispatch_capability(supported_device(api, problem.device_index)));
-    kernels_ = &loaded_kernels(api, context_, device_info(api, problem.device_index), config);
+  const char* kernel() const override { return kernels_->name.c_str(); }
+
+ protected:
+  CudaCall(const DriverApi& api, int ordinal)
+      : api_(api), device_(supported_device(api, ordinal)), capability_(dispatch_capability(device_)) {
+    context_ = ScopedContext(api, ordinal).context();
+  }
+
+  // Loads (compiling on first use) the configuration's kernels in the plan's context.
+  template <typename Config>
+  void load(const Config& config) {
+    const ScopedContext scope(api_, context_);
+    kernels_ = &loaded_kernels(api_, context_, device_, config);
+  }
+
+  const DriverApi& api_;
+  const DeviceInfo& device_;
+  const int capability_;  // what the dispatch chooses for (FLASH_ATTENTION_PLUS_PORTABLE_KERNELS: 80)
+  CUcontext context_ = nullptr;
+  const LoadedKernels* kernels_ = nullptr;
+};
+
+// A planned forward: its kernel loaded, its argument block and grid computed; running launches once.
+class ForwardCall final : public CudaCall {
+ public:
+  ForwardCall(const DriverApi& api, const AttentionProblem& problem) : CudaCall(api, problem.device_index) {
+    const ForwardConfig config = choose_forward_config(problem.features(), capability_);
+    load(config);
     params_ = attention_params(problem, vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
     blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
     batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
   }
   size_t workspace_size() const override { return 0; }
-  const char* kernel() const override { return kernels_->name.c_str(); }
   void run(void* stream, void*) const override {
     const ScopedContext scope(api_, context_);
     launch(api_, kernels_->functions[0], blocks_, batch_, heads_, threads_, kernels_->shared_bytes,
@@ -293,9 +315,6 @@ class ForwardCall final : public PreparedCall {
   }
 
  private:
-  const DriverApi& api_;
-  CUcontext context_ = nullptr;
-  const LoadedKernels* kernels_ = nullptr;
   AttentionParams params_{};
   unsigned int blocks_ = 0;
   int64_t batch_ = 0, heads_ = 0;
@@ -304,16 +323,16 @@ class ForwardCall final : public PreparedCall {
 
 // A planned backward: the preprocess, main and conversion kernels of one configuration with the workspace
 // laid out for it (the workspace's address is bound when it runs).
-class BackwardCall final : public PreparedCall {
+class BackwardCall final : public CudaCall {
  public:
   BackwardCall(const DriverApi& api, const AttentionProblem& problem)
-      : api_(api), problem_(problem), config_(plan_config(api, problem)), layout_(problem, config_) {
-    const ScopedContext scope(api, problem.device_index);
-    context_ = scope.context();
-    kernels_ = &loaded_kernels(api, context_, device_info(api, problem.device_index), config_);
+      : CudaCall(api, problem.device_index),
+        problem_(problem),
+        config_(choose_backward_config(problem.features(), capability_)),
+        layout_(problem, config_) {
+    load(config_);
   }
   size_t workspace_size() const override { return layout_.bytes(); }
-  const char* kernel() const override { return kernels_->name.c_str(); }
 
   void run(void* stream_handle, void* workspace) const override {
     const ScopedContext scope(api_, context_);
@@ -338,16 +357,9 @@ class BackwardCall final : public PreparedCall {
   }
 
  private:
-  static BackwardConfig plan_config(const DriverApi& api, const AttentionProblem& problem) {
-    return choose_backward_config(problem.features(), dispatch_capability(supported_device(api, problem.device_index)));
-  }
-
-  const DriverApi& api_;
   const AttentionProblem& problem_;
   BackwardConfig config_;
   BackwardWorkspace layout_;
-  CUcontext context_ = nullptr;
-  const LoadedKernels* kernels_ = nullptr;
 };
 
 class CudaBackend final : public Backend {
