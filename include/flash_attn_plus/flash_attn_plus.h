@@ -36,7 +36,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct below changes layout. */
-#define FAP_API_VERSION 3
+#define FAP_API_VERSION 4
 
 typedef enum fap_status {
   FAP_SUCCESS = 0,
@@ -102,6 +102,32 @@ typedef struct fap_fwd_args {
    *   seqused_k int32 (batch): sequence b attends to its first seqused_k[b] keys only. */
   fap_tensor block_table;
   fap_tensor seqused_k;
+  /* Optional, dense forward only: FlashAttention-2's KV-cache call (flash_attn_with_kvcache). With cache_seqlens
+   * present, k and v are caches read and updated in place: (batch_cache, capacity, heads_k, head_dim), or
+   * paged through block_table as above (capacity max_blocks * page_size).
+   *   cache_seqlens int32 (batch): the keys in sequence b's cache before this call's append.
+   *   cache_batch_idx int32 (batch): sequence b's cache is entry cache_batch_idx[b] of k, v (default b; then
+   *     batch_cache must equal batch). Not with block_table.
+   *   leftpad_k int32 (batch): sequence b's keys start at cache position leftpad_k[b]. Not with block_table.
+   *   k_new, v_new (batch, seqlen_new, heads_k, head_dim): written into the caches at positions
+   *     cache_seqlens[b] .. + seqlen_new - 1 before attending. Sequence b attends to the cache positions
+   *     [leftpad_k[b], cache_seqlens[b] + seqlen_new), the causal mask aligned to their end.
+   *   rotary_cos, rotary_sin (seqlen_ro >= capacity, rotary_dim / 2), q's dtype: rotary embedding (rotary_dim
+   *     <= head_dim, even) of k_new at its positions and of q at cache_seqlens[b] + row (with causal or a
+   *     window; else cache_seqlens[b] for every row); rotary_interleaved: 1 rotates dims (2i, 2i + 1), 0 dims
+   *     (i, i + rotary_dim / 2).
+   *   num_splits: how many parts the keys are split into (FlashAttention-2's flash-decoding): 0 chosen from the
+   *     shapes, 1 none, n at most n. The result does not depend on it beyond rounding.
+   * Values in device memory (cache_seqlens, cache_batch_idx, leftpad_k, block_table) are not read on the host:
+   * out-of-range ones are clamped on the device (never a read or write out of bounds), so a call needs no
+   * synchronisation and can be captured in a CUDA graph. Values in host memory are checked. */
+  fap_tensor cache_seqlens;
+  fap_tensor cache_batch_idx;
+  fap_tensor leftpad_k;
+  fap_tensor k_new, v_new;
+  fap_tensor rotary_cos, rotary_sin;
+  int32_t rotary_interleaved;
+  int32_t num_splits;
 } fap_fwd_args;
 
 /* Backward: gradients of out with respect to q, k, v, given the forward's out and softmax_lse. */

@@ -36,6 +36,24 @@ struct SequenceExtent {
   int64_t len_q, len_k;
 };
 
+// A rotary embedding table (cos and sin, (rows, half_dim) in q's dtype): pairs of dims turn by angles
+// that depend on the position.
+struct RotaryTable {
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  int64_t rows = 0, half_dim = 0;  // half_dim = rotary_dim / 2 (0: no rotary)
+  int64_t cos_row_stride = 0, sin_row_stride = 0;
+  bool interleaved = true;  // pairs (2i, 2i + 1); else (i, i + half_dim)
+};
+
+// The KV-cache call's append: new keys and values written into the caches at each sequence's cache_seqlens,
+// rotated with q first when rotary.half_dim > 0.
+struct CacheAppend {
+  Operand k, v;       // (batch, rows, heads_k, head_dim)
+  int64_t rows = 0;   // seqlen_new (0: nothing appended)
+  RotaryTable rotary;
+};
+
 enum class Direction { kForward, kBackward };
 
 // What a kernel configuration depends on: never batch size or sequence lengths.
@@ -59,8 +77,16 @@ struct AttentionProblem {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   const int32_t* seqused_k = nullptr;    // varlen forward: keys each sequence uses (else its cu_seqlens_k count)
-  const int32_t* block_table = nullptr;  // varlen forward with a paged KV cache: (batch, max_blocks)
-  int64_t block_table_stride = 0, page_size = 0;
+  const int32_t* block_table = nullptr;  // a paged KV cache: (batch, max_blocks)
+  int64_t block_table_stride = 0, page_size = 0, num_blocks = 0, max_blocks = 0;
+  // The KV-cache call (dense): seqused_k holds cache_seqlens, and sequence b uses the cache positions
+  // [leftpad_k[b], seqused_k[b] + cache.rows) of cache entry cache_batch_idx[b].
+  bool kv_cache = false;
+  const int32_t* cache_batch_idx = nullptr;
+  const int32_t* leftpad_k = nullptr;
+  int64_t cache_batch = 0;  // entries of a dense cache
+  CacheAppend cache;
+  int32_t num_splits = 0;
 
   Operand q, k, v, out;
   Operand dout, dq, dk, dv;  // backward only
@@ -91,19 +117,38 @@ struct AttentionProblem {
   int64_t group_size() const { return heads_q / heads_kv; }
   int64_t kv_head(int64_t head) const { return head / group_size(); }
 
+  // Read on the host: for problems whose index tensors are in host memory (the CPU backend's).
   SequenceExtent sequence(int64_t b) const {
-    if (!varlen) return {0, 0, seqlen_q, seqlen_k};
-    const int64_t q_start = cu_seqlens_q[b], k_start = cu_seqlens_k[b];
-    return {q_start, k_start, cu_seqlens_q[b + 1] - q_start, seqused_k ? seqused_k[b] : cu_seqlens_k[b + 1] - k_start};
+    SequenceExtent seq{0, 0, seqlen_q, seqlen_k};
+    if (varlen) {
+      seq = {cu_seqlens_q[b], cu_seqlens_k[b], cu_seqlens_q[b + 1] - cu_seqlens_q[b],
+             cu_seqlens_k[b + 1] - cu_seqlens_k[b]};
+    }
+    if (seqused_k) seq.len_k = seqused_k[b] + cache.rows;
+    if (leftpad_k) {
+      seq.k_start += leftpad_k[b];
+      seq.len_k -= leftpad_k[b];
+    }
+    return seq;
   }
 
-  // The element offset of key t of sequence b, head h, in k or v (a paged cache: through the block table).
-  int64_t key_offset(const Operand& o, int64_t b, const SequenceExtent& seq, int64_t t, int64_t h) const {
+  // The cache position of key t of sequence b (a paged cache: counted from the sequence's first block).
+  int64_t cache_position(const SequenceExtent& seq, int64_t t) const { return block_table ? t : seq.k_start + t; }
+
+  // The element offset of cache position `position` of sequence b, head h, in k or v (a paged cache: through the
+  // block table; a dense KV cache: in entry cache_batch_idx[b]).
+  int64_t position_offset(const Operand& o, int64_t b, int64_t position, int64_t h) const {
     if (block_table) {
-      const int64_t block = block_table[b * block_table_stride + t / page_size];
-      return block * o.block_stride + (t % page_size) * o.row_stride + h * o.head_stride;
+      const int64_t block = block_table[b * block_table_stride + position / page_size];
+      return block * o.block_stride + (position % page_size) * o.row_stride + h * o.head_stride;
     }
-    return b * o.batch_stride + (seq.k_start + t) * o.row_stride + h * o.head_stride;
+    const int64_t entry = cache_batch_idx ? cache_batch_idx[b] : b;
+    return entry * o.batch_stride + position * o.row_stride + h * o.head_stride;
+  }
+
+  // The element offset of key t of sequence b, head h, in k or v.
+  int64_t key_offset(const Operand& o, int64_t b, const SequenceExtent& seq, int64_t t, int64_t h) const {
+    return position_offset(o, b, cache_position(seq, t), h);
   }
 
   float alibi_slope(int64_t b, int64_t head) const {

@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -202,27 +203,16 @@ void check_probs(const fap_tensor& probs, AttentionProblem& problem, const fap_t
 // Sequence b's keys in cu_seqlens_k (before seqused_k), read on the host.
 int64_t cu_length(const AttentionProblem& p, int64_t b) { return int64_t{p.cu_seqlens_k[b + 1]} - p.cu_seqlens_k[b]; }
 
-// The paged cache's table; problem.page_size is set. Keys past a sequence's count are never read, so only the
-// blocks that hold its keys must be valid.
+// The paged cache's table (its layout; the indices are checked with the sequences' key counts, in
+// check_host_indices).
 void check_block_table(const fap_tensor& table, AttentionProblem& problem, int64_t num_blocks, const fap_tensor& q) {
   const char* name = "block_table";
   check_layout(table, name, 2, "(batch, max_blocks)", {problem.batch, -1}, true);
   check_dtype_and_device(table, name, FAP_DTYPE_INT32, q);
-  const int64_t max_blocks = table.shape[1];
   problem.block_table = static_cast<const int32_t*>(table.data);
   problem.block_table_stride = table.strides[0];
-  // Device-resident tables can't be read here without a synchronisation.
-  if (table.device_type != FAP_DEVICE_CPU) return;
-  for (int64_t b = 0; b < problem.batch; ++b) {
-    const int64_t keys = cu_length(problem, b);
-    require(keys <= max_blocks * problem.page_size, name, ": sequence ", b, " has ", keys, " keys, more than its ",
-            max_blocks, " blocks of ", problem.page_size, " hold");
-    for (int64_t j = 0; j * problem.page_size < keys; ++j) {
-      const int64_t block = problem.block_table[b * problem.block_table_stride + j];
-      require(block >= 0 && block < num_blocks, name, "[", b, "][", j, "] = ", block, ": expected a block index in [0, ",
-              num_blocks, ")");
-    }
-  }
+  problem.num_blocks = num_blocks;
+  problem.max_blocks = table.shape[1];
 }
 
 void check_seqused_k(const fap_tensor& seqused, AttentionProblem& problem, int64_t max_seqlen_k, const fap_tensor& q) {
@@ -240,14 +230,126 @@ void check_seqused_k(const fap_tensor& seqused, AttentionProblem& problem, int64
   }
 }
 
+// An optional int32 (batch) index tensor of the KV-cache call.
+const int32_t* check_batch_indices(const fap_tensor& t, const char* name, const AttentionProblem& problem,
+                                   const fap_tensor& q) {
+  if (!is_present(t)) return nullptr;
+  check_layout(t, name, 1, "(batch)", {problem.batch}, true);
+  check_dtype_and_device(t, name, FAP_DTYPE_INT32, q);
+  return static_cast<const int32_t*>(t.data);
+}
+
+void check_rotary(const fap_fwd_args& args, AttentionProblem& problem) {
+  const bool has_cos = is_present(args.rotary_cos), has_sin = is_present(args.rotary_sin);
+  require(args.rotary_interleaved == 0 || args.rotary_interleaved == 1,
+          "rotary_interleaved: expected 0 or 1, got ", args.rotary_interleaved);
+  if (!has_cos && !has_sin) return;
+  require(has_cos && has_sin, has_cos ? "rotary_sin" : "rotary_cos",
+          ": rotary_cos and rotary_sin come together, got only one");
+  require(problem.cache.rows > 0 || is_present(args.k_new), "rotary_cos: a rotary embedding needs k_new and v_new "
+                                                            "to append (as FlashAttention-2)");
+  check_layout(args.rotary_cos, "rotary_cos", 2, "(seqlen_ro, rotary_dim / 2)", {}, true);
+  const int64_t rows = args.rotary_cos.shape[0], half_dim = args.rotary_cos.shape[1];
+  check_layout(args.rotary_sin, "rotary_sin", 2, "(seqlen_ro, rotary_dim / 2)", {rows, half_dim}, true);
+  require(half_dim >= 1 && 2 * half_dim <= problem.head_dim, "rotary_cos: rotary_dim = 2 * ", half_dim,
+          " must be in [2, head_dim = ", problem.head_dim, "]");
+  require(rows >= problem.seqlen_k, "rotary_cos: expected at least as many rows as the cache's ", problem.seqlen_k,
+          " positions, got ", rows);
+  check_dtype_and_device(args.rotary_cos, "rotary_cos", args.q.dtype, args.q);
+  check_dtype_and_device(args.rotary_sin, "rotary_sin", args.q.dtype, args.q);
+  problem.cache.rotary = {args.rotary_cos.data, args.rotary_sin.data, rows, half_dim, args.rotary_cos.strides[0],
+                          args.rotary_sin.strides[0], args.rotary_interleaved != 0};
+}
+
+// The KV-cache call's own arguments (cache_seqlens present): index tensors, the append and the rotary table.
+void check_kv_cache(const fap_fwd_args& args, const fap_options& options, AttentionProblem& problem) {
+  const fap_tensor& q = args.q;
+  require(!problem.varlen, "cache_seqlens: only dense calls are KV-cache calls; this varlen call got it");
+  require(!is_present(args.seqused_k), "seqused_k: a KV-cache call counts its keys in cache_seqlens");
+  require(!is_present(args.attn_probs), "attn_probs: not returned by a KV-cache call (as FlashAttention-2)");
+  require(options.dropout_p == 0.0f, "dropout_p: a KV-cache call has no dropout, got ", options.dropout_p);
+  require(args.num_splits >= 0, "num_splits: expected >= 0 (0: chosen from the shapes), got ", args.num_splits);
+  problem.num_splits = args.num_splits;
+  problem.seqused_k = check_batch_indices(args.cache_seqlens, "cache_seqlens", problem, q);
+  problem.cache_batch_idx = check_batch_indices(args.cache_batch_idx, "cache_batch_idx", problem, q);
+  problem.leftpad_k = check_batch_indices(args.leftpad_k, "leftpad_k", problem, q);
+  require(!problem.block_table || (!problem.cache_batch_idx && !problem.leftpad_k),
+          problem.cache_batch_idx ? "cache_batch_idx" : "leftpad_k",
+          ": not with a paged KV cache (block_table), as FlashAttention-2");
+  const bool has_k = is_present(args.k_new), has_v = is_present(args.v_new);
+  require(has_k == has_v, has_k ? "v_new" : "k_new", ": k_new and v_new come together, got only one");
+  if (has_k) {
+    require(args.k_new.rank == 4, "k_new: expected a rank-4 tensor (batch, seqlen_new, heads_k, head_dim), got rank ",
+            args.k_new.rank);
+    const OperandShape shape{problem.batch, args.k_new.shape[1], problem.heads_kv, problem.head_dim};
+    check_operand(args.k_new, "k_new", false, shape, q);
+    check_operand(args.v_new, "v_new", false, shape, q);
+    require(shape.rows <= problem.seqlen_k, "k_new: seqlen_new = ", shape.rows, " exceeds the cache's ",
+            problem.seqlen_k, " positions");
+    problem.cache.k = make_operand(args.k_new, false);
+    problem.cache.v = make_operand(args.v_new, false);
+    problem.cache.rows = shape.rows;
+  }
+  check_rotary(args, problem);
+}
+
+// The index values of a call whose tensors are in host memory (device-resident ones are clamped by the kernels):
+// key counts, cache entries and left padding within the cache, and block indices for every key used.
+void check_host_indices(const AttentionProblem& p) {
+  if (p.device_type != FAP_DEVICE_CPU || !(p.kv_cache || p.block_table)) return;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (p.kv_cache) {
+      const int64_t cached = p.seqused_k[b], used = cached + p.cache.rows;
+      require(cached >= 0 && used <= p.seqlen_k, "cache_seqlens[", b, "] = ", cached,
+              ": expected a key count in [0, ", p.seqlen_k - p.cache.rows, "] (the cache's ", p.seqlen_k,
+              " positions less seqlen_new = ", p.cache.rows, ")");
+      if (p.cache_batch_idx) {
+        const int64_t entry = p.cache_batch_idx[b];
+        require(entry >= 0 && entry < p.cache_batch, "cache_batch_idx[", b, "] = ", entry,
+                ": expected an entry of the cache in [0, ", p.cache_batch, ")");
+      }
+      if (p.leftpad_k) {
+        const int64_t pad = p.leftpad_k[b];
+        require(pad >= 0 && pad <= used, "leftpad_k[", b, "] = ", pad, ": expected a value in [0, ", used,
+                "] (cache_seqlens[", b, "] + seqlen_new)");
+      }
+    }
+    if (!p.block_table) continue;
+    // Keys past a sequence's count are never read, so only the blocks that hold its keys must be valid.
+    const int64_t keys = p.varlen ? cu_length(p, b) : int64_t{p.seqused_k[b]} + p.cache.rows;
+    require(keys <= p.max_blocks * p.page_size, "block_table: sequence ", b, " has ", keys, " keys, more than its ",
+            p.max_blocks, " blocks of ", p.page_size, " hold");
+    for (int64_t j = 0; j * p.page_size < keys; ++j) {
+      const int64_t block = p.block_table[b * p.block_table_stride + j];
+      require(block >= 0 && block < p.num_blocks, "block_table[", b, "][", j, "] = ", block,
+              ": expected a block index in [0, ", p.num_blocks, ")");
+    }
+  }
+}
+
 // Reads the sizes from q and k and checks the shared inputs q, k, v and the varlen offsets.
+// Where the keys come from: block_table (a paged cache), and for the dense KV-cache call (kv_cache) whether
+// cache_batch_idx picks the cache entries (then their count is free).
+struct KeySource {
+  const fap_tensor& block_table;
+  bool kv_cache = false, indexed_entries = false;
+};
+
 AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fap_tensor& v,
                               const fap_tensor& cu_seqlens_q, const fap_tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                              int64_t max_seqlen_k, bool varlen, const fap_tensor& block_table) {
+                              int64_t max_seqlen_k, bool varlen, const KeySource& keys) {
   AttentionProblem problem;
   problem.varlen = varlen;
+  problem.kv_cache = keys.kv_cache;
+  const fap_tensor& block_table = keys.block_table;
   const bool paged = is_present(block_table);
-  require(!paged || varlen, "block_table: only varlen calls take a paged KV cache; this dense call got one");
+  require(!paged || varlen || keys.kv_cache,
+          "block_table: only varlen calls and KV-cache calls (cache_seqlens) take a paged KV cache; this dense call "
+          "got one");
+  if (paged) {  // its dtype first: a table of the wrong type is more likely the mistake than k's layout
+    check_known_dtype(block_table, "block_table");
+    check_dtype(block_table, "block_table", FAP_DTYPE_INT32);
+  }
   require(is_present(q), "q: required, got an absent tensor");
   require(is_present(k), "k: required, got an absent tensor");
   require(is_present(v), "v: required, got an absent tensor");
@@ -298,7 +400,10 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     problem.batch = q.shape[0];
     require(problem.batch >= 1, "q: batch size must be positive, got ", problem.batch);
     problem.seqlen_q = problem.total_q = q.shape[1];
-    problem.seqlen_k = problem.total_k = k.shape[1];
+    // A paged KV cache holds up to max_blocks pages per sequence.
+    problem.seqlen_k = problem.total_k =
+        paged && block_table.rank == 2 ? block_table.shape[1] * k.shape[1] : k.shape[1];
+    problem.cache_batch = keys.indexed_entries ? k.shape[0] : problem.batch;
   }
   check_operand(q, "q", varlen, {problem.batch, problem.total_q, heads_q, head_dim}, q);
   if (paged) {
@@ -311,8 +416,8 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     }
     require(k.shape[1] >= 1, "k: page_size (dimension 1 of a paged KV cache) must be >= 1, got ", k.shape[1]);
   } else {
-    check_operand(k, "k", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
-    check_operand(v, "v", varlen, {problem.batch, problem.total_k, heads_kv, head_dim}, q);
+    check_operand(k, "k", varlen, {problem.cache_batch, problem.total_k, heads_kv, head_dim}, q);
+    check_operand(v, "v", varlen, {problem.cache_batch, problem.total_k, heads_kv, head_dim}, q);
     problem.k = make_operand(k, varlen);
     problem.v = make_operand(v, varlen);
   }
@@ -345,9 +450,18 @@ const char* dtype_name(int32_t dtype) {
 }
 
 AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_options& options, bool varlen) {
-  AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                          args.max_seqlen_q, args.max_seqlen_k, varlen, args.block_table);
+  const bool kv_cache = is_present(args.cache_seqlens);
+  for (const auto& [tensor, name] : {std::pair{&args.cache_batch_idx, "cache_batch_idx"}, std::pair{&args.leftpad_k, "leftpad_k"},
+                                     std::pair{&args.k_new, "k_new"}, std::pair{&args.v_new, "v_new"},
+                                     std::pair{&args.rotary_cos, "rotary_cos"},
+                                     std::pair{&args.rotary_sin, "rotary_sin"}}) {
+    require(kv_cache || !is_present(*tensor), name, ": only KV-cache calls (with cache_seqlens) take it");
+  }
+  AttentionProblem problem =
+      check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k,
+                   varlen, {args.block_table, kv_cache, is_present(args.cache_batch_idx)});
   problem.direction = Direction::kForward;
+  if (kv_cache) check_kv_cache(args, options, problem);
   if (is_present(args.seqused_k)) check_seqused_k(args.seqused_k, problem, args.max_seqlen_k, args.q);
   require(is_present(args.out), "out: required, got an absent tensor");
   check_operand(args.out, "out", varlen, {problem.batch, problem.total_q, problem.heads_q, problem.head_dim}, args.q);
@@ -355,6 +469,7 @@ AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_option
   if (is_present(args.softmax_lse)) check_lse(args.softmax_lse, "softmax_lse", problem, args.q);
   if (is_present(args.attn_probs)) check_probs(args.attn_probs, problem, args.q);
   check_options(options, args.q, problem.batch, problem.heads_q, problem);
+  check_host_indices(problem);
   return problem;
 }
 
@@ -384,7 +499,7 @@ KernelFeatures make_kernel_features(const fap_kernel_spec& spec, int32_t index) 
 
 AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_options& options, bool varlen) {
   AttentionProblem problem = check_inputs(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                          args.max_seqlen_q, args.max_seqlen_k, varlen, fap_tensor{});
+                                          args.max_seqlen_q, args.max_seqlen_k, varlen, {fap_tensor{}});
   problem.direction = Direction::kBackward;
   const OperandShape q_shape{problem.batch, problem.total_q, problem.heads_q, problem.head_dim};
   const OperandShape k_shape{problem.batch, problem.total_k, problem.heads_kv, problem.head_dim};

@@ -88,6 +88,9 @@ HeadDimPanels stage_head_dim_panels(const AttentionProblem& problem, const Opera
 KeyPanels stage_key_panels(const AttentionProblem& problem, const Operand& operand, int64_t heads, Side side,
                            WorkspaceCarver& carver);
 
+// The KV-cache call's append (k rotated) and q's rotation into the workspace; *attention gets the problem the
+// attention then runs (q: the rotated copy). workspace == nullptr: size only.
+size_t prepare_kv_cache(const AttentionProblem& problem, void* workspace, AttentionProblem* attention);
 size_t forward(const AttentionProblem& problem, void* workspace);   // workspace == nullptr: size only
 size_t backward(const AttentionProblem& problem, void* workspace);  // workspace == nullptr: size only
 

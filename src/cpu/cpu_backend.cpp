@@ -136,21 +136,27 @@ class CpuCall final : public PreparedCall {
  public:
   explicit CpuCall(const AttentionProblem& problem)
       : problem_(problem),
-        workspace_bytes_(problem.direction == Direction::kForward ? forward(problem, nullptr)
-                                                                  : backward(problem, nullptr)) {}
+        cache_bytes_(problem.kv_cache ? prepare_kv_cache(problem, nullptr, nullptr) : 0),
+        workspace_bytes_(cache_bytes_ + (problem.direction == Direction::kForward ? forward(problem, nullptr)
+                                                                                  : backward(problem, nullptr))) {}
   size_t workspace_size() const override { return workspace_bytes_; }
   const char* kernel() const override { return ""; }
   void run(void*, void* workspace) const override {
     clear_rows_after_sequences(problem_);
-    if (problem_.direction == Direction::kForward) {
-      forward(problem_, workspace);
-    } else {
+    if (problem_.direction == Direction::kBackward) {
       backward(problem_, workspace);
+    } else if (problem_.kv_cache) {
+      AttentionProblem attention;
+      prepare_kv_cache(problem_, workspace, &attention);
+      forward(attention, static_cast<char*>(workspace) + cache_bytes_);
+    } else {
+      forward(problem_, workspace);
     }
   }
 
  private:
   const AttentionProblem& problem_;
+  size_t cache_bytes_;  // the KV-cache call's part of the workspace, before the forward's
   size_t workspace_bytes_;
 };
 

@@ -68,6 +68,64 @@ int BackwardConfig::shared_bytes() const {
          2 * q_stages * block_m * 4;
 }
 
+std::string DecodeConfig::name() const {
+  std::string text = concat("attention_decode_", bf16 ? "bf16" : "fp16", "_d", head_dim, "_n", block_n, "_s", stages,
+                            "_w", warps);
+  if (window) text += "_window";
+  if (softcap) text += "_softcap";
+  if (alibi) text += "_alibi";
+  return text;
+}
+
+std::vector<std::string> DecodeConfig::defines() const {
+  return {concat("-DFAP_HEAD_DIM=", head_dim),  concat("-DFAP_BLOCK_N=", block_n),  concat("-DFAP_STAGES=", stages),
+          concat("-DFAP_WARPS=", warps),        concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
+          concat("-DFAP_ALIBI=", int{alibi}),   concat("-DFAP_DROPOUT=0"),          concat("-DFAP_WINDOW=", int{window})};
+}
+
+int DecodeConfig::shared_bytes() const {
+  // The 16-row query tile and each warp's stages of K and V tiles (rows padded by 8 elements of 2 bytes); after
+  // the keys the stages hold the warps' fp32 outputs and row statistics for the merge, which is smaller.
+  return 16 * (head_dim + 8) * 2 + warps * stages * 2 * block_n * (head_dim + 8) * 2;
+}
+
+DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability) {
+  if (compute_capability < 80) {
+    fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
+         compute_capability % 10);
+  }
+  DecodeConfig config;
+  config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
+  config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
+  config.softcap = features.softcap, config.alibi = features.alibi, config.window = features.window;
+  // Decoding is bound by the bandwidth of reading K and V: the more bytes in flight per SM the better. 16-key
+  // tiles in as many stages (up to 4) as keep two CTAs on an SM; else two stages, and where the device's
+  // shared memory per block (sm_90: 227 KB, sm_80: 163 KB, others 99 KB) cannot hold them, two warps.
+  const int budget = (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : 99) * 1024;
+  config.stages = 2;
+  for (int stages = 4; stages >= 3; --stages) {
+    config.stages = stages;
+    if (config.shared_bytes() <= 113 * 1024) break;
+    config.stages = 2;
+  }
+  if (config.shared_bytes() > budget) config.warps = 2;
+  return config;
+}
+
+std::vector<DecodeConfig> all_decode_configs(int compute_capability) {
+  std::vector<DecodeConfig> configs;
+  for (int bf16 = 0; bf16 < 2; ++bf16)
+    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
+      for (int bits = 0; bits < 8; ++bits) {
+        KernelFeatures features;
+        features.dtype = bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
+        features.head_dim = head_dim;
+        features.window = bits & 1, features.softcap = bits & 2, features.alibi = bits & 4;
+        configs.push_back(choose_decode_config(features, compute_capability));
+      }
+  return configs;
+}
+
 namespace {
 
 // Backward tiles per head dim: 8 warps; dkv_split warps share 16 keys (each computes S^T and dP^T for
@@ -243,5 +301,6 @@ CompileRequest compile_request(const Config& config, const std::string& arch) {
 
 template CompileRequest compile_request(const ForwardConfig&, const std::string&);
 template CompileRequest compile_request(const BackwardConfig&, const std::string&);
+template CompileRequest compile_request(const DecodeConfig&, const std::string&);
 
 }  // namespace fap::cuda

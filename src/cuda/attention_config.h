@@ -64,14 +64,37 @@ struct BackwardConfig {
   bool operator<(const BackwardConfig& other) const { return fields() < other.fields(); }
 };
 
+// The decode / KV-cache kernels (attention_decode.cuh, which includes kv_cache_append.cuh), sm_80+: every forward
+// whose keys are found through device-resident indices (a paged cache, used key counts, the KV-cache call).
+// Each of `warps` warps streams its own key tiles of block_n keys through `stages` shared-memory stages.
+struct DecodeConfig {
+  bool bf16 = false;
+  int head_dim = 64;  // the problem's rounded up to a multiple of 16
+  int block_n = 16, stages = 3, warps = 4;
+  bool softcap = false, alibi = false, window = false;
+
+  std::string name() const;  // e.g. attention_decode_bf16_d128_n16_s3_w4_window
+  std::vector<std::string> defines() const;
+  std::string source_file() const { return "attention_decode.cuh"; }
+  std::vector<std::string> kernels() const {  // the module's kernels, main one first
+    return {"attention_decode", "attention_decode_combine", "kv_cache_append"};
+  }
+  int shared_bytes() const;
+
+  auto fields() const { return std::tie(bf16, head_dim, block_n, stages, warps, softcap, alibi, window); }
+  bool operator<(const DecodeConfig& other) const { return fields() < other.fields(); }
+};
+
 // compute_capability: e.g. 90 for sm_90.
 ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability);
 BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability);
+DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability);
 
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
 // precompilation).
 std::vector<ForwardConfig> all_forward_configs(int compute_capability);
 std::vector<BackwardConfig> all_backward_configs(int compute_capability);
+std::vector<DecodeConfig> all_decode_configs(int compute_capability);
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);

@@ -26,7 +26,7 @@ namespace {
 
 // What the dispatch needs of a device, read once per ordinal.
 struct DeviceInfo {
-  int compute_capability = 0, max_shared = 0;
+  int compute_capability = 0, max_shared = 0, multiprocessors = 0, shared_per_multiprocessor = 0;
 };
 
 const DeviceInfo& device_info(const DriverApi& api, int ordinal) {
@@ -41,6 +41,12 @@ const DeviceInfo& device_info(const DriverApi& api, int ordinal) {
   check(api, api.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "cuDeviceGetAttribute");
   check(api, api.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "cuDeviceGetAttribute");
   check(api, api.cuDeviceGetAttribute(&info.max_shared, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device),
+        "cuDeviceGetAttribute");
+  check(api, api.cuDeviceGetAttribute(&info.multiprocessors, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device),
+        "cuDeviceGetAttribute");
+  check(api,
+        api.cuDeviceGetAttribute(&info.shared_per_multiprocessor,
+                                 CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, device),
         "cuDeviceGetAttribute");
   info.compute_capability = major * 10 + minor;
   return known[ordinal] = info;
@@ -362,6 +368,134 @@ class BackwardCall final : public CudaCall {
   BackwardWorkspace layout_;
 };
 
+// The decode / KV-cache call's launch plan: the key splits (from shapes only: batch, heads, rows, the cache's
+// capacity and the device, never from device-resident lengths, so that a call is capturable in a CUDA graph) and
+// the workspace: q's rotated copy, then the splits' partial outputs and LSEs.
+struct DecodeLayout {
+  int64_t row_blocks = 0, ctas = 0, splits = 1, split_rows = 0;
+  size_t q_bytes = 0, lse_offset = 0, out_offset = 0, bytes = 0;
+
+  DecodeLayout(const AttentionProblem& p, const DecodeConfig& config, const DeviceInfo& device) {
+    row_blocks = (p.seqlen_q * p.group_size() + 15) / 16;
+    ctas = p.batch * p.heads_kv * row_blocks;
+    split_rows = p.varlen ? p.total_q : p.batch * p.seqlen_q;
+    const int64_t key_tiles = (p.seqlen_k + config.block_n - 1) / config.block_n;
+    // At least one tile per warp in each split, and the combine kernel's bound.
+    const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(128, key_tiles / config.warps));
+    if (p.num_splits > 0) {
+      splits = std::min<int64_t>(p.num_splits, max_splits);
+    } else {
+      splits = choose_splits(device, config, max_splits);
+    }
+    const auto align = [](size_t size) { return (size + 255) / 256 * 256; };
+    if (p.cache.rotary.half_dim > 0) q_bytes = align(static_cast<size_t>(p.batch * p.seqlen_q * p.heads_q * p.head_dim * 2));
+    lse_offset = q_bytes;
+    const size_t partials = splits > 1 ? static_cast<size_t>(splits * p.heads_q * split_rows) : 0;
+    out_offset = lse_offset + align(partials * 4);
+    bytes = out_offset + partials * static_cast<size_t>(p.head_dim) * 4;
+  }
+
+  // FlashAttention-2's rule: no split when the CTAs nearly fill the GPU (the CTAs an SM holds at once, times the
+  // SMs); else the fewest splits whose last wave is at least 85 % as full as the best count's.
+  int64_t choose_splits(const DeviceInfo& device, const DecodeConfig& config, int64_t max_splits) const {
+    const int64_t per_sm = std::max(1, std::min(device.shared_per_multiprocessor / (config.shared_bytes() + 1024),
+                                                 2048 / (config.warps * 32)));
+    const double slots = static_cast<double>(per_sm * device.multiprocessors);
+    if (static_cast<double>(ctas) >= 0.8 * slots) return 1;
+    std::vector<double> efficiency(static_cast<size_t>(max_splits) + 1, 0.0);
+    double best = 0.0;
+    for (int64_t s = 1; s <= max_splits; ++s) {
+      const double waves = static_cast<double>(ctas * s) / slots;
+      efficiency[s] = waves / std::ceil(waves);
+      best = std::max(best, efficiency[s]);
+    }
+    for (int64_t s = 1; s <= max_splits; ++s)
+      if (efficiency[s] >= 0.85 * best) return s;
+    return 1;
+  }
+};
+
+DecodeParams decode_params(const AttentionProblem& p, bool vector) {
+  DecodeParams params{};
+  static_cast<AttentionParams&>(params) = attention_params(p, vector);
+  params.seqused_k = p.seqused_k, params.leftpad_k = p.leftpad_k, params.cache_batch_idx = p.cache_batch_idx;
+  params.block_table = p.block_table, params.block_table_stride = p.block_table_stride;
+  params.k_block_stride = p.k.block_stride, params.v_block_stride = p.v.block_stride;
+  params.page_size = static_cast<int>(p.page_size), params.num_blocks = static_cast<int>(p.num_blocks);
+  params.max_blocks = static_cast<int>(p.max_blocks);
+  params.batch = static_cast<int>(p.batch), params.cache_batch = static_cast<int>(p.cache_batch);
+  params.capacity = static_cast<int>(p.seqlen_k);
+  params.appended_keys = static_cast<int>(p.cache.rows);
+  params.k_new = p.cache.k.data, params.v_new = p.cache.v.data;
+  strides(p.cache.k, params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride);
+  strides(p.cache.v, params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride);
+  const RotaryTable& rotary = p.cache.rotary;
+  params.rotary_cos = rotary.cos, params.rotary_sin = rotary.sin;
+  params.cos_row_stride = rotary.cos_row_stride, params.sin_row_stride = rotary.sin_row_stride;
+  params.rotary_half_dim = static_cast<int>(rotary.half_dim), params.rotary_rows = static_cast<int>(rotary.rows);
+  params.rotary_interleaved = rotary.interleaved ? 1 : 0;
+  params.query_positions_by_row = p.window.active() ? 1 : 0;
+  return params;
+}
+
+// Whether a forward runs on the decode / KV-cache kernels: its keys are found through device-resident indices.
+bool uses_decode_kernels(const AttentionProblem& p) { return p.kv_cache || p.block_table || p.seqused_k; }
+
+// A planned decode / KV-cache call: the append (KV-cache calls with new keys), the attention over the key
+// splits, and their combine when there is more than one.
+class DecodeCall final : public CudaCall {
+ public:
+  DecodeCall(const DriverApi& api, const AttentionProblem& problem)
+      : CudaCall(api, problem.device_index),
+        problem_(problem),
+        config_(choose_decode_config(problem.features(), device_.compute_capability)),
+        layout_(problem, config_, device_) {
+    load(config_);
+    // 16-byte copies: every row the kernel reads aligned (with rotary, q is the workspace's aligned copy).
+    const bool blocks_aligned =
+        !problem.block_table || (problem.k.block_stride % 8 == 0 && problem.v.block_stride % 8 == 0);
+    const bool rows_aligned = problem.cache.rotary.half_dim > 0 ? vector_loads(problem, {&problem.k, &problem.v})
+                                                                : vector_loads(problem, {&problem.q, &problem.k, &problem.v});
+    params_ = decode_params(problem, blocks_aligned && rows_aligned);
+    params_.splits = static_cast<int>(layout_.splits), params_.split_rows = static_cast<int>(layout_.split_rows);
+  }
+  size_t workspace_size() const override { return layout_.bytes; }
+
+  void run(void* stream_handle, void* workspace) const override {
+    const ScopedContext scope(api_, context_);
+    const auto stream = static_cast<CUstream>(stream_handle);
+    const AttentionProblem& p = problem_;
+    const std::vector<CUfunction>& kernels = kernels_->functions;
+    char* base = static_cast<char*>(workspace);
+    DecodeParams params = params_;
+    params.partial_lse = reinterpret_cast<float*>(base + layout_.lse_offset);
+    params.partial_out = reinterpret_cast<float*>(base + layout_.out_offset);
+    const bool rotary = p.cache.rotary.half_dim > 0;
+    if (p.cache.rows > 0) {
+      params.q_rotated = base;
+      const int64_t blocks = p.batch * p.cache.rows + (rotary ? p.batch * p.seqlen_q : 0);
+      launch(api_, kernels[2], static_cast<unsigned int>(blocks), 1, 1, 128, 0, stream, &params);
+    }
+    if (rotary) {  // the attention reads the rotated copy
+      params.q = base;
+      params.q_row_stride = p.heads_q * p.head_dim;
+      params.q_batch_stride = p.seqlen_q * params.q_row_stride;
+      params.q_head_stride = p.head_dim;
+    }
+    launch(api_, kernels[0], static_cast<unsigned int>(layout_.splits), p.batch * p.heads_kv, layout_.row_blocks,
+           config_.warps * 32, kernels_->shared_bytes, stream, &params);
+    if (layout_.splits > 1) {
+      launch(api_, kernels[1], static_cast<unsigned int>(layout_.split_rows), p.heads_q, 1, 128, 0, stream, &params);
+    }
+  }
+
+ private:
+  const AttentionProblem& problem_;
+  DecodeConfig config_;
+  DecodeLayout layout_;
+  DecodeParams params_{};
+};
+
 class CudaBackend final : public Backend {
  public:
   const char* name() const override { return "cuda"; }
@@ -388,15 +522,17 @@ class CudaBackend final : public Backend {
   std::string unsupported_reason(const AttentionProblem& problem) const override {
     if (problem.dtype == FAP_DTYPE_FLOAT32) return "float32 tensors: the CUDA kernels take float16 and bfloat16";
     if (problem.probs.data) return "attn_probs is not implemented on CUDA yet";
-    if (problem.block_table || problem.seqused_k) {
-      return "block_table and seqused_k (a paged KV cache, used key counts) are not implemented by the CUDA kernels "
-             "yet";
+    if (uses_decode_kernels(problem) && problem.dropout_p > 0.0f) {
+      return "dropout_p with block_table or seqused_k (a paged KV cache, used key counts) is not implemented on CUDA";
     }
     return {};
   }
 
   std::unique_ptr<PreparedCall> prepare(const AttentionProblem& problem) const override {
     const DriverApi& api = loaded_driver();
+    if (problem.direction == Direction::kForward && uses_decode_kernels(problem)) {
+      return std::make_unique<DecodeCall>(api, problem);
+    }
     if (problem.direction == Direction::kForward) return std::make_unique<ForwardCall>(api, problem);
     return std::make_unique<BackwardCall>(api, problem);
   }

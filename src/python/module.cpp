@@ -134,24 +134,46 @@ void set_shared_args(Args& args, nb::handle q, nb::handle k, nb::handle v, nb::h
 
 fap_fwd_args forward_args(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle softmax_lse,
                           nb::handle attn_probs, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle seqused_k,
-                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                          nb::handle block_table, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   fap_fwd_args args{};
   set_shared_args(args, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   args.attn_probs = to_tensor(attn_probs, "attn_probs");
   args.seqused_k = to_tensor(seqused_k, "seqused_k");
+  args.block_table = to_tensor(block_table, "block_table");
+  args.rotary_interleaved = 1;
   return args;
 }
 
 int forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
             nb::handle out, nb::handle softmax_lse, nb::handle attn_probs,
-            nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle seqused_k, int64_t max_seqlen_q,
-            int64_t max_seqlen_k, nb::handle alibi_slopes, const OptionsSpec& options, uint64_t seed,
-            uint64_t offset, uintptr_t stream, const Allocator& allocate) {
-  const fap_fwd_args args =
-      forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                   max_seqlen_k);
+            nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle seqused_k, nb::handle block_table,
+            int64_t max_seqlen_q, int64_t max_seqlen_k, nb::handle alibi_slopes, const OptionsSpec& options,
+            uint64_t seed, uint64_t offset, uintptr_t stream, const Allocator& allocate) {
+  const fap_fwd_args args = forward_args(q, k, v, out, softmax_lse, attn_probs, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                         block_table, max_seqlen_q, max_seqlen_k);
   return plan_and_run(args, to_options(options, alibi_slopes, seed, offset), varlen, stream, allocate, q,
                       fap_plan_fwd);
+}
+
+// FlashAttention-2's flash_attn_with_kvcache: a dense forward over caches updated in place (fap_fwd_args' KV-cache
+// fields).
+int forward_kvcache(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle k_new, nb::handle v_new,
+                    nb::handle out, nb::handle softmax_lse, nb::handle cache_seqlens, nb::handle cache_batch_idx,
+                    nb::handle leftpad_k, nb::handle block_table, nb::handle rotary_cos, nb::handle rotary_sin,
+                    bool rotary_interleaved, int32_t num_splits, nb::handle alibi_slopes, const OptionsSpec& options,
+                    uintptr_t stream, const Allocator& allocate) {
+  fap_fwd_args args = forward_args(q, k_cache, v_cache, out, softmax_lse, nb::none(), nb::none(), nb::none(),
+                                   nb::none(), block_table, 0, 0);
+  args.cache_seqlens = to_tensor(cache_seqlens, "cache_seqlens");
+  args.cache_batch_idx = to_tensor(cache_batch_idx, "cache_batch_idx");
+  args.leftpad_k = to_tensor(leftpad_k, "cache_leftpad");
+  args.k_new = to_tensor(k_new, "k");
+  args.v_new = to_tensor(v_new, "v");
+  args.rotary_cos = to_tensor(rotary_cos, "rotary_cos");
+  args.rotary_sin = to_tensor(rotary_sin, "rotary_sin");
+  args.rotary_interleaved = rotary_interleaved ? 1 : 0;
+  args.num_splits = num_splits;
+  return plan_and_run(args, to_options(options, alibi_slopes, 0, 0), false, stream, allocate, q, fap_plan_fwd);
 }
 
 // The core's checks of a forward call without running it: for backends served from Python, which keep the
@@ -160,9 +182,8 @@ int check_forward(bool varlen, nb::handle q, nb::handle k, nb::handle v,
                   nb::handle out, nb::handle softmax_lse, nb::handle cu_seqlens_q,
                   nb::handle cu_seqlens_k, nb::handle seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                   nb::handle alibi_slopes, const OptionsSpec& options) {
-  const fap_fwd_args args =
-      forward_args(q, k, v, out, softmax_lse, nb::none(), cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                   max_seqlen_k);
+  const fap_fwd_args args = forward_args(q, k, v, out, softmax_lse, nb::none(), cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                         nb::none(), max_seqlen_q, max_seqlen_k);
   const fap_options opts = to_options(options, alibi_slopes, 0, 0);
   return fap_check_fwd(&args, &opts, varlen ? 1 : 0);
 }
@@ -219,8 +240,14 @@ NB_MODULE(_C, m) {
   const auto tensor = [](const char* name) { return nb::arg(name).none(); };
   m.def("forward", &forward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
         tensor("softmax_lse"), tensor("attn_probs"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"),
-        tensor("seqused_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), tensor("alibi_slopes"), nb::arg("options"), nb::arg("seed"),
-        nb::arg("offset"), nb::arg("stream"), nb::arg("allocate"));
+        tensor("seqused_k"), tensor("block_table"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"),
+        tensor("alibi_slopes"), nb::arg("options"), nb::arg("seed"), nb::arg("offset"), nb::arg("stream"),
+        nb::arg("allocate"));
+  m.def("forward_kvcache", &forward_kvcache, tensor("q"), tensor("k_cache"), tensor("v_cache"), tensor("k"),
+        tensor("v"), tensor("out"), tensor("softmax_lse"), tensor("cache_seqlens"), tensor("cache_batch_idx"),
+        tensor("cache_leftpad"), tensor("block_table"), tensor("rotary_cos"), tensor("rotary_sin"),
+        nb::arg("rotary_interleaved"), nb::arg("num_splits"), tensor("alibi_slopes"), nb::arg("options"),
+        nb::arg("stream"), nb::arg("allocate"));
   m.def("check_forward", &check_forward, nb::arg("varlen"), tensor("q"), tensor("k"), tensor("v"), tensor("out"),
         tensor("softmax_lse"), tensor("cu_seqlens_q"), tensor("cu_seqlens_k"), tensor("seqused_k"),
         nb::arg("max_seqlen_q"),

@@ -174,7 +174,7 @@ TEST(PagedKvArguments, OnlyVarlenCallsTakeThem) {
   args.block_table = fap_make_tensor(table.data(), FAP_DTYPE_INT32, FAP_DEVICE_CPU, 0, 2, table_shape);
   size_t bytes = 0;
   EXPECT_EQ(fap_mha_fwd_workspace_size(&args, &options, &bytes), FAP_ERROR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(fap_last_error()).find("block_table: only varlen calls take a paged KV cache"),
+  EXPECT_NE(std::string(fap_last_error()).find("block_table: only varlen calls and KV-cache calls (cache_seqlens) take a paged KV cache"),
             std::string::npos)
       << fap_last_error();
   args.block_table = fap_tensor{};

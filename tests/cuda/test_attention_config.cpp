@@ -233,5 +233,16 @@ TEST(AttentionKernelCompile, BackwardConfigurationsCompileWithoutSpills) {
               "configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2, targets.size() - mma_sync);
 }
 
+TEST(AttentionKernelCompile, DecodeConfigurationsCompileWithoutSpills) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  std::vector<std::pair<DecodeConfig, const char*>> targets;
+  for (const DecodeConfig& config : all_decode_configs(80)) targets.emplace_back(config, "sm_80");
+  for (const DecodeConfig& config : all_decode_configs(86)) targets.emplace_back(config, "sm_86");
+  for (const DecodeConfig& config : all_decode_configs(90)) targets.emplace_back(config, "sm_90a");
+  const size_t compiled = compile_all(targets);
+  std::printf("NVRTC compiled %zu of %zu decode kernels (sm_80, sm_86, sm_90a)\n", compiled, targets.size());
+}
+
 }  // namespace
 }  // namespace fap::cuda

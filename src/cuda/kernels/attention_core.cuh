@@ -42,21 +42,28 @@ struct BlockRange {
   int first, end;
 };
 
+// The blocks of BLOCK_N keys that any of the rows [first_row, last_row] may see (the mask is monotone in the row).
+template <int BLOCK_N, typename Start>
+__device__ __forceinline__ BlockRange key_blocks_of_rows(const AttentionParams& p, const SequenceInfo<Start>& s,
+                                                         int first_row, int last_row) {
+  long long key_begin = 0, key_end = s.len_k;
+#if FAP_WINDOW
+  const long long first = first_row + s.offset - p.window_left;
+  const long long last = (long long)last_row + s.offset + p.window_right + 1;
+  key_begin = first > 0 ? first : 0;
+  key_end = last < s.len_k ? last : s.len_k;
+#endif
+  const int first_block = (int)(key_begin / BLOCK_N);
+  return {first_block, key_end > key_begin ? (int)((key_end + BLOCK_N - 1) / BLOCK_N) : first_block};
+}
+
 // Blocks of BLOCK_M rows against blocks of BLOCK_N keys under the mask, which is monotone in the row.
 template <int BLOCK_M, int BLOCK_N>
 struct BlockInfo {
   // The key blocks that any row of the block starting at row0 may see.
   template <typename Start>
   static __device__ __forceinline__ BlockRange key_blocks(const AttentionParams& p, const SequenceInfo<Start>& s, int row0) {
-    long long key_begin = 0, key_end = s.len_k;
-#if FAP_WINDOW
-    const long long first = row0 + s.offset - p.window_left;
-    const long long last = (long long)min(row0 + BLOCK_M, s.len_q) - 1 + s.offset + p.window_right + 1;
-    key_begin = first > 0 ? first : 0;
-    key_end = last < s.len_k ? last : s.len_k;
-#endif
-    const int first_block = (int)(key_begin / BLOCK_N);
-    return {first_block, key_end > key_begin ? (int)((key_end + BLOCK_N - 1) / BLOCK_N) : first_block};
+    return key_blocks_of_rows<BLOCK_N>(p, s, row0, min(row0 + BLOCK_M, s.len_q) - 1);
   }
 
   // The row blocks that may see any key of the block starting at key0.

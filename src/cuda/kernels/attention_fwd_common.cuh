@@ -17,14 +17,23 @@ namespace fap {
 
 using ForwardSequence = SequenceInfo<long long>;
 
+// The ALiBi slope of a thread's row `half` (0: row group, 1: row group + 8): one per CTA where a CTA is one
+// head, one per row where the decode kernel packs a kv head's query heads into the rows.
+// A select, not an indexed array: where ptxas leaves a loop rolled, an array index would go to local memory.
+struct RowSlopes {
+  float first, second;
+};
+__device__ __forceinline__ float row_slope(float slope, int) { return slope; }
+__device__ __forceinline__ float row_slope(const RowSlopes& slopes, int half) { return half ? slopes.second : slopes.first; }
+
 // Raw products -> scores for the softmax. SCALED: to base-2 units (scale, softcap, ALiBi, log2(e)); else
 // they stay raw products and online_softmax folds the scale into its multiply-add, which needs a positive
 // scale. MASKED: -inf outside the allowed keys (only tiles that cross a boundary pay for it). Positions are
 // int arithmetic (sequence lengths are int32, FlashAttention-2's limit): 64-bit index math here costs
 // registers the wgmma kernel needs.
-template <bool MASKED, bool SCALED, int N8>
+template <bool MASKED, bool SCALED, int N8, typename Slope>
 __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
-                                               const int (&rows)[2], int key0, float slope) {
+                                               const int (&rows)[2], int key0, const Slope& slope) {
   const int first_key = key0 + threadIdx.x % 4 * 2;
   const int diagonal[2] = {rows[0] + seq.offset, rows[1] + seq.offset};  // the key on each row's diagonal
 #pragma unroll
@@ -35,7 +44,7 @@ __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const Attentio
       float x = s[j][e];
       if (SCALED) {
         float unused_derivative;
-        x = score_log2(x, p, slope, diagonal[e / 2], key, &unused_derivative);
+        x = score_log2(x, p, row_slope(slope, e / 2), diagonal[e / 2], key, &unused_derivative);
       }
       if (MASKED && !key_allowed(p, seq, diagonal[e / 2], key)) x = -FAP_INFINITY;
       s[j][e] = x;
@@ -44,10 +53,10 @@ __device__ __forceinline__ void prepare_scores(float (&s)[N8][4], const Attentio
 
 // prepare_scores for one tile, each case its own code (no per-element selects); returns the factor that
 // takes the prepared scores to base-2 units.
-template <int N8>
+template <int N8, typename Slope>
 __device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const AttentionFwdParams& p,
                                                      const ForwardSequence& seq, const int (&rows)[2], int key0,
-                                                     bool needs_mask, float slope) {
+                                                     bool needs_mask, const Slope& slope) {
   const bool scaled = FAP_SOFTCAP || FAP_ALIBI || !(p.scale_log2 > 0.0f);  // zero or negative scales can't fold
   if (scaled) {
     if (needs_mask) {
@@ -113,10 +122,10 @@ __device__ __forceinline__ void apply_dropout(float (&s)[N8][4], const Attention
 // One tile's softmax: scores (masked only where the tile crosses a boundary) -> probabilities, with the
 // correction for the output accumulated so far. Dropout is applied after the row sums, which count every
 // probability.
-template <int N8>
+template <int N8, typename Slope>
 __device__ __forceinline__ void softmax_tile(float (&s)[N8][4], const AttentionFwdParams& p, const ForwardSequence& seq,
                                              int batch, int head, const int (&rows)[2], int key0, bool needs_mask,
-                                             float slope, float (&row_max)[2], float (&row_sum)[2],
+                                             const Slope& slope, float (&row_max)[2], float (&row_sum)[2],
                                              float (&correction)[2]) {
   const float fold = prepare_tile_scores(s, p, seq, rows, key0, needs_mask, slope);
   online_softmax(s, fold, row_max, row_sum, correction);

@@ -55,4 +55,35 @@ struct AttentionBwdParams : AttentionParams {
   int deterministic; // 1: each CTA adds into its own slice, in a fixed order
 };
 
+// The decode / KV-cache kernels (attention_decode.cuh, kv_cache_append.cuh): keys found in a cache through
+// device-resident indices (each clamped where it is read), the key split's partial results, and the
+// KV-cache call's append and rotary embedding.
+struct DecodeParams : AttentionParams {
+  const int* seqused_k;        // keys per sequence before the append (nullptr: from cu_seqlens_k or seqlen_k)
+  const int* leftpad_k;        // nullptr: 0
+  const int* cache_batch_idx;  // nullptr: entry = batch
+  const int* block_table;      // nullptr: a dense cache
+  long long block_table_stride, k_block_stride, v_block_stride;
+  int page_size, num_blocks, max_blocks;
+  int batch;
+  int cache_batch;    // entries of a dense KV cache
+  int capacity;       // a KV cache's positions per sequence
+  int appended_keys;  // seqlen_new
+  int splits;         // key splits per (batch, kv head, row block): 1 writes out directly
+  int split_rows;     // rows of the partial buffers per (split, head): batch * seqlen_q, varlen total_q
+  float* partial_out;  // [split][head][row][head_dim] fp32, normalised per split, in the workspace
+  float* partial_lse;  // [split][head][row] base-2 LSE of each split (-inf: no key)
+  // The KV-cache call's append and rotary embedding (kv_cache_append.cuh).
+  const void* k_new;
+  const void* v_new;
+  long long k_new_batch_stride, k_new_row_stride, k_new_head_stride;
+  long long v_new_batch_stride, v_new_row_stride, v_new_head_stride;
+  const void* rotary_cos;
+  const void* rotary_sin;
+  long long cos_row_stride, sin_row_stride;
+  int rotary_half_dim, rotary_rows, rotary_interleaved;
+  int query_positions_by_row;  // 1: q row i sits at cache_seqlens + i (causal or a window); 0: at cache_seqlens
+  void* q_rotated;             // (batch, seqlen_q, heads, head_dim) in the workspace; q then points at it
+};
+
 }  // namespace fap
