@@ -28,7 +28,9 @@ class FwdArgs(ctypes.Structure):
     _fields_ = [("q", Tensor), ("k", Tensor), ("v", Tensor), ("out", Tensor), ("softmax_lse", Tensor),
                 ("attn_probs", Tensor), ("cu_seqlens_q", Tensor), ("cu_seqlens_k", Tensor),
                 ("max_seqlen_q", ctypes.c_int64), ("max_seqlen_k", ctypes.c_int64), ("block_table", Tensor),
-                ("seqused_k", Tensor)]
+                ("seqused_k", Tensor), ("cache_seqlens", Tensor), ("cache_batch_idx", Tensor), ("leftpad_k", Tensor),
+                ("k_new", Tensor), ("v_new", Tensor), ("rotary_cos", Tensor), ("rotary_sin", Tensor),
+                ("rotary_interleaved", ctypes.c_int32), ("num_splits", ctypes.c_int32)]
 
 
 class BwdArgs(ctypes.Structure):

@@ -8,7 +8,7 @@ Two routes run the same implementation (`_forward`, `_backward`):
   AOTAutograd and functorch understand (fake implementations, registered autograd).
 
 `flash_attn_plus::fwd` serves the dense and the varlen layout (varlen when cu_seqlens_q is given) and FA2's
-paged KV cache (`block_table`); `flash_attn_plus::bwd` is its gradient. Outputs are allocated here through
+paged KV cache (`block_table`, read in place by the library); `flash_attn_plus::bwd` is its gradient. Outputs are allocated here through
 torch; everything else (every argument check included) happens in the C library, once per call (a plan).
 
 FA2's options travel as one `Options` tuple; the custom ops take its fields as their last parameters (a custom
@@ -96,44 +96,15 @@ def _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_soft
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32), probs
 
 
-def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k):
-    """FA2's paged KV cache as packed varlen keys: sequence b's key t is row t % page of block
-    block_table[b, t // page]. Checked here: the paged layout exists only in the Python API."""
-    if cu_seqlens_k is None:
-        raise _errors.InvalidArgumentError("block_table: a paged KV cache needs cu_seqlens_k (the varlen layout)")
-    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != cu_seqlens_k.shape[0] - 1:
-        raise _errors.InvalidArgumentError(
-            f"block_table: expected int32 (batch={cu_seqlens_k.shape[0] - 1}, max_blocks), got {block_table.dtype} "
-            f"{tuple(block_table.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise _errors.InvalidArgumentError(
-            f"k, v: a paged cache is (num_blocks, page_block_size, heads_k, head_dim) for both, got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_blocks, page = k_cache.shape[0], k_cache.shape[1]
-    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_blocks):
-        raise _errors.InvalidArgumentError(f"block_table: block indices must lie in [0, {num_blocks})")
-    if lengths.numel() and int(lengths.max()) > block_table.shape[1] * page:
-        raise _errors.InvalidArgumentError(
-            f"block_table: a sequence of {int(lengths.max())} keys needs more than its {block_table.shape[1]} "
-            f"blocks of {page}")
-    total = int(cu_seqlens_k[-1])
-    batch = torch.repeat_interleave(torch.arange(lengths.numel(), device=k_cache.device), lengths, output_size=total)
-    position = torch.arange(total, device=k_cache.device) - cu_seqlens_k[:-1].long()[batch]
-    rows = block_table.long()[batch, position // page] * page + position % page
-    return k_cache.reshape(-1, *k_cache.shape[2:])[rows], v_cache.reshape(-1, *v_cache.shape[2:])[rows]
-
-
 def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
              return_softmax, options):
     """(out, softmax_lse, S_dmask, (seed, offset)); S_dmask is None unless return_softmax, and empty unless
     dropout_p > 0 too."""
     varlen = cu_seqlens_q is not None
-    if block_table is not None:
-        k, v = _gather_pages(k, v, block_table, cu_seqlens_k)
     with_probs = return_softmax and options.dropout_p > 0
     out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_softmax, with_probs)
-    if backends.python_backend() == "flaggems":
+    # FlagGems has no paged cache or used key counts: those calls stay on the library.
+    if backends.python_backend() == "flaggems" and block_table is None and seqused_k is None:
         reason = flaggems.fallback_reason(varlen, options.causal, options.window_left, options.window_right,
                                           options.softcap, alibi_slopes, options.dropout_p)
         if not reason:
@@ -152,7 +123,7 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_
         batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
         seed, offset = _draw_dropout_rng(q.device, max(batch, 1) * q.shape[-2] * 32)
     _errors.check(_C.forward(varlen, q, k, v, out, lse, probs if with_probs else None, cu_seqlens_q, cu_seqlens_k,
-                             seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options), seed % _UINT64,
+                             seqused_k, block_table, max_seqlen_q, max_seqlen_k, alibi_slopes, _c_options(options), seed % _UINT64,
                              offset % _UINT64, stream_of(q), allocate_workspace))
     return out, lse, probs, (seed, offset)
 

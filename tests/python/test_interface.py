@@ -112,14 +112,14 @@ def test_varlen_forward_with_used_key_counts(device):
     cu_q = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 7, 12], dtype=torch.int32, device=device)
     seqused_k = torch.tensor(used, dtype=torch.int32, device=device)
-    if device.type == "cuda":
-        with pytest.raises(fap.UnsupportedError, match="seqused_k"):
-            _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True, seqused_k=seqused_k)
-        return
     out, lse, _, _ = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True, seqused_k=seqused_k)
     keep = torch.cat([torch.arange(0, 4), torch.arange(7, 12)]).to(device)
     cut_k = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     expected, expected_lse, _, _ = _flash_attn_varlen_forward(q, k[keep], v[keep], cu_q, cut_k, 6, 7, 0.0, 0.2, True)
+    if device.type == "cuda":  # the decode kernels serve it: another summation order; counts are read on the device
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(lse, expected_lse)
+        return
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
     with pytest.raises(fap.InvalidArgumentError, match=r"seqused_k\[0\] = 8"):
         _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.2, True,
