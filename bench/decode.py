@@ -7,13 +7,13 @@ host time of one eager decode call.
 """
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_plus as fap
+from host_overhead import host_us
 
 CALLS = 20
 
@@ -91,23 +91,14 @@ def case(batch, length, heads, heads_k, dim, pages, dtype=torch.bfloat16):
     return row
 
 
-def host_us(calls=300):
+def decode_host_us():
+    """Host time of an eager decode call and of SDPA's on the same cache (host_overhead.host_us)."""
     q = torch.randn(8, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(8, 1024, 8, 128, dtype=torch.bfloat16, device="cuda")
     seqlens = torch.full((8,), 1024, dtype=torch.int32, device="cuda")
-    result = {}
-    for name, fn in (("ours", lambda: fap.flash_attn_with_kvcache(q, k, k, cache_seqlens=seqlens)),
-                     ("sdpa", lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                                      k.transpose(1, 2), enable_gqa=True))):
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        result[name] = round((time.perf_counter() - start) / calls * 1e6, 1)
-        torch.cuda.synchronize()
-    return result
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+    return {"ours": round(host_us(lambda: fap.flash_attn_with_kvcache(q, k, k, cache_seqlens=seqlens), 300), 1),
+            "sdpa": round(host_us(lambda: F.scaled_dot_product_attention(qt, kt, kt, enable_gqa=True), 300), 1)}
 
 
 def main():
@@ -127,7 +118,7 @@ def main():
                 rows.append(case(batch, length, 32, heads_k, dim, (1, 16, 256) if dim == 128 else (16,)))
                 print(json.dumps(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-              "rows": rows, "host_us": host_us()}
+              "rows": rows, "host_us": decode_host_us()}
     print(json.dumps(result["host_us"]))
     with open(f"{args.out}/decode.json", "w") as handle:
         json.dump(result, handle, indent=1)
