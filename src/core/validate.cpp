@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -18,17 +19,36 @@ constexpr int64_t kMaxHeadDim = 256;
 // Element offsets are computed in int64; keep every addressable extent far from overflow.
 constexpr int64_t kMaxExtent = int64_t{1} << 48;
 
-std::string describe_shape(const fap_tensor& t) {
-  std::string text = "(";
-  for (int i = 0; i < t.rank; ++i) text += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return text + ")";
+// Message parts that format themselves only when a check fails (require() evaluates its parts on every call,
+// and building strings for each tensor of every call costs microseconds of host time).
+struct ShapeText {
+  const fap_tensor& tensor;
+};
+std::ostream& operator<<(std::ostream& stream, const ShapeText& text) {
+  stream << "(";
+  for (int i = 0; i < text.tensor.rank; ++i) stream << (i ? ", " : "") << text.tensor.shape[i];
+  return stream << ")";
 }
+ShapeText describe_shape(const fap_tensor& t) { return {t}; }
 
-std::string device_name(int32_t type, int32_t index) {
-  return type == FAP_DEVICE_CPU ? std::string("cpu") : concat("cuda:", index);
+struct DeviceText {
+  int32_t type, index;
+};
+std::ostream& operator<<(std::ostream& stream, const DeviceText& device) {
+  return device.type == FAP_DEVICE_CPU ? stream << "cpu" : stream << "cuda:" << device.index;
 }
+DeviceText device_name(int32_t type, int32_t index) { return {type, index}; }
+
+// "rank N", or "an absent tensor".
+struct RankText {
+  const fap_tensor& tensor;
+};
 
 bool is_present(const fap_tensor& t) { return t.data != nullptr || t.rank != 0; }
+
+std::ostream& operator<<(std::ostream& stream, const RankText& text) {
+  return is_present(text.tensor) ? stream << "rank " << text.tensor.rank : stream << "an absent tensor";
+}
 
 int64_t element_count(const fap_tensor& t) {
   int64_t count = 1;
@@ -386,7 +406,7 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     problem.batch = cu_seqlens_q.rank == 1 ? cu_seqlens_q.shape[0] - 1 : 0;
     require(is_present(cu_seqlens_q) && cu_seqlens_q.rank == 1,
             "cu_seqlens_q: expected a rank-1 int32 tensor (batch + 1), got ",
-            is_present(cu_seqlens_q) ? concat("rank ", cu_seqlens_q.rank) : std::string("an absent tensor"));
+            RankText{cu_seqlens_q});
     require(problem.batch >= 1, "cu_seqlens_q: expected batch + 1 >= 2 entries, got ", cu_seqlens_q.shape[0]);
     require(max_seqlen_q >= 0, "max_seqlen_q: expected >= 0, got ", max_seqlen_q);
     require(max_seqlen_k >= 0, "max_seqlen_k: expected >= 0, got ", max_seqlen_k);

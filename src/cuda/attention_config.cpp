@@ -98,17 +98,13 @@ DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_ca
   config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
   config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
   config.softcap = features.softcap, config.alibi = features.alibi, config.window = features.window;
-  // Decoding is bound by the bandwidth of reading K and V: the more bytes in flight per SM the better. 16-key
-  // tiles in as many stages (up to 4) as keep two CTAs on an SM; else two stages, and where the device's
-  // shared memory per block (sm_90: 227 KB, sm_80: 163 KB, others 99 KB) cannot hold them, two warps.
+  // Decoding is bound by the bandwidth of reading K and V: what matters is how many bytes are in flight. 16-key
+  // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them (sm_90: 227 KB,
+  // sm_80: 163 KB, others 99 KB), else 2 stages, else 4 then 2 warps (measured on the H200: bench/RESULTS.md).
   const int budget = (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : 99) * 1024;
-  config.stages = 2;
-  for (int stages = 4; stages >= 3; --stages) {
-    config.stages = stages;
-    if (config.shared_bytes() <= 113 * 1024) break;
-    config.stages = 2;
-  }
-  if (config.shared_bytes() > budget) config.warps = 2;
+  config.block_n = 16, config.warps = 8, config.stages = 3;
+  if (config.shared_bytes() > budget) config.stages = 2;
+  while (config.shared_bytes() > budget && config.warps > 2) config.warps /= 2;
   return config;
 }
 

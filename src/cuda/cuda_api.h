@@ -30,8 +30,25 @@ constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 constexpr int CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR = 81;
 constexpr int CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97;
 constexpr int CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
+constexpr int CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6;
 constexpr int CU_POINTER_ATTRIBUTE_CONTEXT = 1;
 constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
+
+// cuLaunchKernelEx's configuration, laid out as cuda.h's CUlaunchAttribute and CUlaunchConfig.
+struct CUlaunchAttribute {
+  int id;
+  char pad[8 - sizeof(int)];
+  union {
+    char bytes[64];
+    int programmatic_stream_serialization_allowed;
+  } value;
+};
+struct CUlaunchConfig {
+  unsigned int grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes;
+  CUstream stream;
+  CUlaunchAttribute* attributes;
+  unsigned int attribute_count;
+};
 
 // X-macro lists: (name, return type, parameter list). The driver functions are resolved with
 // cuGetProcAddress for the ABI of CUDA 12.0, so that e.g. cuModuleLoadData gets its current version.
@@ -63,7 +80,8 @@ constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
   X(cuLaunchKernel, CUresult,                                                                                \
     (CUfunction function, unsigned int grid_x, unsigned int grid_y, unsigned int grid_z, unsigned int block_x, \
      unsigned int block_y, unsigned int block_z, unsigned int shared_bytes, CUstream stream, void** params,     \
-     void** extra))
+     void** extra))                                                                                          \
+  X(cuLaunchKernelEx, CUresult, (const CUlaunchConfig* config, CUfunction function, void** params, void** extra))
 
 #define FAP_NVRTC_FUNCTIONS(X)                                                                                 \
   X(nvrtcVersion, nvrtcResult, (int* major, int* minor))                                                     \

@@ -277,6 +277,21 @@ void launch(const DriverApi& api, CUfunction function, unsigned int blocks_x, in
         "cuLaunchKernel");
 }
 
+// launch() for a kernel that may start before the previous grid on the stream ends (programmatic dependent
+// launch, sm_90+): it waits for that grid's results itself (wait_for_prerequisites in tensor_core.cuh), so only
+// its launch latency overlaps the previous grid's tail.
+void launch_dependent(const DriverApi& api, CUfunction function, unsigned int blocks_x, int64_t blocks_y,
+                      int threads, CUstream stream, const void* params) {
+  if (blocks_x == 0 || blocks_y == 0) return;
+  CUlaunchAttribute attribute{};
+  attribute.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+  attribute.value.programmatic_stream_serialization_allowed = 1;
+  const CUlaunchConfig config{blocks_x, static_cast<unsigned int>(blocks_y), 1, static_cast<unsigned int>(threads), 1, 1,
+                              0, stream, &attribute, 1};
+  void* arguments[] = {const_cast<void*>(params)};
+  check(api, api.cuLaunchKernelEx(&config, function, arguments, nullptr), "cuLaunchKernelEx");
+}
+
 // What a planned CUDA call launches with: its device, the context it was planned in (current for its launches)
 // and its configuration's loaded kernels.
 class CudaCall : public PreparedCall {
@@ -485,7 +500,11 @@ class DecodeCall final : public CudaCall {
     launch(api_, kernels[0], static_cast<unsigned int>(layout_.splits), p.batch * p.heads_kv, layout_.row_blocks,
            config_.warps * 32, kernels_->shared_bytes, stream, &params);
     if (layout_.splits > 1) {
-      launch(api_, kernels[1], static_cast<unsigned int>(layout_.split_rows), p.heads_q, 1, 128, 0, stream, &params);
+      if (device_.compute_capability >= 90) {
+        launch_dependent(api_, kernels[1], static_cast<unsigned int>(layout_.split_rows), p.heads_q, 128, stream, &params);
+      } else {
+        launch(api_, kernels[1], static_cast<unsigned int>(layout_.split_rows), p.heads_q, 1, 128, 0, stream, &params);
+      }
     }
   }
 

@@ -83,8 +83,8 @@ __device__ __forceinline__ void load_kv_tile(storage_t* k_tile, storage_t* v_til
     storage_t* k_target = k_tile + row * FAP_STRIDE + col;
     storage_t* v_target = v_tile + row * FAP_STRIDE + col;
     if (p.vector_loads) {
-      cp_async_16_or_zero(k_target, k + k_row + col, valid && col < p.head_dim);
-      cp_async_16_or_zero(v_target, v + v_row + col, valid && col < p.head_dim);
+      cp_async_16_or_zero_streaming(k_target, k + k_row + col, valid && col < p.head_dim);
+      cp_async_16_or_zero_streaming(v_target, v + v_row + col, valid && col < p.head_dim);
     } else {
       for (int e = 0; e < 8; ++e) {
         const bool inside = valid && col + e < p.head_dim;
@@ -104,13 +104,17 @@ __device__ __forceinline__ PackedRow packed_row(const DecodeParams& p, int row_b
   return {packed / p.group_size, kv_head * p.group_size + packed % p.group_size};
 }
 
-extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32) attention_decode(const DecodeParams p) {
+// Launch bounds (threads, 1): every register may go to one CTA. With the default, ptxas (under NVRTC) spilled a
+// few bytes around the key loop at small head dims on sm_80/86. Where two CTAs fit an SM's shared memory
+// (d <= 64), ptxas stays near 110 registers, within two CTAs' share.
+extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // This warp's stages: K then V tile per stage.
   storage_t* warp_tiles = q_tile + kDecodeRows * FAP_STRIDE + warp * FAP_STAGES * 2 * FAP_KV_TILE;
 
+  launch_dependents();  // the combine's CTAs may be scheduled while these run: they wait for this grid's end
   const int split = blockIdx.x, row_block = blockIdx.z;
   const int heads_kv = p.heads_q / p.group_size;
   const int batch = blockIdx.y / heads_kv, kv_head = blockIdx.y % heads_kv;
@@ -292,6 +296,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_combine(const
   __shared__ float weights[kDecodeMaxSplits];
   __shared__ float total[2];  // the max and the sum of the weights
   const int row = blockIdx.x, head = blockIdx.y;
+  wait_for_prerequisites();  // launched early (programmatic dependent launch): the splits' results land first
   if (p.cu_seqlens_q && row >= p.cu_seqlens_q[p.batch]) return;  // rows of no sequence
   const long long stride = (long long)p.heads_q * p.split_rows;  // between splits
   const long long first = (long long)head * p.split_rows + row;

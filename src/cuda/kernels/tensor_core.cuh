@@ -65,6 +65,13 @@ __device__ __forceinline__ void cp_async_16_or_zero(void* shared, const void* gl
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
                "r"(copy ? 16 : 0));
 }
+// cp_async_16_or_zero for streams read once from DRAM: the L2 fetches the whole 128-byte line around the address
+// (+2-3 % decode bandwidth on the H200 over plain copies; 256-byte prefetches measured no better:
+// bench/RESULTS.md).
+__device__ __forceinline__ void cp_async_16_or_zero_streaming(void* shared, const void* global, bool copy) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(copy ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 // Waits until at most `PENDING` of this thread's committed groups are still in flight.
@@ -80,6 +87,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const void* s
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(shared)));
+}
+
+// Programmatic dependent launch (sm_90+; no-ops before): a grid lets the next grid on its stream start early
+// (launch_dependents), and that grid waits for its predecessor's completion and memory (wait_for_prerequisites)
+// before reading what it wrote. The host opts the second launch in (cuLaunchKernelEx).
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 // D (16x8 fp32) += A (16x16) * B (16x8).

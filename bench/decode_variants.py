@@ -1,0 +1,65 @@
+"""Builds of the library side by side on the decode benchmark's main table (GQA 32/8, d 128, bf16, one query row,
+dense caches): each build's KV-cache call through the C API (bench/fap_ctypes.py), timed inside a CUDA graph of
+20 calls, in interleaved rounds. For choosing the decode kernels' tile shape and split rule between builds that
+differ only there.
+
+    python bench/decode_variants.py --out results.json NAME=path/libflash_attn_plus.so ...
+"""
+import argparse
+import ctypes
+import json
+
+import torch
+
+import fap_ctypes as fc
+from decode import graph_ms
+
+
+def kv_cache_call(lib, q, k, v, out, lse, seqlens, num_splits):
+    options = lib.fap_default_options()
+    args = fc.FwdArgs(q=fc.tensor(q), k=fc.tensor(k), v=fc.tensor(v), out=fc.tensor(out), softmax_lse=fc.tensor(lse),
+                      cache_seqlens=fc.tensor(seqlens), rotary_interleaved=1, num_splits=num_splits)
+    size = ctypes.c_size_t()
+    fc.check(lib, lib.fap_mha_fwd_workspace_size(ctypes.byref(args), ctypes.byref(options), ctypes.byref(size)))
+    workspace = torch.empty(max(size.value, 16), dtype=torch.uint8, device="cuda")
+
+    def call():
+        stream = torch.cuda.current_stream().cuda_stream
+        fc.check(lib, lib.fap_mha_fwd(ctypes.byref(args), ctypes.byref(options), stream, workspace.data_ptr(),
+                                      size.value))
+    return call
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("builds", nargs="+", help="NAME=path of a libflash_attn_plus.so")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--splits", default="0", help="comma-separated num_splits values to try with every build")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    libraries = {name: fc.load(path) for name, path in (b.split("=", 1) for b in args.builds)}
+    rows = []
+    for batch, length in ((1, 8192), (1, 65536), (32, 4096), (32, 32768), (128, 4096)):
+        q = torch.randn(batch, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+        k, v = (torch.randn(batch, length, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        seqlens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        out, lse = torch.empty_like(q), torch.empty(batch, 32, 1, device="cuda")
+        gbytes = 2 * k.numel() * 2 / 1e9
+        for splits in (int(s) for s in args.splits.split(",")):
+            calls = {name: kv_cache_call(lib, q, k, v, out, lse, seqlens, splits) for name, lib in libraries.items()}
+            times = {name: [] for name in calls}
+            for round_index in range(args.rounds):
+                order = list(calls.items())
+                for name, call in order[::-1] if round_index % 2 else order:
+                    times[name].append(graph_ms(call))
+            row = {"batch": batch, "cache": length, "num_splits": splits}
+            row.update({name: round(gbytes / sorted(t)[len(t) // 2], 3) for name, t in times.items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(args.out, "w") as handle:
+        json.dump({"gpu": torch.cuda.get_device_name(), "unit": "TB/s", "builds": args.builds, "rows": rows}, handle,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
