@@ -191,3 +191,35 @@ def test_kvcache_decode_step_replays_in_a_cuda_graph(device):
     seqlens.add_(1)  # the next step: device values change, the graph reads them
     graph.replay()
     assert torch.equal(captured, step())
+
+
+@pytest.mark.parametrize("window", [(40, 0), (17, 5), (-1, 3)])
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_window_softcap_alibi(device, window, paged):
+    """Sliding windows (normalised with the cache's capacity, as FA2), softcap and per-batch ALiBi slopes at
+    d = 96 with GQA 8/2 and split keys, dense or paged, against the reference over each sequence's keys."""
+    dtype, batch, heads, heads_k, dim, capacity, page, seqlen_q = torch.float16, 2, 8, 2, 96, 320, 16, 5
+    q = torch.randn(batch, seqlen_q, heads, dim, dtype=dtype, device=device)
+    dense_k = torch.randn(batch, capacity, heads_k, dim, dtype=dtype, device=device)
+    dense_v = torch.randn_like(dense_k)
+    seqlens = torch.tensor([300, 123], dtype=torch.int32, device=device)
+    alibi = torch.rand(batch, heads, device=device) * 0.3
+    k_cache, v_cache, table = dense_k, dense_v, None
+    if paged:
+        blocks = capacity // page
+        table = torch.randperm(batch * blocks)[:batch * blocks].view(batch, blocks).int().to(device)
+        k_cache = torch.empty(batch * blocks, page, heads_k, dim, dtype=dtype, device=device)
+        v_cache = torch.empty_like(k_cache)
+        k_cache[table.long().flatten()] = dense_k.view(batch * blocks, page, heads_k, dim)
+        v_cache[table.long().flatten()] = dense_v.view(batch * blocks, page, heads_k, dim)
+    out, lse = fap.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                           window_size=window, softcap=12.0, alibi_slopes=alibi, num_splits=3,
+                                           return_softmax_lse=True)
+    for b in range(batch):
+        length = int(seqlens[b])
+        keys, values = dense_k[b:b + 1, :length], dense_v[b:b + 1, :length]
+        common = dict(window=window, softcap=12.0, alibi_slopes=alibi[b], window_seqlen_k=capacity)
+        out_ref, lse_ref = attention(q[b:b + 1].double(), keys.double(), values.double(), **common)
+        out_pt, _ = attention(q[b:b + 1], keys, values, dtype=dtype, **common)
+        check_rule(f"out[{b}]", out[b:b + 1], out_ref, out_pt, 3)
+        check_lse(lse[b:b + 1], lse_ref)
