@@ -44,12 +44,12 @@ def main():
         plan_times(args.library, q, k, v, seqlens)
 
 
-def plan_times(path, q, k, v, seqlens, calls=2000):
+def plan_times(path, q, k, v, seqlens, calls=500):
     """Host time of the C API's steps for this call (through ctypes, whose own cost is in each number)."""
     import ctypes
-    import time
 
     import fap_ctypes as fc
+    from host_overhead import host_us
     lib = fc.load(path)
     lib.fap_plan_fwd.argtypes = [ctypes.POINTER(fc.FwdArgs), ctypes.POINTER(fc.Options), ctypes.c_int32,
                                  ctypes.POINTER(ctypes.c_void_p)]
@@ -77,14 +77,7 @@ def plan_times(path, q, k, v, seqlens, calls=2000):
         "ctypes floor (fap_api_version)": lambda: lib.fap_api_version(),
     }
     for name, step in steps.items():
-        for _ in range(50):
-            step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        print(f"{name}: {(time.perf_counter() - start) / calls * 1e6:.1f} us", flush=True)
-        torch.cuda.synchronize()
+        print(f"{name}: {host_us(step, calls):.1f} us", flush=True)
 
 
 if __name__ == "__main__":
