@@ -11,3 +11,4 @@ compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/decode_memche
   | tee "$out/decode_memcheck.log" | tail -8
 echo "memcheck exit: ${PIPESTATUS[0]}" | tee -a "$out/decode_memcheck.log"
 python3 bench/decode.py --out "$out" "$@" 2>&1 | tail -30
+python3 bench/plot_decode.py "$out/decode.json" "$out/decode.png" 2>&1 | tail -3
