@@ -2,7 +2,7 @@
 # On a machine with a GPU and no network: the decode / KV-cache work's checks and benchmark. Builds the Python
 # package (gpu_build_python.sh), runs the KV-cache, varlen and interface suites on CUDA tensors, the
 # compute-sanitizer memcheck of out-of-range device indices, and bench/decode.py (add --quick for the main table
-# only). Results under $OUT.
+# only) with its chart (bench/plot_decode.py). Results under $OUT.
 set -uo pipefail
 source bench/gpu_build_python.sh
 python3 -m pytest -q --device cuda -n 8 -p no:cacheprovider --tb=short -rfs tests/python/test_kvcache.py \
