@@ -91,6 +91,38 @@ def case(batch, length, heads, heads_k, dim, pages, dtype=torch.bfloat16):
     return row
 
 
+def chunked_prefill(batch, chunk, length, page=16, heads=32, heads_k=8, dim=128, dtype=torch.bfloat16):
+    """A chunk of `chunk` new query rows per sequence against its cache of `length` keys (the chunk's keys last),
+    causal: the varlen call over a paged cache (the decode kernels) beside the same call over packed keys (the
+    prefill kernels) and SDPA; TFLOP/s with FlashAttention's convention for a causal rectangle."""
+    q = torch.randn(batch * chunk, heads, dim, dtype=dtype, device="cuda")
+    k, v = (torch.randn(batch, length, heads_k, dim, dtype=dtype, device="cuda") for _ in range(2))
+    cu_q = torch.arange(0, (batch + 1) * chunk, chunk, dtype=torch.int32, device="cuda")
+    cu_k = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device="cuda")
+    k_cache, table = paged_copy(k, page)
+    v_cache, _ = paged_copy(v, page, table)
+    packed_k, packed_v = k.flatten(0, 1), v.flatten(0, 1)
+    # Row i of the chunk sees keys up to length - chunk + i: (chunk * length - chunk^2 / 2) products per head.
+    flops = 4 * batch * heads * dim * (chunk * length - chunk * chunk / 2)
+    row = {"batch": batch, "chunk": chunk, "cache": length, "page": page}
+    calls = {
+        "ours_paged": lambda: fap.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, chunk, length, causal=True,
+                                                         block_table=table),
+        "ours_packed": lambda: fap.flash_attn_varlen_func(q, packed_k, packed_v, cu_q, cu_k, chunk, length,
+                                                          causal=True),
+    }
+    qt, kt, vt = q.view(batch, chunk, heads, dim).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    bottom_right = torch.ones(chunk, length, dtype=torch.bool, device="cuda").tril(length - chunk)
+    calls["sdpa_efficient_masked"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bottom_right,
+                                                                             enable_gqa=True)
+    for name, call in calls.items():
+        try:
+            row[name] = round(flops / graph_ms(call) / 1e9, 1)
+        except RuntimeError as error:
+            row[name], row[f"{name}_error"] = None, str(error).splitlines()[0][:160]
+    return row
+
+
 def decode_host_us():
     """Host time of an eager decode call and of SDPA's on the same cache (host_overhead.host_us)."""
     q = torch.randn(8, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
@@ -105,8 +137,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="only the GQA 32/8, d 128 table")
+    parser.add_argument("--prefill", action="store_true", help="only chunked prefill over a paged cache")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.prefill:
+        rows = [chunked_prefill(batch, chunk, length) for batch, chunk, length in
+                ((4, 512, 4096), (4, 2048, 8192), (16, 128, 2048))]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        with open(f"{args.out}/prefill.json", "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "unit": "TFLOP/s",
+                       "rows": rows}, handle, indent=1)
+        return
     rows = []
     shapes = [(1, 8192), (1, 65536), (32, 4096), (32, 32768), (128, 4096)]
     for batch, length in shapes:
