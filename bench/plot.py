@@ -1,6 +1,7 @@
-"""Bar charts of a GPU benchmark's JSON (bench/gpu_check.py's forward or bench/gpu_backward.py's backward):
-TFLOP/s by sequence length, one bar per implementation, one panel per (head dim, causal), as in
-FlashAttention's README.
+"""Bar charts of a GPU benchmark's JSON, one bar per implementation: bench/gpu_check.py's forward or
+bench/gpu_backward.py's backward (TFLOP/s by sequence length, one panel per (head dim, causal), as in
+FlashAttention's README), or bench/decode.py's decode (TB/s of K and V read by (batch, cache length), one panel
+per (query heads / kv heads, head dim)).
 
     python bench/plot.py RESULT.json OUT.png [--title TEXT]
 """
@@ -18,6 +19,38 @@ IMPLEMENTATIONS = [("ours", "FlashAttention-Plus"), ("ours_mma_sync", "FlashAtte
                    ("sdpa_flash", "torch SDPA flash (FA2)"), ("sdpa_cudnn", "torch SDPA cuDNN")]
 
 
+# bench/decode.py's columns.
+DECODE_IMPLEMENTATIONS = [("ours_dense", "FlashAttention-Plus"), ("ours_paged16", "FlashAttention-Plus, paged (16)"),
+                          ("sdpa_flash", "torch SDPA flash (FA2)"), ("cudnn", "torch SDPA cuDNN")]
+
+
+def draw_bars(axis, rows, implementations, value, label_format=None):
+    """One group of bars per row, one bar per implementation; value(row, key) gives a bar's height."""
+    width = 0.8 / len(implementations)
+    for index, (key, label) in enumerate(implementations):
+        positions = [i + (index - (len(implementations) - 1) / 2) * width for i in range(len(rows))]
+        bars = axis.bar(positions, [value(row, key) or 0 for row in rows], width, label=label)
+        if label_format:
+            axis.bar_label(bars, fmt=label_format, fontsize=6)
+
+
+def decode_chart(result, args):
+    panels = {}
+    for row in result["rows"]:
+        panels.setdefault((row["heads"], row["heads_k"], row["head_dim"]), []).append(row)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for axis, ((heads, heads_k, dim), rows) in zip(axes[0], panels.items()):
+        draw_bars(axis, rows, DECODE_IMPLEMENTATIONS, lambda row, key: row.get(key))
+        axis.set_xticks(range(len(rows)), [f"b{row['batch']}\n{row['cache'] // 1024}k" for row in rows], fontsize=8)
+        axis.set_title(f"heads {heads}/{heads_k}, d {dim}", fontsize=9)
+        axis.set_ylabel("TB/s")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(DECODE_IMPLEMENTATIONS), fontsize=8)
+    figure.suptitle(f"{args.title} — {result.get('device', '')}, torch {result.get('torch', '')}", fontsize=10)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.savefig(args.png, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("result")
@@ -26,6 +59,9 @@ def main():
     args = parser.parse_args()
     with open(args.result) as handle:
         result = json.load(handle)
+    if "benchmark" not in result:
+        decode_chart(result, args)
+        return
     rows = result["benchmark"]
     implementations = [(key, label) for key, label in IMPLEMENTATIONS if any(row.get(key + "_tflops") for row in rows)]
     head_dims = sorted({row["d"] for row in rows})
@@ -34,12 +70,7 @@ def main():
         axis = axes[line][column]
         selected = sorted((row for row in rows if row["d"] == head_dim and row["causal"] == causal),
                           key=lambda row: row["seqlen"])
-        width = 0.8 / len(implementations)
-        for index, (key, label) in enumerate(implementations):
-            values = [row.get(key + "_tflops") or 0 for row in selected]
-            positions = [i + (index - (len(implementations) - 1) / 2) * width for i in range(len(selected))]
-            bars = axis.bar(positions, values, width, label=label)
-            axis.bar_label(bars, fmt="%.0f", fontsize=6)
+        draw_bars(axis, selected, implementations, lambda row, key: row.get(key + "_tflops"), "%.0f")
         axis.set_xticks(range(len(selected)), [f"{row['seqlen'] // 1024}k" for row in selected])
         axis.set_title(f"d={head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
         axis.set_xlabel("sequence length (batch x seqlen = 16k)", fontsize=8)
