@@ -1,5 +1,7 @@
 #include "src/cuda/attention_config.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "src/cuda/kernel_sources.h"
 
@@ -13,6 +15,7 @@ std::string ForwardConfig::name() const {
   if (softcap) text += "_softcap";
   if (alibi) text += "_alibi";
   if (dropout) text += "_dropout";
+  if (indexed_keys) text += "_indexed";
   return text;
 }
 
@@ -21,7 +24,7 @@ std::vector<std::string> ForwardConfig::defines() const {
           concat("-DFAP_WARPS=", warps),       concat("-DFAP_ROW_TILES=", row_tiles),
           concat("-DFAP_MIN_BLOCKS=", min_blocks),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
           concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window}),
-          concat("-DFAP_STAGES=", stages)};
+          concat("-DFAP_STAGES=", stages),    concat("-DFAP_INDEXED_KEYS=", int{indexed_keys})};
 }
 
 std::string ForwardConfig::source_file() const { return wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"; }
@@ -272,6 +275,29 @@ ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_
 
 BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability) {
   return choose(kBackwardFamilies, features, compute_capability);
+}
+
+ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int compute_capability) {
+  KernelFeatures mma_sync = features;
+  mma_sync.dropout = false;
+  ForwardConfig config = choose_forward_config(mma_sync, std::min(compute_capability, 80));
+  config.indexed_keys = true;
+  // Every register to one CTA: the per-row cache addressing spilled a few bytes at d <= 64 with 8 warps otherwise.
+  config.min_blocks = 1;
+  return config;
+}
+
+std::vector<ForwardConfig> all_indexed_forward_configs() {
+  std::vector<ForwardConfig> configs;
+  for (ForwardConfig config : all_forward_configs(80)) {
+    if (config.dropout) continue;
+    KernelFeatures features;
+    features.dtype = config.bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
+    features.head_dim = config.head_dim;
+    features.window = config.window, features.softcap = config.softcap, features.alibi = config.alibi;
+    configs.push_back(choose_indexed_forward_config(features, 80));
+  }
+  return configs;
 }
 
 std::vector<ForwardConfig> all_forward_configs(int compute_capability) {

@@ -22,6 +22,7 @@ struct ForwardConfig {
   int min_blocks = 0;  // __launch_bounds__ hint: 0 none, 1 all registers to one CTA
   int stages = 2;      // wgmma: K/V tiles in flight
   bool softcap = false, alibi = false, dropout = false, window = false;
+  bool indexed_keys = false;  // mma.sync: keys through device-resident indices (paged caches, used key counts)
 
   std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window, attention_fwd_sm90_bf16_d128_...
   std::vector<std::string> defines() const;
@@ -31,7 +32,7 @@ struct ForwardConfig {
 
   auto fields() const {
     return std::tie(wgmma, bf16, head_dim, block_m, block_n, warps, row_tiles, min_blocks, stages, softcap, alibi,
-                    dropout, window);
+                    dropout, window, indexed_keys);
   }
   bool operator<(const ForwardConfig& other) const { return fields() < other.fields(); }
 };
@@ -89,12 +90,16 @@ struct DecodeConfig {
 ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability);
 BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability);
 DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability);
+// The forward for prefill chunks whose keys are found through device-resident indices: the mma.sync kernel with
+// FAP_INDEXED_KEYS, on every sm_80+ GPU (no dropout).
+ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int compute_capability);
 
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
 // precompilation).
 std::vector<ForwardConfig> all_forward_configs(int compute_capability);
 std::vector<BackwardConfig> all_backward_configs(int compute_capability);
 std::vector<DecodeConfig> all_decode_configs(int compute_capability);
+std::vector<ForwardConfig> all_indexed_forward_configs();
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);

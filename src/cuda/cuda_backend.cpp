@@ -318,30 +318,6 @@ class CudaCall : public PreparedCall {
   const LoadedKernels* kernels_ = nullptr;
 };
 
-// A planned forward: its kernel loaded, its argument block and grid computed; running launches once.
-class ForwardCall final : public CudaCall {
- public:
-  ForwardCall(const DriverApi& api, const AttentionProblem& problem) : CudaCall(api, problem.device_index) {
-    const ForwardConfig config = choose_forward_config(problem.features(), capability_);
-    load(config);
-    params_ = attention_params(problem, vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
-    blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
-    batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
-  }
-  size_t workspace_size() const override { return 0; }
-  void run(void* stream, void*) const override {
-    const ScopedContext scope(api_, context_);
-    launch(api_, kernels_->functions[0], blocks_, batch_, heads_, threads_, kernels_->shared_bytes,
-           static_cast<CUstream>(stream), &params_);
-  }
-
- private:
-  AttentionParams params_{};
-  unsigned int blocks_ = 0;
-  int64_t batch_ = 0, heads_ = 0;
-  int threads_ = 0;
-};
-
 // A planned backward: the preprocess, main and conversion kernels of one configuration with the workspace
 // laid out for it (the workspace's address is bound when it runs).
 class BackwardCall final : public CudaCall {
@@ -453,8 +429,53 @@ DecodeParams decode_params(const AttentionProblem& p, bool vector) {
   return params;
 }
 
-// Whether a forward runs on the decode / KV-cache kernels: its keys are found through device-resident indices.
-bool uses_decode_kernels(const AttentionProblem& p) { return p.kv_cache || p.block_table || p.seqused_k; }
+// Whether a forward's keys are found through device-resident indices (a paged cache, used key counts, the
+// KV-cache call).
+bool uses_cache_indices(const AttentionProblem& p) { return p.kv_cache || p.block_table || p.seqused_k; }
+
+// Whether such a call is a prefill chunk for the forward kernel's indexed-keys configuration: more than 64 packed
+// query rows per sequence (the decode kernel would read the keys once per 16 of them), and no KV-cache append
+// (whose rotated q and new keys the decode module writes first).
+bool prefill_over_cache(const AttentionProblem& p) { return p.cache.rows == 0 && p.seqlen_q * p.group_size() > 64; }
+
+// Whether a cached call's rows may be copied 16 bytes at a time: every row the kernels read aligned (with rotary,
+// q is the workspace's aligned copy; a paged cache's blocks too).
+bool cache_vector_loads(const AttentionProblem& p) {
+  const bool blocks_aligned = !p.block_table || (p.k.block_stride % 8 == 0 && p.v.block_stride % 8 == 0);
+  return blocks_aligned && (p.cache.rotary.half_dim > 0 ? vector_loads(p, {&p.k, &p.v})
+                                                        : vector_loads(p, {&p.q, &p.k, &p.v}));
+}
+
+// A planned forward: its kernel loaded, its argument block and grid computed; running launches once. Calls whose
+// keys go through cache indices (prefill chunks) run the mma.sync kernel's indexed-keys configuration, whose
+// argument block is the whole DecodeParams; the others take its AttentionParams part.
+class ForwardCall final : public CudaCall {
+ public:
+  ForwardCall(const DriverApi& api, const AttentionProblem& problem)
+      : CudaCall(api, problem.device_index), indexed_(uses_cache_indices(problem)) {
+    const ForwardConfig config = indexed_ ? choose_indexed_forward_config(problem.features(), capability_)
+                                          : choose_forward_config(problem.features(), capability_);
+    load(config);
+    params_ = decode_params(problem, indexed_ ? cache_vector_loads(problem)
+                                              : vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
+    blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
+    batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
+  }
+  size_t workspace_size() const override { return 0; }
+  void run(void* stream, void*) const override {
+    const ScopedContext scope(api_, context_);
+    const void* params = indexed_ ? static_cast<const void*>(&params_) : static_cast<const AttentionParams*>(&params_);
+    launch(api_, kernels_->functions[0], blocks_, batch_, heads_, threads_, kernels_->shared_bytes,
+           static_cast<CUstream>(stream), params);
+  }
+
+ private:
+  bool indexed_;
+  DecodeParams params_{};
+  unsigned int blocks_ = 0;
+  int64_t batch_ = 0, heads_ = 0;
+  int threads_ = 0;
+};
 
 // A planned decode / KV-cache call: the append (KV-cache calls with new keys), the attention over the key
 // splits, and their combine when there is more than one.
@@ -466,12 +487,7 @@ class DecodeCall final : public CudaCall {
         config_(choose_decode_config(problem.features(), device_.compute_capability)),
         layout_(problem, config_, device_) {
     load(config_);
-    // 16-byte copies: every row the kernel reads aligned (with rotary, q is the workspace's aligned copy).
-    const bool blocks_aligned =
-        !problem.block_table || (problem.k.block_stride % 8 == 0 && problem.v.block_stride % 8 == 0);
-    const bool rows_aligned = problem.cache.rotary.half_dim > 0 ? vector_loads(problem, {&problem.k, &problem.v})
-                                                                : vector_loads(problem, {&problem.q, &problem.k, &problem.v});
-    params_ = decode_params(problem, blocks_aligned && rows_aligned);
+    params_ = decode_params(problem, cache_vector_loads(problem));
     params_.splits = static_cast<int>(layout_.splits), params_.split_rows = static_cast<int>(layout_.split_rows);
   }
   size_t workspace_size() const override { return layout_.bytes; }
@@ -541,7 +557,7 @@ class CudaBackend final : public Backend {
   std::string unsupported_reason(const AttentionProblem& problem) const override {
     if (problem.dtype == FAP_DTYPE_FLOAT32) return "float32 tensors: the CUDA kernels take float16 and bfloat16";
     if (problem.probs.data) return "attn_probs is not implemented on CUDA yet";
-    if (uses_decode_kernels(problem) && problem.dropout_p > 0.0f) {
+    if (uses_cache_indices(problem) && problem.dropout_p > 0.0f) {
       return "dropout_p with block_table or seqused_k (a paged KV cache, used key counts) is not implemented on CUDA";
     }
     return {};
@@ -549,7 +565,7 @@ class CudaBackend final : public Backend {
 
   std::unique_ptr<PreparedCall> prepare(const AttentionProblem& problem) const override {
     const DriverApi& api = loaded_driver();
-    if (problem.direction == Direction::kForward && uses_decode_kernels(problem)) {
+    if (problem.direction == Direction::kForward && uses_cache_indices(problem) && !prefill_over_cache(problem)) {
       return std::make_unique<DecodeCall>(api, problem);
     }
     if (problem.direction == Direction::kForward) return std::make_unique<ForwardCall>(api, problem);

@@ -212,11 +212,16 @@ TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
     targets.emplace_back(config, "sm_80");
     targets.emplace_back(config, "sm_90a");
   }
+  for (const ForwardConfig& config : all_indexed_forward_configs()) {
+    targets.emplace_back(config, "sm_80");
+    targets.emplace_back(config, "sm_90a");
+  }
   const size_t mma_sync = targets.size();
   for (const ForwardConfig& config : all_forward_configs(90)) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
-  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu mma.sync configurations x sm_80, sm_90a; %zu wgmma "
-              "configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2, targets.size() - mma_sync);
+  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu mma.sync configurations, indexed-keys ones included, x "
+              "sm_80, sm_90a; %zu wgmma configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2,
+              targets.size() - mma_sync);
 }
 
 TEST(AttentionKernelCompile, BackwardConfigurationsCompileWithoutSpills) {

@@ -195,10 +195,13 @@ def test_kvcache_decode_step_replays_in_a_cuda_graph(device):
 
 @pytest.mark.parametrize("window", [(40, 0), (17, 5), (-1, 3)])
 @pytest.mark.parametrize("paged", [False, True])
-def test_kvcache_window_softcap_alibi(device, window, paged):
+@pytest.mark.parametrize("seqlen_q", [5, 20])
+def test_kvcache_window_softcap_alibi(device, window, paged, seqlen_q):
     """Sliding windows (normalised with the cache's capacity, as FA2), softcap and per-batch ALiBi slopes at
-    d = 96 with GQA 8/2 and split keys, dense or paged, against the reference over each sequence's keys."""
-    dtype, batch, heads, heads_k, dim, capacity, page, seqlen_q = torch.float16, 2, 8, 2, 96, 320, 16, 5
+    d = 96 with GQA 8/2 and split keys, dense or paged, against the reference over each sequence's keys. 20 query
+    rows (80 packed rows per kv head) make a prefill chunk: on CUDA the forward kernel's indexed-keys
+    configuration runs it, 5 rows the decode kernel."""
+    dtype, batch, heads, heads_k, dim, capacity, page = torch.float16, 2, 8, 2, 96, 320, 16
     q = torch.randn(batch, seqlen_q, heads, dim, dtype=dtype, device=device)
     dense_k = torch.randn(batch, capacity, heads_k, dim, dtype=dtype, device=device)
     dense_v = torch.randn_like(dense_k)

@@ -14,7 +14,7 @@
 // FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW; FAP_DROPOUT is 0 (no dropout in these calls).
 #pragma once
 
-#include "attention_fwd_common.cuh"
+#include "cache_keys.cuh"
 #include "kv_cache_append.cuh"
 
 namespace fap {
@@ -23,75 +23,19 @@ constexpr int kDecodeRows = 16;       // packed rows per CTA: one mma row tile
 constexpr int kDecodeMaxSplits = 128;  // attention_decode_combine's bound (the host's too)
 #define FAP_KV_TILE (FAP_BLOCK_N * FAP_STRIDE)  // elements of one K or V tile
 
-// One batch entry's keys. seq.k_start is the first cache position used (leftpad_k), seq.len_k the keys used;
-// k_base / v_base place the sequence's cache entry and kv head. Every device-resident value is clamped.
-struct DecodeSequence {
-  ForwardSequence seq;
-  long long k_base, v_base;
-};
-
-__device__ __forceinline__ int clamp_to(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
-
-__device__ __forceinline__ DecodeSequence decode_sequence(const DecodeParams& p, int batch, int kv_head) {
-  DecodeSequence d;
-  ForwardSequence& s = d.seq;
-  s = sequence_info<long long>(p, batch);  // the query side; keys: cu_seqlens_k's count or the dense capacity
-  const int capacity = p.block_table ? p.max_blocks * p.page_size : s.len_k;
-  const int used = clamp_to(p.seqused_k ? p.seqused_k[batch] + p.appended_keys : s.len_k, 0, capacity);
-  const int pad = p.leftpad_k ? clamp_to(p.leftpad_k[batch], 0, used) : 0;
-  s.k_start = (p.block_table ? 0 : s.k_start) + pad;
-  s.len_k = used - pad;
-  s.offset = s.len_k - s.len_q;
-  d.k_base = kv_head * p.k_head_stride;
-  d.v_base = kv_head * p.v_head_stride;
-  if (!p.block_table) {
-    const int entry = p.cache_batch_idx ? clamp_to(p.cache_batch_idx[batch], 0, p.cache_batch - 1) : batch;
-    d.k_base += entry * p.k_batch_stride;
-    d.v_base += entry * p.v_batch_stride;
-  }
-  return d;
-}
-
 // Loads one warp's K and V tiles of FAP_BLOCK_N keys from key0 (zeros past the sequence's keys and head_dim).
-// Lane l finds the cache row of key key0 + l (through the block table, the block index clamped) and the warp's
-// copies take each row's offsets from its lane.
+// Lane l finds the cache row of key key0 + l and the warp's copies take each row's offsets from its lane.
 __device__ __forceinline__ void load_kv_tile(storage_t* k_tile, storage_t* v_tile, const DecodeParams& p,
-                                             const DecodeSequence& d, int batch, int key0, int lane) {
-  long long k_offset = d.k_base, v_offset = d.v_base;
-  if (lane < FAP_BLOCK_N && key0 + lane < d.seq.len_k) {
-    const int position = (int)d.seq.k_start + key0 + lane;
-    if (p.block_table) {
-      const int block = clamp_to(p.block_table[batch * p.block_table_stride + position / p.page_size], 0,
-                                 p.num_blocks - 1);
-      const int row = position % p.page_size;
-      k_offset += block * p.k_block_stride + row * p.k_row_stride;
-      v_offset += block * p.v_block_stride + row * p.v_row_stride;
-    } else {
-      k_offset += position * p.k_row_stride;
-      v_offset += position * p.v_row_stride;
-    }
-  }
-  const storage_t* k = static_cast<const storage_t*>(p.k);
-  const storage_t* v = static_cast<const storage_t*>(p.v);
+                                             const CacheSequence& d, int batch, int key0, int lane) {
+  KeyRowOffsets mine{d.k_base, d.v_base};
+  if (lane < FAP_BLOCK_N && key0 + lane < d.seq.len_k) mine = key_row_offsets(p, d, batch, key0 + lane);
   constexpr int kChunks = FAP_HEAD_DIM / 8;  // 16-byte chunks per row; FAP_BLOCK_N * kChunks is a multiple of 32
 #pragma unroll
   for (int chunk = lane; chunk < FAP_BLOCK_N * kChunks; chunk += 32) {
     const int row = chunk / kChunks, col = (chunk % kChunks) * 8;
-    const long long k_row = __shfl_sync(0xffffffffu, k_offset, row);
-    const long long v_row = __shfl_sync(0xffffffffu, v_offset, row);
-    const bool valid = key0 + row < d.seq.len_k;
-    storage_t* k_target = k_tile + row * FAP_STRIDE + col;
-    storage_t* v_target = v_tile + row * FAP_STRIDE + col;
-    if (p.vector_loads) {
-      cp_async_16_or_zero_streaming(k_target, k + k_row + col, valid && col < p.head_dim);
-      cp_async_16_or_zero_streaming(v_target, v + v_row + col, valid && col < p.head_dim);
-    } else {
-      for (int e = 0; e < 8; ++e) {
-        const bool inside = valid && col + e < p.head_dim;
-        k_target[e] = inside ? k[k_row + col + e] : (storage_t)0;
-        v_target[e] = inside ? v[v_row + col + e] : (storage_t)0;
-      }
-    }
+    const KeyRowOffsets rows{__shfl_sync(0xffffffffu, mine.k, row), __shfl_sync(0xffffffffu, mine.v, row)};
+    copy_key_chunk(k_tile + row * FAP_STRIDE + col, v_tile + row * FAP_STRIDE + col, p, rows, col,
+                   key0 + row < d.seq.len_k);
   }
 }
 
@@ -118,7 +62,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
   const int split = blockIdx.x, row_block = blockIdx.z;
   const int heads_kv = p.heads_q / p.group_size;
   const int batch = blockIdx.y / heads_kv, kv_head = blockIdx.y % heads_kv;
-  const DecodeSequence d = decode_sequence(p, batch, kv_head);
+  const CacheSequence d = cache_sequence(p, batch, kv_head);
   const ForwardSequence& seq = d.seq;
   if (row_block * kDecodeRows >= seq.len_q * p.group_size) return;
 

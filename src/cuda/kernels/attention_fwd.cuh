@@ -9,9 +9,13 @@
 //   FAP_HEAD_DIM  head dim rounded up to a multiple of 16     FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS, FAP_ROW_TILES
 //   FAP_BF16      1: bfloat16, 0: float16                      FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW
 //   FAP_MIN_BLOCKS  0 or 1 (see the launch bounds below)
+//   FAP_INDEXED_KEYS  1: keys found through device-resident indices (a paged cache's block table, used key
+//                  counts, a KV cache's entries and left padding: cache_keys.cuh); the arguments are then a
+//                  DecodeParams. For prefill chunks over a cache, which the decode kernel serves 16 rows at a time.
 #pragma once
 
 #include "attention_fwd_common.cuh"
+#include "cache_keys.cuh"
 
 
 namespace fap {
@@ -24,7 +28,40 @@ namespace fap {
 #define FAP_FWD_LAUNCH_BOUNDS __launch_bounds__(FAP_WARPS * 32)
 #endif
 
-extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFwdParams p) {
+#if FAP_INDEXED_KEYS
+typedef DecodeParams ForwardKernelParams;
+#else
+typedef AttentionFwdParams ForwardKernelParams;
+#endif
+
+// Loads the K and V tiles of BLOCK_N keys from key0 (zeros past the sequence's keys): from contiguous rows, or
+// with FAP_INDEXED_KEYS row by row through the cache's indices.
+template <typename Keys>
+__device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_tile, const ForwardKernelParams& p,
+                                              const Keys& keys, int batch, int key0) {
+#if FAP_INDEXED_KEYS
+  const int chunks_per_row = FAP_HEAD_DIM / 8;
+  for (int chunk = threadIdx.x; chunk < FAP_BLOCK_N * chunks_per_row; chunk += FAP_WARPS * 32) {
+    const int row = chunk / chunks_per_row, col = (chunk % chunks_per_row) * 8;
+    const bool valid = key0 + row < keys.seq.len_k;
+    const KeyRowOffsets rows = valid ? key_row_offsets(p, keys, batch, key0 + row) : KeyRowOffsets{keys.k_base, keys.v_base};
+    copy_key_chunk(k_tile + row * FAP_STRIDE + col, v_tile + row * FAP_STRIDE + col, p, rows, col, valid);
+  }
+#else
+  const int count = (int)(keys.len_k - key0);
+  load_tile<FAP_BLOCK_N>(k_tile, keys.k + key0 * p.k_row_stride, p.k_row_stride, count, p.head_dim, p.vector_loads);
+  load_tile<FAP_BLOCK_N>(v_tile, keys.v + key0 * p.v_row_stride, p.v_row_stride, count, p.head_dim, p.vector_loads);
+#endif
+}
+
+// The contiguous keys of one (batch entry, kv head).
+struct ContiguousKeys {
+  const storage_t* k;
+  const storage_t* v;
+  int len_k;
+};
+
+extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
   storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;         // 2 stages
@@ -32,21 +69,26 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
 
   const int block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
   const int kv_head = head / p.group_size;
+#if FAP_INDEXED_KEYS
+  const CacheSequence keys = cache_sequence(p, batch, kv_head);
+  const ForwardSequence& seq = keys.seq;
+#else
   const ForwardSequence seq = sequence_info<long long>(p, batch);
+#endif
   const int row_begin = block * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
 
   const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
-  const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
-  const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+#if !FAP_INDEXED_KEYS
+  const ContiguousKeys keys{
+      static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride,
+      static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride,
+      seq.len_k};
+#endif
   const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
 
   load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, seq.len_q - row_begin, p.head_dim, p.vector_loads);
-  if (tiles.first < tiles.end) {
-    const int key0 = tiles.first * FAP_BLOCK_N;
-    load_tile<FAP_BLOCK_N>(k_tiles, k + key0 * p.k_row_stride, p.k_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
-    load_tile<FAP_BLOCK_N>(v_tiles, v + key0 * p.v_row_stride, p.v_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
-  }
+  if (tiles.first < tiles.end) load_kv_tiles(k_tiles, v_tiles, p, keys, batch, tiles.first * FAP_BLOCK_N);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -77,11 +119,8 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const AttentionFw
     cp_async_wait_all();
     __syncthreads();
     if (tile + 1 < tiles.end) {  // prefetch the next tile into the other stage
-      const int key0 = (tile + 1) * FAP_BLOCK_N;
-      load_tile<FAP_BLOCK_N>(k_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, k + key0 * p.k_row_stride,
-                             p.k_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
-      load_tile<FAP_BLOCK_N>(v_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, v + key0 * p.v_row_stride,
-                             p.v_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
+      load_kv_tiles(k_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, v_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE,
+                    p, keys, batch, (tile + 1) * FAP_BLOCK_N);
     }
     cp_async_commit();
     const storage_t* k_tile = k_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
