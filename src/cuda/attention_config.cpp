@@ -83,7 +83,7 @@ std::string DecodeConfig::name() const {
 std::vector<std::string> DecodeConfig::defines() const {
   return {concat("-DFAP_HEAD_DIM=", head_dim),  concat("-DFAP_BLOCK_N=", block_n),  concat("-DFAP_STAGES=", stages),
           concat("-DFAP_WARPS=", warps),        concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
-          concat("-DFAP_ALIBI=", int{alibi}),   concat("-DFAP_DROPOUT=0"),          concat("-DFAP_WINDOW=", int{window})};
+          concat("-DFAP_ALIBI=", int{alibi}),   std::string("-DFAP_DROPOUT=0"),    concat("-DFAP_WINDOW=", int{window})};
 }
 
 int DecodeConfig::shared_bytes() const {
@@ -92,11 +92,35 @@ int DecodeConfig::shared_bytes() const {
   return 16 * (head_dim + 8) * 2 + warps * stages * 2 * block_n * (head_dim + 8) * 2;
 }
 
+namespace {
+
+[[noreturn]] void no_kernel_for(int compute_capability) {
+  fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
+       compute_capability % 10);
+}
+
+// Calls visit(features) for every dtype x head dim (multiples of 16 up to 256) x combination of the first
+// `flags` of window, softcap, alibi, dropout.
+template <typename Visit>
+void for_each_feature_set(int flags, Visit&& visit) {
+  for (int bf16 = 0; bf16 < 2; ++bf16)
+    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
+      for (int bits = 0; bits < (1 << flags); ++bits) {
+        KernelFeatures features;
+        features.dtype = bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
+        features.head_dim = head_dim;
+        features.window = bits & 1;
+        features.softcap = bits & 2;
+        features.alibi = bits & 4;
+        features.dropout = bits & 8;
+        visit(features);
+      }
+}
+
+}  // namespace
+
 DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability) {
-  if (compute_capability < 80) {
-    fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
-         compute_capability % 10);
-  }
+  if (compute_capability < 80) no_kernel_for(compute_capability);
   DecodeConfig config;
   config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
   config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
@@ -113,15 +137,9 @@ DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_ca
 
 std::vector<DecodeConfig> all_decode_configs(int compute_capability) {
   std::vector<DecodeConfig> configs;
-  for (int bf16 = 0; bf16 < 2; ++bf16)
-    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
-      for (int bits = 0; bits < 8; ++bits) {
-        KernelFeatures features;
-        features.dtype = bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
-        features.head_dim = head_dim;
-        features.window = bits & 1, features.softcap = bits & 2, features.alibi = bits & 4;
-        configs.push_back(choose_decode_config(features, compute_capability));
-      }
+  for_each_feature_set(3, [&](const KernelFeatures& features) {  // no dropout in decode calls
+    configs.push_back(choose_decode_config(features, compute_capability));
+  });
   return configs;
 }
 
@@ -242,8 +260,7 @@ Config choose(const KernelFamily<Config> (&families)[N], const KernelFeatures& f
     family.set_tile_shape(config);
     return config;
   }
-  fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
-       compute_capability % 10);
+  no_kernel_for(compute_capability);
 }
 
 // Every configuration the dispatch can choose on a compute capability: each dtype x head dim (multiples of 16) x
@@ -251,19 +268,10 @@ Config choose(const KernelFamily<Config> (&families)[N], const KernelFeatures& f
 template <typename Config, size_t N>
 std::vector<Config> every_config(const KernelFamily<Config> (&families)[N], int compute_capability) {
   std::vector<Config> configs;
-  for (int bf16 = 0; bf16 < 2; ++bf16)
-    for (int head_dim = 16; head_dim <= 256; head_dim += 16)
-      for (int bits = 0; bits < 16; ++bits) {
-        KernelFeatures features;
-        features.dtype = bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
-        features.head_dim = head_dim;
-        features.window = bits & 1;
-        features.softcap = bits & 2;
-        features.alibi = bits & 4;
-        features.dropout = bits & 8;
-        const Config config = choose(families, features, compute_capability);
-        if (config.head_dim == head_dim) configs.push_back(config);
-      }
+  for_each_feature_set(4, [&](const KernelFeatures& features) {
+    const Config config = choose(families, features, compute_capability);
+    if (config.head_dim == features.head_dim) configs.push_back(config);
+  });
   return configs;
 }
 

@@ -393,15 +393,14 @@ struct DecodeLayout {
                                                  2048 / (config.warps * 32)));
     const double slots = static_cast<double>(per_sm * device.multiprocessors);
     if (static_cast<double>(ctas) >= 0.8 * slots) return 1;
-    std::vector<double> efficiency(static_cast<size_t>(max_splits) + 1, 0.0);
-    double best = 0.0;
-    for (int64_t s = 1; s <= max_splits; ++s) {
+    const auto efficiency = [&](int64_t s) {  // how full the last wave of ctas * s CTAs is
       const double waves = static_cast<double>(ctas * s) / slots;
-      efficiency[s] = waves / std::ceil(waves);
-      best = std::max(best, efficiency[s]);
-    }
+      return waves / std::ceil(waves);
+    };
+    double best = 0.0;
+    for (int64_t s = 1; s <= max_splits; ++s) best = std::max(best, efficiency(s));
     for (int64_t s = 1; s <= max_splits; ++s)
-      if (efficiency[s] >= 0.85 * best) return s;
+      if (efficiency(s) >= 0.85 * best) return s;
     return 1;
   }
 };
