@@ -1,24 +1,31 @@
-"""Two builds of the library timed side by side in one process: each shape's forward and backward through the C
-API of build A and of build B, in interleaved rounds (each build first in every other round; median of the
-rounds' medians), on the same tensors. For checking that a change leaves the kernels' speed alone (or by how
-much it moves it).
+"""Builds of the library side by side in one process, beside torch SDPA's flash (FlashAttention-2's own sm_80
+kernels) and cuDNN backends: each shape's forward and backward through the C API of every build, in interleaved
+rounds (the order rotating from round to round; median of the rounds' medians), on the same tensors. For checking
+that a change leaves the kernels' speed alone (or by how much it moves it), and with
+FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 for timing the mma.sync kernels against FlashAttention-2 on one GPU.
 
-    python bench/ab_compare.py --a old/libflash_attn_plus.so --b build/libflash_attn_plus.so --out results.json
+    python bench/ab_compare.py --out results.json before=old/libflash_attn_plus.so after=build/libflash_attn_plus.so
 
 Shapes: bf16, batch x seqlen = 16k tokens, heads x head_dim = 2048, head dims 64/128/256, 1k/4k/16k, causal or
-not. TFLOP/s with FlashAttention's convention (forward 4 b h sq sk d, halved for causal; backward 2.5x).
+not (--quick: 4k and 16k at d = 128). TFLOP/s with FlashAttention's convention (forward 4 b h sq sk d, halved for
+causal; backward 2.5x). Ratios: every build to the first one and to SDPA flash.
 """
 import argparse
 import ctypes
 import json
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fap_ctypes as fc
 from timing import time_ms
 
 
-def prepare(lib, q, k, v, out, lse, dout, grads, causal):
+def library_calls(lib, q, k, v, dout, causal):
+    """(forward, backward) through the C API of one build, each with its own outputs."""
+    out, grads = torch.empty_like(q), [torch.empty_like(x) for x in (q, k, v)]
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device="cuda")
     options = lib.fap_default_options()
     options.causal = int(causal)
     fwd = fc.FwdArgs(q=fc.tensor(q), k=fc.tensor(k), v=fc.tensor(v), out=fc.tensor(out), softmax_lse=fc.tensor(lse))
@@ -36,48 +43,77 @@ def prepare(lib, q, k, v, out, lse, dout, grads, causal):
         fc.check(lib, lib.fap_mha_bwd(ctypes.byref(bwd), ctypes.byref(options), stream, workspace.data_ptr(),
                                       size.value))
 
+    forward()  # out and lse for the backward
+    return forward, backward
+
+
+def sdpa_calls(backend, q, k, v, dout, causal):
+    """(forward, backward) of torch SDPA with one backend ((batch, heads, seqlen, d) views of the same tensors)."""
+    tq, tk, tv = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    tdout = dout.transpose(1, 2)
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+    def forward():
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+    def backward():
+        torch.autograd.grad(out, (tq, tk, tv), tdout, retain_graph=True)
+
     return forward, backward
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--a", required=True, help="the first build's libflash_attn_plus.so (e.g. the previous commit)")
-    parser.add_argument("--b", required=True, help="the second build's")
+    parser.add_argument("builds", nargs="+", help="NAME=path of a libflash_attn_plus.so; the first is the reference")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="d = 128 at 4k and 16k only")
     parser.add_argument("--out", default="ab_compare.json")
     args = parser.parse_args()
-    libraries = {"a": fc.load(args.a), "b": fc.load(args.b)}
+    libraries = {name: fc.load(path) for name, path in (b.split("=", 1) for b in args.builds)}
+    first = next(iter(libraries))
+    head_dims, seqlens = ((128,), (4096, 16384)) if args.quick else ((64, 128, 256), (1024, 4096, 16384))
     rows = []
-    for head_dim in (64, 128, 256):
-        for seqlen in (1024, 4096, 16384):
+    for head_dim in head_dims:
+        for seqlen in seqlens:
             for causal in (False, True):
                 batch, heads = 16384 // seqlen, 2048 // head_dim
                 q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
                                  for _ in range(4))
-                out = torch.empty_like(q)
-                lse = torch.empty(batch, heads, seqlen, device="cuda")
-                grads = [torch.empty_like(x) for x in (q, k, v)]
-                calls = {name: prepare(lib, q, k, v, out, lse, dout, grads, causal) for name, lib in libraries.items()}
+                calls = {name: library_calls(lib, q, k, v, dout, causal) for name, lib in libraries.items()}
+                for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                                      ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    try:
+                        calls[name] = sdpa_calls(backend, q, k, v, dout, causal)
+                    except RuntimeError as error:  # a backend that does not take the shape
+                        print(f"{name}: {str(error).splitlines()[0]}")
                 times = {(name, kind): [] for name in calls for kind in ("fwd", "bwd")}
                 for round_index in range(args.rounds):
                     order = list(calls.items())
-                    for name, (forward, backward) in order[::-1] if round_index % 2 else order:  # alternate who goes first
+                    shift = round_index % len(order)
+                    for name, (forward, backward) in order[shift:] + order[:shift]:  # rotate who goes first
                         times[(name, "fwd")].append(time_ms(forward, warmup=3, repeat=10))
-                        forward()  # out and lse of this build for its backward
                         times[(name, "bwd")].append(time_ms(backward, warmup=3, repeat=10))
                 flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 row = {"head_dim": head_dim, "seqlen": seqlen, "causal": causal}
                 for (name, kind), values in times.items():
                     ms = sorted(values)[len(values) // 2]
                     row[f"{kind}_{name}_tflops"] = flops * (2.5 if kind == "bwd" else 1) / ms / 1e9
-                row["fwd_b_over_a"] = row["fwd_b_tflops"] / row["fwd_a_tflops"]
-                row["bwd_b_over_a"] = row["bwd_b_tflops"] / row["bwd_a_tflops"]
+                text = f"d={head_dim:3d} s={seqlen:5d} causal={int(causal)}"
+                for kind in ("fwd", "bwd"):
+                    text += f"  {kind}"
+                    for name in calls:
+                        row[f"{kind}_{name}_over_{first}"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_{first}_tflops"]
+                        if "sdpa_flash" in calls:
+                            row[f"{kind}_{name}_over_fa2"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_sdpa_flash_tflops"]
+                        text += f" {name} {row[f'{kind}_{name}_tflops']:6.1f}"
+                        if name in libraries and "sdpa_flash" in calls:
+                            text += f" ({row[f'{kind}_{name}_over_fa2']:.2f}x FA2)"
                 rows.append(row)
-                print(f"d={head_dim:3d} s={seqlen:5d} causal={int(causal)}  fwd {row['fwd_a_tflops']:6.1f} -> "
-                      f"{row['fwd_b_tflops']:6.1f} ({row['fwd_b_over_a']:.3f}x)   bwd {row['bwd_a_tflops']:6.1f} -> "
-                      f"{row['bwd_b_tflops']:6.1f} ({row['bwd_b_over_a']:.3f}x)", flush=True)
+                print(text, flush=True)
     with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "a": args.a, "b": args.b, "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "builds": args.builds, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 python3 -m pytest -q --device cuda -n 8 
   | tee "$out/pytest_cuda_portable.log" | tail -3
 python3 bench/host_overhead.py 2>&1 | tee "$out/host_overhead.txt" | head -12
 if [ $# -eq 2 ]; then
-  (cd bench && python3 ab_compare.py --a "../$1" --b "../$2" --rounds 5 --out "$out/ab_compare.json") 2>&1 | tee "$out/ab_compare.txt"
+  (cd bench && python3 ab_compare.py --rounds 5 --out "$out/ab_compare.json" a="../$1" b="../$2") 2>&1 \
+    | tee "$out/ab_compare.txt"
   # The kernels every other sm_80+ GPU runs (mma.sync), on this GPU.
-  (cd bench && FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 python3 ab_compare.py --a "../$1" --b "../$2" --rounds 5 \
-    --out "$out/ab_compare_portable.json") 2>&1 | tee "$out/ab_compare_portable.txt"
+  (cd bench && FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 python3 ab_compare.py --rounds 5 \
+    --out "$out/ab_compare_portable.json" a="../$1" b="../$2") 2>&1 | tee "$out/ab_compare_portable.txt"
 fi

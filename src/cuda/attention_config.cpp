@@ -65,10 +65,10 @@ int BackwardConfig::shared_bytes() const {
     const int tiles = (2 * block_n + 4 * block_m) * head_dim * 2 + 4 * block_m * 4 + 1024;
     return tiles + (head_dim == 256 ? 2 * block_n * block_m * 2 : block_n * block_m * 2 + 2 * 2 * 64 * 64 * 4);
   }
-  // K and V tiles, two stages of Q and dO tiles (rows padded by 8 halves), the P^T and dS^T tiles, and two
-  // stages of two floats per query row.
-  return (2 * block_n + 2 * q_stages * block_m) * (head_dim + 8) * 2 + 2 * block_n * (block_m + 8) * 2 +
-         2 * q_stages * block_m * 4;
+  // K and V tiles, q_stages of Q and dO tiles (rows padded by 8 halves), the dS^T tile (and the P^T tile where
+  // warps share keys), and q_stages of two floats per query row.
+  return (2 * block_n + 2 * q_stages * block_m) * (head_dim + 8) * 2 +
+         (dkv_split == 1 ? 1 : 2) * block_n * (block_m + 8) * 2 + 2 * q_stages * block_m * 4;
 }
 
 std::string DecodeConfig::name() const {
@@ -93,6 +93,16 @@ int DecodeConfig::shared_bytes() const {
 }
 
 namespace {
+
+// The shared memory one block may opt into: sm_90 and sm_100 227 KB, sm_80 and sm_87 163 KB, the others (sm_86,
+// sm_89, sm_120) 99 KB.
+int shared_memory_budget(int compute_capability) {
+  switch (compute_capability) {
+    case 90: case 100: case 103: return 227 * 1024;
+    case 80: case 87: return 163 * 1024;
+    default: return 99 * 1024;
+  }
+}
 
 [[noreturn]] void no_kernel_for(int compute_capability) {
   fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
@@ -126,9 +136,8 @@ DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_ca
   config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
   config.softcap = features.softcap, config.alibi = features.alibi, config.window = features.window;
   // Decoding is bound by the bandwidth of reading K and V: what matters is how many bytes are in flight. 16-key
-  // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them (sm_90: 227 KB,
-  // sm_80: 163 KB, others 99 KB), else 2 stages, else 4 then 2 warps (measured on the H200: bench/RESULTS.md).
-  const int budget = (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : 99) * 1024;
+  // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them, else 2 stages, else 4 then 2 warps (measured on the H200: bench/RESULTS.md).
+  const int budget = shared_memory_budget(compute_capability);
   config.block_n = 16, config.warps = 8, config.stages = 3;
   if (config.shared_bytes() > budget) config.stages = 2;
   while (config.shared_bytes() > budget && config.warps > 2) config.warps /= 2;
@@ -145,27 +154,42 @@ std::vector<DecodeConfig> all_decode_configs(int compute_capability) {
 
 namespace {
 
-// Backward tiles per head dim: 8 warps; dkv_split warps share 16 keys (each computes S^T and dP^T for
-// 1/dkv_split of the step's block_m queries and keeps dK, dV for 1/dkv_split of the head dim), so the
-// registers hold 16 x head_dim / dkv_split of dK and of dV per warp. Q/dO tiles are double-buffered where
-// the shared memory allows it on every sm_80+ GPU with more than 100 KB per block (A100, H100, B200);
-// above d = 128 they are single-buffered. The compile test checks that no combination spills.
-void set_backward_tiles(BackwardConfig& config) {
+// Backward tiles: the first of these shapes that fits the block's shared memory (8 warps each; the compile test
+// checks that none spills and that each fits its architecture's shared memory):
+// - Up to d = 128, one warp per 16 keys (dkv_split = 1: P^T and dS^T stay in its registers for dV and dK), 128
+//   keys per CTA and 128 queries per step at d <= 64, 64 above (dK and dV take the registers the wider step
+//   would need), the Q/dO tiles double-buffered.
+// - Warps sharing keys (dK and dV of 16 keys at d > 128 do not fit one warp's registers; sm_86/sm_89's 99 KB do
+//   not hold 128 keys at d > 64): dkv_split warps per 16 keys, each computing S^T and dP^T for 1/dkv_split of the
+//   step's queries and keeping dK, dV for 1/dkv_split of the head dim. Above d = 128, 2 warps per 16 keys and
+//   single-buffered Q/dO tiles of 64 queries (32 with dropout), else 4 warps per 16 keys and 64 queries, else
+//   32; up to d = 128, 2 warps per 16 keys and 32 queries per step (64 spill at d = 112, 128).
+void set_backward_tiles(BackwardConfig& config, int compute_capability) {
+  const int budget = shared_memory_budget(compute_capability), head_dim = config.head_dim;
   config.warps = 8;
-  config.block_m = config.head_dim > 64 && config.head_dim <= 128 ? 32 : 64;  // 64 spills at d = 112, 128
-  config.dkv_split = config.head_dim <= 128 ? 2 : 4;
-  config.q_stages = config.head_dim <= 128 ? 2 : 1;
-  config.block_n = 16 * config.warps / config.dkv_split;
-  // Each warp's dK/dV columns are whole 16-column MMA tiles: pad the head dim (with zero columns) to that.
-  const int multiple = 16 * config.dkv_split;
-  config.head_dim = (config.head_dim + multiple - 1) / multiple * multiple;
+  auto shape = [&](int dkv_split, int block_m, int q_stages) {
+    config.dkv_split = dkv_split, config.block_m = block_m, config.q_stages = q_stages;
+    config.block_n = 16 * config.warps / dkv_split;
+    // Head dims padded (with zero columns) to multiples of 32, FlashAttention-2's, and so that each warp's dK/dV
+    // columns are whole 16-column MMA tiles.
+    const int multiple = std::max(32, 16 * dkv_split);
+    config.head_dim = (head_dim + multiple - 1) / multiple * multiple;
+    return config.shared_bytes() <= budget;
+  };
+  if (head_dim <= 128) {
+    if (shape(1, head_dim <= 64 ? 128 : 64, 2) || shape(1, 64, 2)) return;
+    shape(2, head_dim <= 64 ? 64 : 32, 2);
+    return;
+  }
+  if (shape(2, config.dropout ? 32 : 64, 1) || shape(4, 64, 1)) return;  // dropout's Philox needs registers
+  shape(4, 32, 1);
 }
 
 // The sm_90 backward without dropout: head dims padded to 64, 128 or 256 (the workspace size asked for covers
 // this). Up to d = 128 two warpgroups of 64 keys, 64 queries per step at d = 128 and 128 at d = 64 (the
 // registers d = 128 keeps for dK and dV hold the wider scores instead); at d = 256 two warpgroups of 128
 // columns on 64 keys, 64 queries per step. Dropout: the mma.sync tiles.
-void set_sm90_backward_tiles(BackwardConfig& config) {
+void set_sm90_backward_tiles(BackwardConfig& config, int) {
   config.wgmma = true;
   config.head_dim = config.head_dim <= 64 ? 64 : config.head_dim <= 128 ? 128 : 256;
   config.warps = 8, config.dkv_split = 1, config.q_stages = 2;
@@ -181,8 +205,10 @@ void set_sm90_backward_tiles(BackwardConfig& config) {
 // warps, 64-key tiles. Without any score feature and for 64 < d <= 128, a warp takes two 16-row tiles
 // (each K/V fragment read from shared memory feeds two MMAs) with 32-key tiles, the widest that fits the
 // registers: +7% at d=128 non-causal. Masks, softcap, ALiBi and dropout need registers of their own: two
-// tiles spill or, with a mask, run slower. Above d = 128, 4 warps and 32-key tiles.
-void set_tiles(ForwardConfig& config) {
+// tiles spill or, with a mask, run slower. Above d = 128, 8 warps (1.5x 4 warps' speed at d = 256 on the H200
+// with the mma.sync kernels: bench/RESULTS.md) and 32-key tiles. Where the block's shared memory does not hold
+// that (sm_86/sm_89's 99 KB at the largest head dims), 4 warps, then narrower key tiles.
+void set_tiles(ForwardConfig& config, int compute_capability) {
   const bool plain_scores = !config.window && !config.softcap && !config.alibi && !config.dropout;
   if (config.dropout) {
     // Philox rounds for every score: all registers to one CTA (else ptxas spills at some head dims), and
@@ -200,16 +226,19 @@ void set_tiles(ForwardConfig& config) {
     // The window's per-row bounds spill a few registers at d <= 64 when ptxas keeps two CTAs per SM.
     if (config.window && config.head_dim <= 64) config.min_blocks = 1;
   } else {
-    config.block_n = 32, config.warps = 4, config.row_tiles = 1;
+    config.block_n = 32, config.warps = 8, config.row_tiles = 1, config.min_blocks = 1;
   }
   config.block_m = 16 * config.row_tiles * config.warps;
+  const int budget = shared_memory_budget(compute_capability);
+  if (config.shared_bytes() > budget && config.warps == 8 && config.row_tiles == 1) config.warps = 4, config.block_m = 64;
+  while (config.shared_bytes() > budget && config.block_n > 16) config.block_n /= 2;
 }
 
 // The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
 // 64-column blocks of the 128-byte swizzle. A consumer thread holds d / 2 registers of output and block_n / 2
 // of scores: 128-key tiles up to d = 128 and 64 above; dropout's Philox rounds take registers too, so it
 // gets half as many keys (the compile test checks that nothing spills).
-void set_sm90_tiles(ForwardConfig& config) {
+void set_sm90_tiles(ForwardConfig& config, int) {
   config.wgmma = true;
   config.head_dim = (config.head_dim + 63) / 64 * 64;
   config.warps = 12, config.row_tiles = 1, config.min_blocks = 1;
@@ -226,7 +255,7 @@ void set_sm90_tiles(ForwardConfig& config) {
 template <typename Config>
 struct KernelFamily {
   bool (*runs)(const KernelFeatures& features, int compute_capability);
-  void (*set_tile_shape)(Config& config);
+  void (*set_tile_shape)(Config& config, int compute_capability);
 };
 
 bool on_hopper(const KernelFeatures&, int compute_capability) { return compute_capability == 90; }
@@ -257,7 +286,7 @@ Config choose(const KernelFamily<Config> (&families)[N], const KernelFeatures& f
     config.alibi = features.alibi;
     config.dropout = features.dropout;
     config.window = features.window;
-    family.set_tile_shape(config);
+    family.set_tile_shape(config, compute_capability);
     return config;
   }
   no_kernel_for(compute_capability);

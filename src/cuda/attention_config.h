@@ -45,7 +45,7 @@ struct ForwardConfig {
 struct BackwardConfig {
   bool wgmma = false;
   bool bf16 = false;
-  int head_dim = 64;  // the problem's, padded (mma.sync: to a multiple of 16 * dkv_split; wgmma: to 64, 128, 256)
+  int head_dim = 64;  // the problem's, padded (mma.sync: to a multiple of 32 and of 16 * dkv_split; wgmma: to 64, 128, 256)
   int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = 16 * warps / dkv_split
   int q_stages = 2;                                           // 2: Q/dO tiles double-buffered
   bool softcap = false, alibi = false, dropout = false, window = false;  // deterministic mode is a run-time flag

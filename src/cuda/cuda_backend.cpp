@@ -347,9 +347,9 @@ class BackwardCall final : public CudaCall {
     const auto key_blocks = static_cast<unsigned int>((p.seqlen_k + config_.block_n - 1) / config_.block_n);
     launch(api_, kernels[0], p.deterministic ? static_cast<unsigned int>(layout_.splits) : key_blocks, p.batch,
            p.heads_kv, config_.warps * 32, kernels_->shared_bytes, stream, &params);
-    // The conversion: 4 rows per CTA, or a 64-row tile of the wgmma kernels' accumulator.
-    const auto convert_blocks =
-        static_cast<unsigned int>(config_.wgmma ? (p.seqlen_q + 63) / 64 : (p.seqlen_q + 3) / 4);
+    // The conversion: a 16-row (mma.sync) or 64-row (wgmma) tile of the accumulator per CTA.
+    const int64_t convert_rows = config_.wgmma ? 64 : 16;
+    const auto convert_blocks = static_cast<unsigned int>((p.seqlen_q + convert_rows - 1) / convert_rows);
     launch(api_, kernels[2], convert_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
   }
 

@@ -1,5 +1,5 @@
 // The forward and backward dispatch tables (pure functions, checked here without a GPU) and the
-// compilation of the kernels they select through NVRTC for sm_80 and sm_90a, failing on compile errors, register spills and
+// compilation of the kernels they select through NVRTC for sm_80, sm_86/sm_89 and sm_90a, failing on compile errors, register spills and
 // local memory (ptxas warnings promoted to errors). NVRTC needs no GPU.
 #include <gtest/gtest.h>
 
@@ -92,33 +92,64 @@ TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
     }
 }
 
-TEST(AttentionConfig, EveryConfigurationFitsTheSharedMemoryOfSm80AndSm90) {
-  constexpr int kSm80OptIn = 163 * 1024, kSm90OptIn = 227 * 1024;
+// The shared memory one block may opt into, per compute capability (the CUDA programming guide's table).
+int opt_in_shared_bytes(int compute_capability) {
+  return (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : 99) * 1024;
+}
+
+template <typename Config>
+void expect_fits_and_unique(const std::vector<Config>& configs, int compute_capability) {
   std::set<std::string> names;
-  for (const ForwardConfig& config : all_forward_configs(80)) {
-    EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
+  for (const Config& config : configs) {
+    EXPECT_LE(config.shared_bytes(), opt_in_shared_bytes(compute_capability))
+        << config.name() << " on sm_" << compute_capability;
     EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
   }
-  EXPECT_EQ(names.size(), 2u * 16u * 16u);
-  for (const ForwardConfig& config : all_forward_configs(90)) {
-    EXPECT_LE(config.shared_bytes(), kSm90OptIn) << config.name();
-    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+}
+
+TEST(AttentionConfig, EveryConfigurationFitsItsArchitecturesSharedMemory) {
+  for (int compute_capability : {80, 86, 89, 90}) {
+    expect_fits_and_unique(all_forward_configs(compute_capability), compute_capability);
+    expect_fits_and_unique(all_backward_configs(compute_capability), compute_capability);
+    expect_fits_and_unique(all_decode_configs(compute_capability), compute_capability);
   }
-  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u);  // sm_90 head dims: 64, 128, 192, 256
+  // Forward: every multiple of 16 up to 256 x 16 feature sets x 2 dtypes (mma.sync), and on sm_90 head dims 64,
+  // 128, 192, 256 (wgmma).
+  EXPECT_EQ(all_forward_configs(80).size(), 2u * 16u * 16u);
+  EXPECT_EQ(all_forward_configs(90).size(), 2u * 4u * 16u);
+  // Backward (mma.sync): head dims padded to multiples of 32; on sm_90 the wgmma kernels (d = 64, 128, 256)
+  // without dropout and mma.sync with it.
+  EXPECT_EQ(all_backward_configs(80).size(), 2u * 8u * 16u);
   for (const BackwardConfig& config : all_backward_configs(80)) {
-    EXPECT_LE(config.shared_bytes(), kSm80OptIn) << config.name();
     EXPECT_EQ(config.block_n * config.dkv_split, 16 * config.warps) << config.name();
     EXPECT_EQ(config.head_dim % (16 * config.dkv_split), 0) << config.name();  // whole MMA tiles per warp
-    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+    EXPECT_EQ(config.head_dim % 32, 0) << config.name();
   }
-  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u + 2u * 6u * 16u);  // backward: d = 32, 64, 96, 128, 192, 256
+  size_t wgmma = 0;
   for (const BackwardConfig& config : all_backward_configs(90)) {
-    if (!config.wgmma) continue;  // the mma.sync ones are listed above
-    EXPECT_LE(config.shared_bytes(), kSm90OptIn) << config.name();
-    EXPECT_FALSE(config.dropout) << config.name();
-    EXPECT_TRUE(names.insert(config.name()).second) << "duplicate " << config.name();
+    EXPECT_EQ(config.wgmma, !config.dropout) << config.name();
+    wgmma += config.wgmma;
   }
-  EXPECT_EQ(names.size(), 2u * 16u * 16u + 2u * 4u * 16u + 2u * 6u * 16u + 2u * 3u * 8u);  // wgmma: d = 64, 128, 256
+  EXPECT_EQ(wgmma, 2u * 3u * 8u);
+}
+
+// sm_86 and sm_89 (99 KB per block) get the sm_80 tiles where they fit and smaller ones where they do not.
+TEST(AttentionConfig, SmallerSharedMemoryGetsSmallerTilesOnlyWhereNeeded) {
+  for (int64_t d : {64, 128, 256}) {
+    const KernelFeatures features = problem(FAP_DTYPE_BFLOAT16, d).features();
+    for (int compute_capability : {86, 89}) {
+      const BackwardConfig backward = choose_backward_config(features, compute_capability);
+      const ForwardConfig forward = choose_forward_config(features, compute_capability);
+      EXPECT_LE(backward.shared_bytes(), 99 * 1024) << backward.name();
+      EXPECT_LE(forward.shared_bytes(), 99 * 1024) << forward.name();
+      if (d == 64) EXPECT_EQ(backward.name(), "attention_bwd_bf16_d64_m64_n128_w8_s1_q2");  // 64 queries per step
+      if (d <= 128) EXPECT_EQ(forward.name(), choose_forward_config(features, 80).name());
+    }
+  }
+  EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 80).name(),
+            "attention_bwd_bf16_d128_m64_n128_w8_s1_q2");
+  EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 86).name(),
+            "attention_bwd_bf16_d128_m32_n64_w8_s2_q2");
 }
 
 TEST(AttentionConfig, HopperBackwardPadsTheHeadDimAndLeavesDropoutToMmaSync) {
@@ -202,6 +233,18 @@ size_t compile_all(const std::vector<std::pair<Config, const char*>>& targets) {
   return requests.size() - failed;
 }
 
+// The configurations sm_86 and sm_89 (99 KB of shared memory per block) get where they differ from sm_80's, each
+// compiled for both: the others are sm_80's, compiled for sm_80 (the same instruction set and register file).
+template <typename Config>
+void add_small_shared_memory_targets(std::vector<std::pair<Config, const char*>>& targets,
+                                     const std::vector<Config>& sm80, const std::vector<Config>& sm86) {
+  std::set<std::string> names;
+  for (const Config& config : sm80) names.insert(config.name());
+  for (const Config& config : sm86)
+    if (!names.count(config.name()))
+      for (const char* arch : {"sm_86", "sm_89"}) targets.emplace_back(config, arch);
+}
+
 // The mma.sync forward configurations run on every sm_80+ GPU but Hopper, which runs the wgmma ones; both are
 // compiled for sm_80 and sm_90a (the mma.sync kernel is what every other architecture gets).
 TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
@@ -212,6 +255,7 @@ TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
     targets.emplace_back(config, "sm_80");
     targets.emplace_back(config, "sm_90a");
   }
+  add_small_shared_memory_targets(targets, all_forward_configs(80), all_forward_configs(86));
   for (const ForwardConfig& config : all_indexed_forward_configs()) {
     targets.emplace_back(config, "sm_80");
     targets.emplace_back(config, "sm_90a");
@@ -219,8 +263,8 @@ TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
   const size_t mma_sync = targets.size();
   for (const ForwardConfig& config : all_forward_configs(90)) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
-  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu mma.sync configurations, indexed-keys ones included, x "
-              "sm_80, sm_90a; %zu wgmma configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2,
+  std::printf("NVRTC compiled %zu of %zu forward kernels (%zu mma.sync ones: sm_80, sm_90a, and sm_86/sm_89 where "
+              "their configuration differs; %zu wgmma configurations x sm_90a)\n", compiled, targets.size(), mma_sync,
               targets.size() - mma_sync);
 }
 
@@ -230,12 +274,14 @@ TEST(AttentionKernelCompile, BackwardConfigurationsCompileWithoutSpills) {
   std::vector<std::pair<BackwardConfig, const char*>> targets;
   for (const BackwardConfig& config : all_backward_configs(80))
     for (const char* arch : {"sm_80", "sm_90a"}) targets.emplace_back(config, arch);
+  add_small_shared_memory_targets(targets, all_backward_configs(80), all_backward_configs(86));
   const size_t mma_sync = targets.size();
   for (const BackwardConfig& config : all_backward_configs(90))
     if (config.wgmma) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
-  std::printf("NVRTC compiled %zu of %zu backward kernels (%zu mma.sync configurations x sm_80, sm_90a; %zu wgmma "
-              "configurations x sm_90a)\n", compiled, targets.size(), mma_sync / 2, targets.size() - mma_sync);
+  std::printf("NVRTC compiled %zu of %zu backward kernels (%zu mma.sync ones: sm_80, sm_90a, and sm_86/sm_89 where "
+              "their configuration differs; %zu wgmma configurations x sm_90a)\n", compiled, targets.size(), mma_sync,
+              targets.size() - mma_sync);
 }
 
 TEST(AttentionKernelCompile, DecodeConfigurationsCompileWithoutSpills) {

@@ -77,12 +77,16 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const
   }
 }
 
-// Where dQ's (row, head, col) sits in an accumulator slice (row: in the sequence).
-//  FAP_DQ_TILES = 0: [global row][head][FAP_HEAD_DIM].
-//  FAP_DQ_TILES = 1: tiles of 64 rows x FAP_HEAD_DIM per (64 padded rows, head), so that the wgmma kernel
-//  adds a warpgroup's dQ in one bulk reduction. Inside a tile, each 64-column
-//  block is stored in the order a warpgroup's m64 accumulator fragment lies in its registers: float4 i of
-//  thread t at (128 i + t) * 4, holding columns 8 i + 2 (t % 4) (+ 1) of rows 16 (t / 32) + t % 32 / 4 and + 8.
+// Where dQ's (row, head, col) sits in an accumulator slice (row: in the sequence). Both layouts follow an
+// accumulator fragment's order in the registers, so that a warp's additions land on whole cache lines:
+//  FAP_DQ_TILES = 0 (mma.sync): tiles of 16 rows x 8 columns per (16 padded rows, head, 8 columns), each the
+//  m16n8 accumulator of a warp as value e of lane l at e * 32 + l: lane l holds columns 2 (l % 4) (+ 1) of rows
+//  l / 4 and l / 4 + 8, e = 2 * (row % 16 / 8) + col % 2. One atomic per (e, lane) from the 32 lanes adds to 32
+//  consecutive floats.
+//  FAP_DQ_TILES = 1 (wgmma): tiles of 64 rows x FAP_HEAD_DIM per (64 padded rows, head), so that the wgmma kernel
+//  adds a warpgroup's dQ in one bulk reduction. Inside a tile, each 64-column block is stored in the order a
+//  warpgroup's m64 accumulator fragment lies in its registers: float4 i of thread t at (128 i + t) * 4, holding
+//  columns 8 i + 2 (t % 4) (+ 1) of rows 16 (t / 32) + t % 32 / 4 and + 8.
 __device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p, const SequenceRows& s, int batch,
                                                      int row, int head, int col) {
 #if FAP_DQ_TILES
@@ -91,7 +95,8 @@ __device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p
   const int thread = r / 16 * 32 + r % 8 * 4 + c % 8 / 2;
   return tile + col / 64 * 64 * 64 + (c / 8 * 128 + thread) * 4 + r % 16 / 8 * 2 + c % 2;
 #else
-  return ((long long)(s.global_row0 + row) * p.heads_q + head) * FAP_HEAD_DIM + col;
+  const long long tile = ((long long)(s.padded_row0 + row) / 16 * p.heads_q + head) * (FAP_HEAD_DIM / 8) + col / 8;
+  return tile * 128 + (row % 16 / 8 * 2 + col % 2) * 32 + row % 8 * 4 + col % 8 / 2;
 #endif
 }
 
@@ -134,19 +139,22 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
   }
 }
 #else
-// Grid (ceil(seqlen_q / 4), batch, heads), 4 warps, one row per warp.
+// Grid (ceil(seqlen_q / 16), batch, heads), 4 warps: 16 rows, each warp an 8-column tile at a time, its lanes
+// reading the tile's values in their fragment order (each read a whole cache line for the warp).
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const AttentionBwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int batch = blockIdx.y, head = blockIdx.z;
+  const int batch = blockIdx.y, head = blockIdx.z, row0 = blockIdx.x * 16;
   const SequenceRows s = sequence_rows(p, batch);
-  const int row = blockIdx.x * 4 + warp;
-  if (row >= s.len_q) return;
-  storage_t* dq = dq_row(p, s, batch, row, head);
-  for (int d = lane; d < p.head_dim; d += 32) {
-    float sum = 0.0f;
-    const long long offset = dq_accum_offset(p, s, batch, row, head, d);
-    for (int split = 0; split < p.splits; ++split) sum += p.dq_accum[split * p.dq_accum_split_stride + offset];
-    dq[d] = from_float(sum * p.scale);
+  if (row0 >= s.len_q) return;
+  for (int col0 = warp * 8; col0 < FAP_HEAD_DIM; col0 += 32) {
+    const float* tile = p.dq_accum + dq_accum_offset(p, s, batch, row0, head, col0);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float sum = 0.0f;
+      for (int split = 0; split < p.splits; ++split) sum += tile[split * p.dq_accum_split_stride + e * 32 + lane];
+      const int row = row0 + lane / 4 + e / 2 * 8, col = col0 + lane % 4 * 2 + e % 2;
+      if (row < s.len_q && col < p.head_dim) dq_row(p, s, batch, row, head)[col] = from_float(sum * p.scale);
+    }
   }
 }
 #endif
@@ -156,15 +164,14 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
 template <int BLOCK_M>
 __device__ __forceinline__ void load_softmax_rows(float* lse_rows, float* dsum_rows, const AttentionBwdParams& p,
                                                   const SequenceRows& s, int head, int q0) {
-  constexpr int kChunks = BLOCK_M / 4;  // 16 bytes each
-  const long long first = softmax_row_offset(p, s, head, q0);
-  for (int i = threadIdx.x; i < 2 * kChunks; i += FAP_WARPS * 32) {
-    const int chunk = i % kChunks;
-    if (i < kChunks) {
-      cp_async_16(lse_rows + chunk * 4, p.lse_log2 + first + chunk * 4);
-    } else {
-      cp_async_16(dsum_rows + chunk * 4, p.dsum + first + chunk * 4);
-    }
+  constexpr int kChunks = BLOCK_M / 4;  // 16 bytes each, one per thread
+  static_assert(2 * kChunks <= FAP_WARPS * 32, "a chunk per thread");
+  const int i = threadIdx.x;
+  if (i < 2 * kChunks) {
+    const bool lse = i < kChunks;
+    const int element = i % kChunks * 4;
+    cp_async_16((lse ? lse_rows : dsum_rows) + element,
+                (lse ? p.lse_log2 : p.dsum) + softmax_row_offset(p, s, head, q0) + element);
   }
 }
 

@@ -155,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
 #pragma unroll
     for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
       unsigned int a[4];
-      pack_probabilities(a, s, kk);
+      pack_a_operand(a, s, kk);
 #pragma unroll
       for (int i = 0; i < FAP_HEAD_DIM / 16; ++i) {
         unsigned int b[4];

@@ -67,7 +67,9 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;         // 2 stages
   storage_t* v_tiles = k_tiles + 2 * FAP_BLOCK_N * FAP_STRIDE;    // 2 stages
 
-  const int block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
+  // The last row blocks first: under a causal mask they see the most keys, and the GPU starts blocks in the order
+  // of their index, so the short ones fill the tail.
+  const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
   const int kv_head = head / p.group_size;
 #if FAP_INDEXED_KEYS
   const CacheSequence keys = cache_sequence(p, batch, kv_head);
@@ -165,7 +167,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
     for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
       unsigned int a[FAP_ROW_TILES][4];
 #pragma unroll
-      for (int t = 0; t < FAP_ROW_TILES; ++t) pack_probabilities(a[t], s[t], kk);
+      for (int t = 0; t < FAP_ROW_TILES; ++t) pack_a_operand(a[t], s[t], kk);
 #pragma unroll
       for (int i = 0; i < FAP_HEAD_DIM / 16; ++i) {
         unsigned int b[4];

@@ -146,15 +146,6 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[D8][4], const float (&
 }
 
 
-// Probabilities of 16 keys (fragments 2 kk and 2 kk + 1) as the A operand of the P V product.
-template <int N8>
-__device__ __forceinline__ void pack_probabilities(unsigned int (&a)[4], const float (&s)[N8][4], int kk) {
-  a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-  a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-  a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-  a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-}
-
 // The end of a row block: reduces the row sums over the quad, normalises, stores out and lse. Rows with
 // nothing to attend to get zeros and lse = +inf.
 template <int D8>

@@ -176,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
                    slope, row_max, row_sum, correction);
       rescale_rows(acc, correction);
 #pragma unroll
-      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_probabilities(probabilities[kk], s, kk);
+      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_a_operand(probabilities[kk], s, kk);
     };
     const auto finish_round = [&] {
       wgmma_commit();

@@ -78,15 +78,23 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
 
-__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const void* shared) {
+// ldmatrix from a shared-state-space address (shared_address): loops that walk a tile add byte offsets to one
+// address instead of recomputing a generic pointer per load.
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, unsigned int address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(shared)));
+               : "r"(address));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const void* shared) {
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, unsigned int address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(shared)));
+               : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const void* shared) {
+  ldmatrix_x4(r, shared_address(shared));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const void* shared) {
+  ldmatrix_x4_trans(r, shared_address(shared));
 }
 
 // Programmatic dependent launch (sm_90+; no-ops before): a grid lets the next grid on its stream start early
@@ -111,15 +119,42 @@ __device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, unsig
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Columns 16 kk .. 16 kk + 15 of an fp32 accumulator (fragments 2 kk and 2 kk + 1) rounded to the A operand of
+// a following product: an m16n8 accumulator's lanes hold what m16n8k16's A operand wants in the same lanes, so
+// scores become the probabilities of P V (or P^T of P^T dO) without going through shared memory.
+template <int N8>
+__device__ __forceinline__ void pack_a_operand(unsigned int (&a)[4], const float (&c)[N8][4], int kk) {
+  a[0] = pack2(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack2(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack2(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack2(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
 // Copies the first `count` rows x head_dim of a (row, dim) operand into a shared tile of ROWS rows (row
 // stride FAP_STRIDE), zero-filling rows beyond count and columns beyond head_dim. vector_loads: every row
-// starts 16-byte aligned and head_dim % 8 == 0 (then cp.async, else element copies).
+// starts 16-byte aligned and head_dim % 8 == 0 (then cp.async, else element copies). A whole tile of vector
+// rows (the common case) takes an unrolled loop of copies without per-chunk tests.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(storage_t* tile, const storage_t* base, long long row_stride, int count,
                                           int head_dim, int vector_loads) {
-  const int chunks_per_row = FAP_HEAD_DIM / 8;
-  for (int chunk = threadIdx.x; chunk < ROWS * chunks_per_row; chunk += FAP_WARPS * 32) {
-    const int row = chunk / chunks_per_row, col = (chunk % chunks_per_row) * 8;
+  constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kThreads = FAP_WARPS * 32;
+  if (kThreads % kChunksPerRow == 0 && vector_loads && count >= ROWS && head_dim == FAP_HEAD_DIM) {
+    // Each thread copies the same column of every kRowsPerPass-th row: two pointer increments per copy.
+    constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+    const int first_row = threadIdx.x / kChunksPerRow, col = threadIdx.x % kChunksPerRow * 8;
+    storage_t* target = tile + first_row * FAP_STRIDE + col;
+    const storage_t* source = base + first_row * row_stride + col;
+    const long long source_step = kRowsPerPass * row_stride;
+#pragma unroll 1
+    for (int row = first_row; row < ROWS; row += kRowsPerPass) {
+      cp_async_16(target, source);
+      target += kRowsPerPass * FAP_STRIDE;
+      source += source_step;
+    }
+    return;
+  }
+  for (int chunk = threadIdx.x; chunk < ROWS * kChunksPerRow; chunk += kThreads) {
+    const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
     storage_t* target = tile + row * FAP_STRIDE + col;
     const storage_t* source = base + row * row_stride + col;
     if (vector_loads && row < count && col + 8 <= head_dim) {
