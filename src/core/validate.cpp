@@ -50,9 +50,16 @@ std::ostream& operator<<(std::ostream& stream, const RankText& text) {
   return is_present(text.tensor) ? stream << "rank " << text.tensor.rank : stream << "an absent tensor";
 }
 
+// The product of the shape, or -1 past kMaxExtent (stride-0 dimensions can make a count that no int64 holds
+// out of dimensions that each pass).
 int64_t element_count(const fap_tensor& t) {
   int64_t count = 1;
-  for (int i = 0; i < t.rank; ++i) count *= t.shape[i];
+  for (int i = 0; i < t.rank; ++i) {
+    if (t.shape[i] == 0) return 0;
+  }
+  for (int i = 0; i < t.rank; ++i) {
+    if (__builtin_mul_overflow(count, t.shape[i], &count) || count > kMaxExtent) return -1;
+  }
   return count;
 }
 
@@ -84,8 +91,9 @@ void check_layout(const fap_tensor& t, const char* name, int rank, const char* l
     require(t.strides[rank - 1] == 1, name, ": the last dimension must be contiguous (stride 1), got stride ",
             t.strides[rank - 1]);
   }
-  require(t.data != nullptr || element_count(t) == 0, name, ": data is NULL but the tensor has ", element_count(t),
-          " elements");
+  const int64_t elements = element_count(t);
+  require(elements >= 0, name, ": shape ", describe_shape(t), " has more than 2^48 elements");
+  require(t.data != nullptr || elements == 0, name, ": data is NULL but the tensor has ", elements, " elements");
 }
 
 void check_dtype(const fap_tensor& t, const char* name, int32_t expected) {
@@ -410,6 +418,12 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     require(problem.batch >= 1, "cu_seqlens_q: expected batch + 1 >= 2 entries, got ", cu_seqlens_q.shape[0]);
     require(max_seqlen_q >= 0, "max_seqlen_q: expected >= 0, got ", max_seqlen_q);
     require(max_seqlen_k >= 0, "max_seqlen_k: expected >= 0, got ", max_seqlen_k);
+    // No sequence is longer than all the rows: the bound keeps the work (grids sized by the maxima) to the data.
+    require(max_seqlen_q <= q.shape[0], "max_seqlen_q: expected at most total_q = ", q.shape[0],
+            " (the rows of q), got ", max_seqlen_q);
+    // (A paged cache's key counts are checked against its block table, where they are read.)
+    require(paged || max_seqlen_k <= k.shape[0], "max_seqlen_k: expected at most total_k = ", k.shape[0],
+            " (the rows of k), got ", max_seqlen_k);
     problem.seqlen_q = max_seqlen_q;
     problem.seqlen_k = max_seqlen_k;
     problem.total_q = q.shape[0];

@@ -94,12 +94,13 @@ int DecodeConfig::shared_bytes() const {
 
 namespace {
 
-// The shared memory one block may opt into: sm_90 and sm_100 227 KB, sm_80 and sm_87 163 KB, the others (sm_86,
-// sm_89, sm_120) 99 KB.
+// The shared memory one block may opt into: sm_90 and sm_100 227 KB, sm_80 and sm_87 163 KB, sm_75 64 KB, the
+// others (sm_86, sm_89, sm_120) 99 KB.
 int shared_memory_budget(int compute_capability) {
   switch (compute_capability) {
     case 90: case 100: case 103: return 227 * 1024;
     case 80: case 87: return 163 * 1024;
+    case 75: return 64 * 1024;
     default: return 99 * 1024;
   }
 }
@@ -109,11 +110,20 @@ int shared_memory_budget(int compute_capability) {
        compute_capability % 10);
 }
 
-// Calls visit(features) for every dtype x head dim (multiples of 16 up to 256) x combination of the first
-// `flags` of window, softcap, alibi, dropout.
+// Every family runs from sm_75 (Turing) on, where the tensor cores have no bfloat16: that is refused by name.
+void require_kernels_for(const KernelFeatures& features, int compute_capability) {
+  if (compute_capability < 75) no_kernel_for(compute_capability);
+  if (compute_capability < 80 && features.dtype == FAP_DTYPE_BFLOAT16) {
+    fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': bfloat16 needs compute capability 8.0 (Ampere) or newer; this GPU (",
+         compute_capability / 10, ".", compute_capability % 10, ") runs float16");
+  }
+}
+
+// Calls visit(features) for every dtype the compute capability runs (float16, and bfloat16 from sm_80) x head
+// dim (multiples of 16 up to 256) x combination of the first `flags` of window, softcap, alibi, dropout.
 template <typename Visit>
-void for_each_feature_set(int flags, Visit&& visit) {
-  for (int bf16 = 0; bf16 < 2; ++bf16)
+void for_each_feature_set(int compute_capability, int flags, Visit&& visit) {
+  for (int bf16 = 0; bf16 < (compute_capability >= 80 ? 2 : 1); ++bf16)
     for (int head_dim = 16; head_dim <= 256; head_dim += 16)
       for (int bits = 0; bits < (1 << flags); ++bits) {
         KernelFeatures features;
@@ -130,59 +140,73 @@ void for_each_feature_set(int flags, Visit&& visit) {
 }  // namespace
 
 DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability) {
-  if (compute_capability < 80) no_kernel_for(compute_capability);
+  require_kernels_for(features, compute_capability);
   DecodeConfig config;
   config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
   config.head_dim = static_cast<int>((features.head_dim + 15) / 16 * 16);
   config.softcap = features.softcap, config.alibi = features.alibi, config.window = features.window;
   // Decoding is bound by the bandwidth of reading K and V: what matters is how many bytes are in flight. 16-key
-  // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them, else 2 stages, else 4 then 2 warps (measured on the H200: bench/RESULTS.md).
+  // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them, else 2 stages, else
+  // fewer warps (measured on the H200: bench/RESULTS.md).
   const int budget = shared_memory_budget(compute_capability);
   config.block_n = 16, config.warps = 8, config.stages = 3;
   if (config.shared_bytes() > budget) config.stages = 2;
-  while (config.shared_bytes() > budget && config.warps > 2) config.warps /= 2;
+  while (config.shared_bytes() > budget && config.warps > 1) config.warps /= 2;
+  // sm_75's 64 KB hold one warp's stages above d = 208, and that single warp spills registers with ALiBi.
+  if (config.warps == 1 && config.alibi) {
+    fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': KV-cache calls with alibi_slopes take head dims up to 208 on compute "
+         "capability ", compute_capability / 10, ".", compute_capability % 10, ", got ", features.head_dim);
+  }
   return config;
 }
 
 std::vector<DecodeConfig> all_decode_configs(int compute_capability) {
   std::vector<DecodeConfig> configs;
-  for_each_feature_set(3, [&](const KernelFeatures& features) {  // no dropout in decode calls
-    configs.push_back(choose_decode_config(features, compute_capability));
+  for_each_feature_set(compute_capability, 3, [&](const KernelFeatures& features) {  // no dropout in decode calls
+    try {
+      configs.push_back(choose_decode_config(features, compute_capability));
+    } catch (const Error&) {  // a combination this compute capability does not run (above)
+    }
   });
   return configs;
 }
 
 namespace {
 
-// Backward tiles: the first of these shapes that fits the block's shared memory (8 warps each; the compile test
-// checks that none spills and that each fits its architecture's shared memory):
-// - Up to d = 128, one warp per 16 keys (dkv_split = 1: P^T and dS^T stay in its registers for dV and dK), 128
-//   keys per CTA and 128 queries per step at d <= 64, 64 above (dK and dV take the registers the wider step
-//   would need), the Q/dO tiles double-buffered.
-// - Warps sharing keys (dK and dV of 16 keys at d > 128 do not fit one warp's registers; sm_86/sm_89's 99 KB do
-//   not hold 128 keys at d > 64): dkv_split warps per 16 keys, each computing S^T and dP^T for 1/dkv_split of the
-//   step's queries and keeping dK, dV for 1/dkv_split of the head dim. Above d = 128, 2 warps per 16 keys and
-//   single-buffered Q/dO tiles of 64 queries (32 with dropout), else 4 warps per 16 keys and 64 queries, else
-//   32; up to d = 128, 2 warps per 16 keys and 32 queries per step (64 spill at d = 112, 128).
+// Backward tiles: the first of these shapes that fits the block's shared memory (the compile test checks that
+// none spills and that each fits its architecture's shared memory):
+// - Up to d = 128, 8 warps, one warp per 16 keys (dkv_split = 1: P^T and dS^T stay in its registers for dV and
+//   dK), 128 keys per CTA and 128 queries per step at d <= 64, 64 above (dK and dV take the registers the wider
+//   step would need), the Q/dO tiles double-buffered.
+// - Warps sharing keys (dK and dV of 16 keys at d > 128 do not fit one warp's registers; 99 KB (sm_86/sm_89) or
+//   64 KB (sm_75) do not hold 128 keys): dkv_split warps per 16 keys, each computing S^T and dP^T for
+//   1/dkv_split of the step's queries (at least 16) and keeping dK, dV for 1/dkv_split of the head dim. Above
+//   d = 128, 2 warps per 16 keys and single-buffered Q/dO tiles of 64 queries (32 with dropout, whose Philox
+//   rounds need registers), else 4 per 16 keys; up to d = 128, 2 warps per 16 keys and 32 queries per step (64
+//   spill at d = 112, 128), double- then single-buffered; then fewer warps (fewer keys per CTA).
 void set_backward_tiles(BackwardConfig& config, int compute_capability) {
-  const int budget = shared_memory_budget(compute_capability), head_dim = config.head_dim;
-  config.warps = 8;
-  auto shape = [&](int dkv_split, int block_m, int q_stages) {
-    config.dkv_split = dkv_split, config.block_m = block_m, config.q_stages = q_stages;
-    config.block_n = 16 * config.warps / dkv_split;
+  struct Shape {
+    int warps, dkv_split, block_m, q_stages;
+  };
+  const int head_dim = config.head_dim;
+  const std::vector<Shape> shapes =
+      head_dim <= 128 ? std::vector<Shape>{{8, 1, head_dim <= 64 ? 128 : 64, 2},
+                                           {8, 1, 64, 2},
+                                           {8, 2, head_dim <= 64 ? 64 : 32, 2},
+                                           {8, 2, head_dim <= 64 ? 64 : 32, 1},
+                                           {4, 2, 32, 1},
+                                           {2, 2, 32, 1}}
+                      : std::vector<Shape>{{8, 2, config.dropout ? 32 : 64, 1}, {8, 4, 64, 1}, {4, 2, 32, 1}, {2, 2, 32, 1}};
+  for (const Shape& shape : shapes) {
+    config.warps = shape.warps, config.dkv_split = shape.dkv_split;
+    config.block_m = shape.block_m, config.q_stages = shape.q_stages;
+    config.block_n = 16 * shape.warps / shape.dkv_split;
     // Head dims padded (with zero columns) to multiples of 32, FlashAttention-2's, and so that each warp's dK/dV
     // columns are whole 16-column MMA tiles.
-    const int multiple = std::max(32, 16 * dkv_split);
+    const int multiple = std::max(32, 16 * shape.dkv_split);
     config.head_dim = (head_dim + multiple - 1) / multiple * multiple;
-    return config.shared_bytes() <= budget;
-  };
-  if (head_dim <= 128) {
-    if (shape(1, head_dim <= 64 ? 128 : 64, 2) || shape(1, 64, 2)) return;
-    shape(2, head_dim <= 64 ? 64 : 32, 2);
-    return;
+    if (config.shared_bytes() <= shared_memory_budget(compute_capability)) return;
   }
-  if (shape(2, config.dropout ? 32 : 64, 1) || shape(4, 64, 1)) return;  // dropout's Philox needs registers
-  shape(4, 32, 1);
 }
 
 // The sm_90 backward without dropout: head dims padded to 64, 128 or 256 (the workspace size asked for covers
@@ -207,7 +231,7 @@ void set_sm90_backward_tiles(BackwardConfig& config, int) {
 // registers: +7% at d=128 non-causal. Masks, softcap, ALiBi and dropout need registers of their own: two
 // tiles spill or, with a mask, run slower. Above d = 128, 8 warps (1.5x 4 warps' speed at d = 256 on the H200
 // with the mma.sync kernels: bench/RESULTS.md) and 32-key tiles. Where the block's shared memory does not hold
-// that (sm_86/sm_89's 99 KB at the largest head dims), 4 warps, then narrower key tiles.
+// that (sm_86/sm_89's 99 KB at the largest head dims, sm_75's 64 KB), smaller tiles.
 void set_tiles(ForwardConfig& config, int compute_capability) {
   const bool plain_scores = !config.window && !config.softcap && !config.alibi && !config.dropout;
   if (config.dropout) {
@@ -228,10 +252,20 @@ void set_tiles(ForwardConfig& config, int compute_capability) {
   } else {
     config.block_n = 32, config.warps = 8, config.row_tiles = 1, config.min_blocks = 1;
   }
-  config.block_m = 16 * config.row_tiles * config.warps;
+  // sm_75 (64 KB of shared memory per SM: one CTA of these tiles) gives the CTA every register; two CTAs' worth
+  // spilled at d = 64 with softcap.
+  if (compute_capability < 80) config.min_blocks = 1;
+  // Where the block's shared memory does not hold the tiles: one row tile per warp, 4 warps, narrower key tiles,
+  // then fewer warps.
   const int budget = shared_memory_budget(compute_capability);
-  if (config.shared_bytes() > budget && config.warps == 8 && config.row_tiles == 1) config.warps = 4, config.block_m = 64;
-  while (config.shared_bytes() > budget && config.block_n > 16) config.block_n /= 2;
+  auto fits = [&] {
+    config.block_m = 16 * config.row_tiles * config.warps;
+    return config.shared_bytes() <= budget;
+  };
+  if (!fits() && config.row_tiles == 2) config.row_tiles = 1;
+  if (!fits() && config.warps == 8) config.warps = 4;
+  while (!fits() && config.block_n > 16) config.block_n /= 2;
+  while (!fits() && config.warps > 2) config.warps /= 2;
 }
 
 // The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
@@ -262,21 +296,22 @@ bool on_hopper(const KernelFeatures&, int compute_capability) { return compute_c
 bool on_hopper_without_dropout(const KernelFeatures& features, int compute_capability) {
   return compute_capability == 90 && !features.dropout;  // dropout's backward stays on mma.sync
 }
-bool on_sm80_and_later(const KernelFeatures&, int compute_capability) { return compute_capability >= 80; }
+bool on_sm75_and_later(const KernelFeatures&, int compute_capability) { return compute_capability >= 75; }
 
 const KernelFamily<ForwardConfig> kForwardFamilies[] = {
     {on_hopper, set_sm90_tiles},          // attention_fwd_sm90.cuh: wgmma, warp-specialised
-    {on_sm80_and_later, set_tiles},       // attention_fwd.cuh: mma.sync
+    {on_sm75_and_later, set_tiles},       // attention_fwd.cuh: mma.sync
 };
 
 const KernelFamily<BackwardConfig> kBackwardFamilies[] = {
     {on_hopper_without_dropout, set_sm90_backward_tiles},  // attention_bwd_sm90(_wide).cuh: wgmma
-    {on_sm80_and_later, set_backward_tiles},               // attention_bwd.cuh: mma.sync
+    {on_sm75_and_later, set_backward_tiles},               // attention_bwd.cuh: mma.sync
 };
 
 // The dtype, head dim (rounded up to a multiple of 16) and features, then the first family's tile shape.
 template <typename Config, size_t N>
 Config choose(const KernelFamily<Config> (&families)[N], const KernelFeatures& features, int compute_capability) {
+  require_kernels_for(features, compute_capability);
   for (const KernelFamily<Config>& family : families) {
     if (!family.runs(features, compute_capability)) continue;
     Config config;
@@ -297,7 +332,7 @@ Config choose(const KernelFamily<Config> (&families)[N], const KernelFeatures& f
 template <typename Config, size_t N>
 std::vector<Config> every_config(const KernelFamily<Config> (&families)[N], int compute_capability) {
   std::vector<Config> configs;
-  for_each_feature_set(4, [&](const KernelFeatures& features) {
+  for_each_feature_set(compute_capability, 4, [&](const KernelFeatures& features) {
     const Config config = choose(families, features, compute_capability);
     if (config.head_dim == features.head_dim) configs.push_back(config);
   });
@@ -314,25 +349,31 @@ BackwardConfig choose_backward_config(const KernelFeatures& features, int comput
   return choose(kBackwardFamilies, features, compute_capability);
 }
 
+namespace {
+// The capability whose mma.sync configurations a GPU gets: its own, but Hopper's is sm_80's (its own family is
+// wgmma).
+int mma_sync_capability(int compute_capability) { return compute_capability == 90 ? 80 : compute_capability; }
+}  // namespace
+
 ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int compute_capability) {
   KernelFeatures mma_sync = features;
   mma_sync.dropout = false;
-  ForwardConfig config = choose_forward_config(mma_sync, std::min(compute_capability, 80));
+  ForwardConfig config = choose_forward_config(mma_sync, mma_sync_capability(compute_capability));
   config.indexed_keys = true;
   // Every register to one CTA: the per-row cache addressing spilled a few bytes at d <= 64 with 8 warps otherwise.
   config.min_blocks = 1;
   return config;
 }
 
-std::vector<ForwardConfig> all_indexed_forward_configs() {
+std::vector<ForwardConfig> all_indexed_forward_configs(int compute_capability) {
   std::vector<ForwardConfig> configs;
-  for (ForwardConfig config : all_forward_configs(80)) {
+  for (ForwardConfig config : all_forward_configs(mma_sync_capability(compute_capability))) {
     if (config.dropout) continue;
     KernelFeatures features;
     features.dtype = config.bf16 ? FAP_DTYPE_BFLOAT16 : FAP_DTYPE_FLOAT16;
     features.head_dim = config.head_dim;
     features.window = config.window, features.softcap = config.softcap, features.alibi = config.alibi;
-    configs.push_back(choose_indexed_forward_config(features, 80));
+    configs.push_back(choose_indexed_forward_config(features, compute_capability));
   }
   return configs;
 }

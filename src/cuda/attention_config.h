@@ -91,7 +91,7 @@ ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_
 BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability);
 DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability);
 // The forward for prefill chunks whose keys are found through device-resident indices: the mma.sync kernel with
-// FAP_INDEXED_KEYS, on every sm_80+ GPU (no dropout).
+// FAP_INDEXED_KEYS, on every GPU (no dropout).
 ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int compute_capability);
 
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
@@ -99,7 +99,7 @@ ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int 
 std::vector<ForwardConfig> all_forward_configs(int compute_capability);
 std::vector<BackwardConfig> all_backward_configs(int compute_capability);
 std::vector<DecodeConfig> all_decode_configs(int compute_capability);
-std::vector<ForwardConfig> all_indexed_forward_configs();
+std::vector<ForwardConfig> all_indexed_forward_configs(int compute_capability);
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").
 std::string nvrtc_arch(int compute_capability);

@@ -95,6 +95,8 @@ struct CUlaunchConfig {
   X(nvrtcGetProgramLog, nvrtcResult, (nvrtcProgram program, char* log))                                      \
   X(nvrtcGetCUBINSize, nvrtcResult, (nvrtcProgram program, size_t * size))                                   \
   X(nvrtcGetCUBIN, nvrtcResult, (nvrtcProgram program, char* cubin))                                         \
+  X(nvrtcGetPTXSize, nvrtcResult, (nvrtcProgram program, size_t * size))                                     \
+  X(nvrtcGetPTX, nvrtcResult, (nvrtcProgram program, char* ptx))                                             \
   X(nvrtcGetNumSupportedArchs, nvrtcResult, (int* count))                                                    \
   X(nvrtcGetSupportedArchs, nvrtcResult, (int* archs))
 

@@ -115,6 +115,27 @@ struct LoadedKernels {
   std::string name;
 };
 
+// FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 runs the kernels every sm_80+ GPU gets (mma.sync) also where
+// an architecture has its own (Hopper's wgmma forward and backward): for testing those on any GPU, and as a
+// fallback. =75 runs Turing's (float16 only): their configurations for its 64 KB of shared memory, compiled as
+// compute_75 PTX that the driver translates for the GPU at hand, so that the code Turing runs is tested on newer
+// GPUs. The value is read once per process.
+int dispatch_capability(const DeviceInfo& device) {
+  static const int portable = [] {
+    const char* value = std::getenv("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS");
+    const std::string text = value ? value : "";
+    return text == "1" ? 80 : text == "75" ? 75 : 0;
+  }();
+  return portable && portable < device.compute_capability ? portable : device.compute_capability;
+}
+
+// The target NVRTC compiles for: the device's own architecture, or Turing's PTX where the dispatch runs Turing's
+// kernels on a newer GPU.
+std::string kernel_arch(const DeviceInfo& device) {
+  const int capability = dispatch_capability(device);
+  return capability == 75 && device.compute_capability != 75 ? "compute_75" : nvrtc_arch(device.compute_capability);
+}
+
 KernelCache& kernel_cache() {
   static KernelCache cache(nvrtc_compiler(), default_cache_directory());
   return cache;
@@ -137,7 +158,7 @@ const LoadedKernels& loaded_kernels(const DriverApi& api, CUcontext context, con
     fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': ", entry.name, " needs ", entry.shared_bytes,
          " bytes of shared memory, the device allows ", device.max_shared);
   }
-  const std::string cubin = kernel_cache().cubin(compile_request(config, nvrtc_arch(device.compute_capability)));
+  const std::string cubin = kernel_cache().cubin(compile_request(config, kernel_arch(device)));
   CUmodule module = nullptr;
   check(api, api.cuModuleLoadData(&module, cubin.data()), "cuModuleLoadData");
   for (const std::string& kernel : config.kernels()) {
@@ -246,22 +267,11 @@ const DriverApi& loaded_driver() {
   return *api;
 }
 
-// FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 runs the kernels every sm_80+ GPU gets (mma.sync) also where
-// an architecture has its own (Hopper's wgmma forward and backward): for testing those on any GPU, and as a
-// fallback.
-int dispatch_capability(const DeviceInfo& device) {
-  static const bool portable = [] {
-    const char* value = std::getenv("FLASH_ATTENTION_PLUS_PORTABLE_KERNELS");
-    return value && std::string(value) == "1";
-  }();
-  return portable ? 80 : device.compute_capability;
-}
-
 const DeviceInfo& supported_device(const DriverApi& api, int ordinal) {
   const DeviceInfo& device = device_info(api, ordinal);
-  if (device.compute_capability < 80) {
+  if (device.compute_capability < 75) {
     fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': compute capability ", device.compute_capability / 10, ".",
-         device.compute_capability % 10, " found; the kernels need 8.0 (Ampere) or newer");
+         device.compute_capability % 10, " found; the kernels need 7.5 (Turing, float16) or newer");
   }
   return device;
 }
@@ -311,9 +321,13 @@ class CudaCall : public PreparedCall {
     kernels_ = &loaded_kernels(api_, context_, device_, config);
   }
 
+  // Whether the loaded kernels wait for their predecessor's results themselves (wait_for_prerequisites: compiled for
+  // sm_90+, not as Turing's PTX), so that they may be launched before it ends.
+  bool compiled_with_dependency_waits() const { return device_.compute_capability >= 90 && capability_ != 75; }
+
   const DriverApi& api_;
   const DeviceInfo& device_;
-  const int capability_;  // what the dispatch chooses for (FLASH_ATTENTION_PLUS_PORTABLE_KERNELS: 80)
+  const int capability_;  // what the dispatch chooses for (FLASH_ATTENTION_PLUS_PORTABLE_KERNELS: 80 or 75)
   CUcontext context_ = nullptr;
   const LoadedKernels* kernels_ = nullptr;
 };
@@ -515,7 +529,7 @@ class DecodeCall final : public CudaCall {
     launch(api_, kernels[0], static_cast<unsigned int>(layout_.splits), p.batch * p.heads_kv, layout_.row_blocks,
            config_.warps * 32, kernels_->shared_bytes, stream, &params);
     if (layout_.splits > 1) {
-      if (device_.compute_capability >= 90) {
+      if (compiled_with_dependency_waits()) {
         launch_dependent(api_, kernels[1], static_cast<unsigned int>(layout_.split_rows), p.heads_q, 128, stream, &params);
       } else {
         launch(api_, kernels[1], static_cast<unsigned int>(layout_.split_rows), p.heads_q, 1, 128, 0, stream, &params);

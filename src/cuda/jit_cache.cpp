@@ -1,5 +1,6 @@
 #include "src/cuda/jit_cache.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -26,7 +27,19 @@ std::string hex(uint64_t value) {
   return text;
 }
 
-// mkdir -p; returns "" on success, else why not.
+// The largest entry read: a kernel's CUBIN is well under a megabyte; a header claiming more is refused before
+// anything of that size is allocated.
+constexpr size_t kMaxEntryBytes = 64u << 20;
+
+// Whether a file or directory may be trusted: owned by this user or by root, and not writable by group or others
+// (only the user, or root, can have put what is there). Returns "" if so, else why not.
+std::string untrusted(const std::string& path, const struct stat& info) {
+  if (info.st_uid != geteuid() && info.st_uid != 0) return path + ": owned by another user";
+  if (info.st_mode & (S_IWGRP | S_IWOTH)) return path + ": writable by group or others";
+  return {};
+}
+
+// mkdir -p, the last directory private (0700); returns "" on success, else why not.
 std::string make_directories(const std::string& path) {
   std::string partial;
   std::stringstream parts(path);
@@ -35,7 +48,8 @@ std::string make_directories(const std::string& path) {
   while (std::getline(parts, part, '/')) {
     if (part.empty()) continue;
     partial += part + "/";
-    if (mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST) return partial + ": " + std::strerror(errno);
+    const bool last = partial.size() >= path.size() || path.find_first_not_of('/', partial.size()) == std::string::npos;
+    if (mkdir(partial.c_str(), last ? 0700 : 0755) != 0 && errno != EEXIST) return partial + ": " + std::strerror(errno);
   }
   return {};
 }
@@ -71,12 +85,20 @@ std::string compile_with_nvrtc(const NvrtcApi& api, const CompileRequest& reques
   api.nvrtcGetProgramLogSize(program, &log_size);
   std::string log(log_size, '\0');
   if (log_size > 1) api.nvrtcGetProgramLog(program, log.data());
+  // A real architecture (sm_XX) gives a cubin; a virtual one (compute_XX) PTX, NUL-terminated as
+  // cuModuleLoadData reads it, which the driver translates for the GPU it is loaded on.
   std::string cubin;
   if (compiled == NVRTC_SUCCESS) {
     size_t size = 0;
-    api.nvrtcGetCUBINSize(program, &size);
-    cubin.resize(size);
-    api.nvrtcGetCUBIN(program, cubin.data());
+    if (request.arch.rfind("compute_", 0) == 0) {
+      api.nvrtcGetPTXSize(program, &size);
+      cubin.resize(size);
+      api.nvrtcGetPTX(program, cubin.data());
+    } else {
+      api.nvrtcGetCUBINSize(program, &size);
+      cubin.resize(size);
+      api.nvrtcGetCUBIN(program, cubin.data());
+    }
   }
   api.nvrtcDestroyProgram(&program);
   check_nvrtc(api, compiled, concat("nvrtcCompileProgram(", request.name, ", ", request.arch, ")").c_str(), log);
@@ -106,11 +128,19 @@ std::string default_cache_directory() {
   return std::string(home && *home ? home : "/tmp") + "/.cache/flash_attn_plus";
 }
 
+// The directory is used only if it can be trusted (see untrusted()); it is written only if it is this user's
+// and writable, else read (a precompiled cache shared read-only by its owner or root).
 KernelCache::KernelCache(Compiler compiler, std::string directory)
     : compiler_(std::move(compiler)), directory_(std::move(directory)) {
   disk_problem_ = make_directories(directory_);
-  if (disk_problem_.empty() && access(directory_.c_str(), W_OK) != 0) {
-    disk_problem_ = directory_ + ": not writable";
+  struct stat info {};
+  if (disk_problem_.empty() && stat(directory_.c_str(), &info) != 0) disk_problem_ = directory_ + ": " + std::strerror(errno);
+  if (disk_problem_.empty() && !S_ISDIR(info.st_mode)) disk_problem_ = directory_ + ": not a directory";
+  if (disk_problem_.empty()) disk_problem_ = untrusted(directory_, info);
+  if (!disk_problem_.empty()) {
+    write_problem_ = disk_problem_;
+  } else if (info.st_uid != geteuid() || !(info.st_mode & S_IWUSR) || access(directory_.c_str(), W_OK) != 0) {
+    write_problem_ = directory_ + ": not writable by this user (entries are read, not written)";
   }
 }
 
@@ -132,39 +162,72 @@ int KernelCache::compilations() const {
   return compilations_;
 }
 
+// An entry is read only from a regular file (not through a symbolic link) that can be trusted, whole, and only
+// if its format line, key, size and checksum all match.
 bool KernelCache::read_file(const std::string& path, const std::string& key, std::string* cubin) const {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return false;
-  std::string tag, stored_key, size_line, checksum;
-  if (!std::getline(file, tag) || tag != kFormatTag) return false;
-  if (!std::getline(file, stored_key) || stored_key != key) return false;
-  if (!std::getline(file, size_line) || !std::getline(file, checksum)) return false;
+  const int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return false;
+  std::string contents;
+  struct stat info {};
+  bool ok = fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && untrusted(path, info).empty() &&
+            static_cast<size_t>(info.st_size) <= kMaxEntryBytes + key.size() + 256;
+  if (ok) {
+    contents.resize(static_cast<size_t>(info.st_size));
+    size_t done = 0;
+    while (ok && done < contents.size()) {
+      const ssize_t got = read(fd, contents.data() + done, contents.size() - done);
+      ok = got > 0;
+      done += ok ? static_cast<size_t>(got) : 0;
+    }
+  }
+  close(fd);
+  if (!ok) return false;
+  // Four header lines, then the payload.
+  size_t position = 0;
+  std::string lines[4];
+  for (std::string& line : lines) {
+    const size_t end = contents.find('\n', position);
+    if (end == std::string::npos) return false;
+    line = contents.substr(position, end - position);
+    position = end + 1;
+  }
+  if (lines[0] != kFormatTag || lines[1] != key) return false;
   char* end = nullptr;
-  const unsigned long long size = std::strtoull(size_line.c_str(), &end, 10);
-  if (end == size_line.c_str() || *end != '\0' || size > (1ull << 30)) return false;
-  std::string payload(size, '\0');
-  if (!file.read(payload.data(), static_cast<std::streamsize>(size)) || file.peek() != EOF) return false;
-  if (checksum != hex(fnv1a64(payload))) return false;
+  const unsigned long long size = std::strtoull(lines[2].c_str(), &end, 10);
+  if (end == lines[2].c_str() || *end != '\0' || size != contents.size() - position) return false;
+  std::string payload = contents.substr(position);
+  if (lines[3] != hex(fnv1a64(payload))) return false;
   *cubin = std::move(payload);
   return true;
 }
 
+// A new file only this user can read or write (0600, created exclusively, never through a symbolic link),
+// renamed into place once complete.
 void KernelCache::write_file(const std::string& path, const std::string& key, const std::string& cubin) {
   static std::atomic<unsigned> counter{0};
   const std::string temporary = concat(path, ".tmp.", getpid(), ".",
                                        std::hash<std::thread::id>()(std::this_thread::get_id()), ".", counter++);
-  {
-    std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
-    file << kFormatTag << '\n' << key << '\n' << cubin.size() << '\n' << hex(fnv1a64(cubin)) << '\n';
-    file.write(cubin.data(), static_cast<std::streamsize>(cubin.size()));
-    if (!file.flush()) {
-      disk_problem_ = temporary + ": write failed";
-      std::remove(temporary.c_str());
-      return;
-    }
+  const int fd = open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    write_problem_ = temporary + ": " + std::strerror(errno);
+    return;
+  }
+  const std::string contents =
+      concat(kFormatTag, "\n", key, "\n", cubin.size(), "\n", hex(fnv1a64(cubin)), "\n") + cubin;
+  size_t done = 0;
+  while (done < contents.size()) {
+    const ssize_t wrote = write(fd, contents.data() + done, contents.size() - done);
+    if (wrote <= 0) break;
+    done += static_cast<size_t>(wrote);
+  }
+  const bool complete = close(fd) == 0 && done == contents.size();
+  if (!complete) {
+    write_problem_ = temporary + ": write failed";
+    std::remove(temporary.c_str());
+    return;
   }
   if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    disk_problem_ = path + ": " + std::strerror(errno);
+    write_problem_ = path + ": " + std::strerror(errno);
     std::remove(temporary.c_str());
   }
 }
@@ -178,11 +241,11 @@ std::string KernelCache::cubin(const CompileRequest& request) {
   if (disk_problem_.empty() && read_file(path, full_key, &binary)) return memory_[full_key] = binary;
   if (!quiet()) {
     std::fprintf(stderr, "flash_attn_plus: compiling %s for %s (first use; cached in %s)\n", request.name.c_str(),
-                 request.arch.c_str(), disk_problem_.empty() ? directory_.c_str() : "memory only");
+                 request.arch.c_str(), write_problem_.empty() ? directory_.c_str() : "memory only");
   }
   binary = compiler_.compile(request);
   ++compilations_;
-  if (disk_problem_.empty()) write_file(path, full_key, binary);
+  if (write_problem_.empty()) write_file(path, full_key, binary);
   return memory_[full_key] = binary;
 }
 

@@ -54,7 +54,10 @@ class KernelCache {
   std::string key(const CompileRequest& request) const;  // the full key text
   std::string file_for(const CompileRequest& request) const;
   int compilations() const;  // how many times this cache ran the compiler
-  const std::string& disk_problem() const { return disk_problem_; }  // why the disk cache is off ("" if on)
+  // Why the disk cache is off ("" if on): neither read nor written (an untrusted or unusable directory).
+  const std::string& disk_problem() const { return disk_problem_; }
+  // Why entries are not written ("" if they are): also for a trusted read-only directory, whose entries are read.
+  const std::string& write_problem() const { return write_problem_; }
 
  private:
   bool read_file(const std::string& path, const std::string& key, std::string* cubin) const;
@@ -63,6 +66,7 @@ class KernelCache {
   Compiler compiler_;
   std::string directory_;
   std::string disk_problem_;
+  std::string write_problem_;
   mutable std::mutex mutex_;
   std::unordered_map<std::string, std::string> memory_;
   int compilations_ = 0;

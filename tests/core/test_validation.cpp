@@ -119,6 +119,15 @@ const std::vector<Rule>& rules() {
        },
        "out: shape"},
       {"null data", false, false, [](Call& c) { c.fwd.v.data = nullptr; }, "v: data is NULL"},
+      {"element count past int64", false, false,
+       [](Call& c) {
+         for (fap_tensor* t : {&c.fwd.q, &c.fwd.out}) {
+           *t = with_stride(with_shape(*t, 1, int64_t{1} << 40), 1, 0);
+           *t = with_stride(with_shape(*t, 2, int64_t{1} << 24), 2, 0);
+           *t = with_stride(*t, 0, 0);
+         }
+       },
+       "q: shape (2, 1099511627776, 16777216, 16) has more than 2^48 elements"},
       {"device mismatch", false, false, [](Call& c) { c.fwd.k = on_cuda(c.fwd.k); }, "k: expected a tensor on cpu"},
       {"unknown device", false, false, [](Call& c) { c.fwd.v.device_type = 5; },
        "v: unknown device type"},
@@ -167,6 +176,14 @@ const std::vector<Rule>& rules() {
       {"varlen longer than max", true, false, [](Call& c) { c.fwd.max_seqlen_q = 4; },
        "cu_seqlens_q: sequence 0 has length 5, more than max_seqlen_q = 4"},
       {"varlen negative max", true, false, [](Call& c) { c.fwd.max_seqlen_k = -1; }, "max_seqlen_k: expected >= 0"},
+      // Issue-18 regressions: work sized by max_seqlen_* alone (2^63 - 1 returned without writing out, 2^40 ran for
+      // minutes), and element counts past int64 from stride-0 dimensions that each pass.
+      {"varlen max above the rows", true, false, [](Call& c) { c.fwd.max_seqlen_q = INT64_MAX; },
+       "max_seqlen_q: expected at most total_q = 8 (the rows of q)"},
+      {"varlen max near the limit", true, false, [](Call& c) { c.fwd.max_seqlen_q = INT64_MAX - 100; },
+       "max_seqlen_q: expected at most total_q"},
+      {"varlen key max above the rows", true, false, [](Call& c) { c.fwd.max_seqlen_k = int64_t{1} << 40; },
+       "max_seqlen_k: expected at most total_k = 13 (the rows of k)"},
       {"varlen batch mismatch", true, false, [](Call& c) { c.fwd.cu_seqlens_k = offsets({0, 13}); },
        "cu_seqlens_k: expected shape (batch + 1)"},
       {"varlen single offset", true, false, [](Call& c) { c.fwd.cu_seqlens_q = offsets({0}); },

@@ -1,5 +1,5 @@
 // The forward and backward dispatch tables (pure functions, checked here without a GPU) and the
-// compilation of the kernels they select through NVRTC for sm_80, sm_86/sm_89 and sm_90a, failing on compile errors, register spills and
+// compilation of the kernels they select through NVRTC for sm_75, sm_80, sm_86/sm_89 and sm_90a, failing on compile errors, register spills and
 // local memory (ptxas warnings promoted to errors). NVRTC needs no GPU.
 #include <gtest/gtest.h>
 
@@ -94,7 +94,7 @@ TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
 
 // The shared memory one block may opt into, per compute capability (the CUDA programming guide's table).
 int opt_in_shared_bytes(int compute_capability) {
-  return (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : 99) * 1024;
+  return (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : compute_capability == 75 ? 64 : 99) * 1024;
 }
 
 template <typename Config>
@@ -108,7 +108,7 @@ void expect_fits_and_unique(const std::vector<Config>& configs, int compute_capa
 }
 
 TEST(AttentionConfig, EveryConfigurationFitsItsArchitecturesSharedMemory) {
-  for (int compute_capability : {80, 86, 89, 90}) {
+  for (int compute_capability : {75, 80, 86, 89, 90}) {
     expect_fits_and_unique(all_forward_configs(compute_capability), compute_capability);
     expect_fits_and_unique(all_backward_configs(compute_capability), compute_capability);
     expect_fits_and_unique(all_decode_configs(compute_capability), compute_capability);
@@ -142,8 +142,12 @@ TEST(AttentionConfig, SmallerSharedMemoryGetsSmallerTilesOnlyWhereNeeded) {
       const ForwardConfig forward = choose_forward_config(features, compute_capability);
       EXPECT_LE(backward.shared_bytes(), 99 * 1024) << backward.name();
       EXPECT_LE(forward.shared_bytes(), 99 * 1024) << forward.name();
-      if (d == 64) EXPECT_EQ(backward.name(), "attention_bwd_bf16_d64_m64_n128_w8_s1_q2");  // 64 queries per step
-      if (d <= 128) EXPECT_EQ(forward.name(), choose_forward_config(features, 80).name());
+      if (d == 64) {
+        EXPECT_EQ(backward.name(), "attention_bwd_bf16_d64_m64_n128_w8_s1_q2");  // 64 queries per step
+      }
+      if (d <= 128) {
+        EXPECT_EQ(forward.name(), choose_forward_config(features, 80).name());
+      }
     }
   }
   EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 80).name(),
@@ -169,8 +173,8 @@ TEST(AttentionConfig, HopperBackwardPadsTheHeadDimAndLeavesDropoutToMmaSync) {
       }
 }
 
-// The decision list: Hopper's families first (the backward's without dropout), mma.sync from sm_80 on, and
-// nothing below it.
+// The decision list: Hopper's families first (the backward's without dropout), mma.sync from sm_75 on (float16
+// only on sm_75), and nothing below it.
 TEST(AttentionConfig, FamiliesAreTriedInOrder) {
   AttentionProblem p = problem(FAP_DTYPE_BFLOAT16, 128);
   EXPECT_TRUE(choose_forward_config(p.features(), 90).wgmma);
@@ -179,13 +183,26 @@ TEST(AttentionConfig, FamiliesAreTriedInOrder) {
   p.dropout_p = 0.1f;
   EXPECT_TRUE(choose_forward_config(p.features(), 90).wgmma);
   EXPECT_FALSE(choose_backward_config(p.features(), 90).wgmma);
-  try {
-    choose_forward_config(p.features(), 75);
-    FAIL() << "expected no kernel for sm_75";
-  } catch (const Error& error) {
-    EXPECT_EQ(error.status(), FAP_ERROR_UNSUPPORTED);
-    EXPECT_NE(std::string(error.what()).find("compute capability 7.5"), std::string::npos) << error.what();
-  }
+  auto expect_unsupported = [](auto choose, const std::string& text) {
+    try {
+      choose();
+      ADD_FAILURE() << "expected: " << text;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.status(), FAP_ERROR_UNSUPPORTED);
+      EXPECT_NE(std::string(error.what()).find(text), std::string::npos) << error.what();
+    }
+  };
+  expect_unsupported([&] { choose_forward_config(p.features(), 70); }, "compute capability 7.0");
+  expect_unsupported([&] { choose_backward_config(p.features(), 75); }, "bfloat16 needs compute capability 8.0");
+  expect_unsupported([&] { choose_decode_config(p.features(), 75); }, "bfloat16 needs compute capability 8.0");
+  AttentionProblem half = problem(FAP_DTYPE_FLOAT16, 128);
+  EXPECT_FALSE(choose_forward_config(half.features(), 75).wgmma);
+  EXPECT_LE(choose_backward_config(half.features(), 75).shared_bytes(), 64 * 1024);
+  AttentionProblem wide_alibi = problem(FAP_DTYPE_FLOAT16, 224);
+  const float slopes[] = {0.5f};
+  wide_alibi.alibi_slopes = slopes;
+  expect_unsupported([&] { choose_decode_config(wide_alibi.features(), 75); }, "take head dims up to 208");
+  EXPECT_EQ(choose_decode_config(wide_alibi.features(), 80).head_dim, 224);
 }
 
 TEST(AttentionConfig, ArchitectureNames) {
@@ -256,10 +273,11 @@ TEST(AttentionKernelCompile, ForwardConfigurationsCompileWithoutSpills) {
     targets.emplace_back(config, "sm_90a");
   }
   add_small_shared_memory_targets(targets, all_forward_configs(80), all_forward_configs(86));
-  for (const ForwardConfig& config : all_indexed_forward_configs()) {
+  for (const ForwardConfig& config : all_indexed_forward_configs(80)) {
     targets.emplace_back(config, "sm_80");
     targets.emplace_back(config, "sm_90a");
   }
+  add_small_shared_memory_targets(targets, all_indexed_forward_configs(80), all_indexed_forward_configs(86));
   const size_t mma_sync = targets.size();
   for (const ForwardConfig& config : all_forward_configs(90)) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
@@ -293,6 +311,23 @@ TEST(AttentionKernelCompile, DecodeConfigurationsCompileWithoutSpills) {
   for (const DecodeConfig& config : all_decode_configs(90)) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
   std::printf("NVRTC compiled %zu of %zu decode kernels (sm_80, sm_86, sm_90a)\n", compiled, targets.size());
+}
+
+// Turing (sm_75, float16 only, 64 KB of shared memory per block): every configuration its dispatch selects, in
+// each family, compiled for sm_75 (where the kernels take their synchronous-copy and m16n8k8 paths).
+TEST(AttentionKernelCompile, TuringConfigurationsCompileWithoutSpills) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  std::vector<std::pair<ForwardConfig, const char*>> forward;
+  for (const ForwardConfig& config : all_forward_configs(75)) forward.emplace_back(config, "sm_75");
+  for (const ForwardConfig& config : all_indexed_forward_configs(75)) forward.emplace_back(config, "sm_75");
+  std::vector<std::pair<BackwardConfig, const char*>> backward;
+  for (const BackwardConfig& config : all_backward_configs(75)) backward.emplace_back(config, "sm_75");
+  std::vector<std::pair<DecodeConfig, const char*>> decode;
+  for (const DecodeConfig& config : all_decode_configs(75)) decode.emplace_back(config, "sm_75");
+  const size_t compiled = compile_all(forward) + compile_all(backward) + compile_all(decode);
+  std::printf("NVRTC compiled %zu of %zu Turing kernels (forward, indexed forward, backward, decode; float16)\n",
+              compiled, forward.size() + backward.size() + decode.size());
 }
 
 }  // namespace

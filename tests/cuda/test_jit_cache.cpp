@@ -2,6 +2,7 @@
 // present (it needs no GPU).
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
@@ -109,26 +110,112 @@ TEST(JitCache, CorruptOrTruncatedEntriesAreRebuilt) {
   }
 }
 
-TEST(JitCache, ReadOnlyDirectoryFallsBackToMemory) {
-  if (geteuid() == 0) {
-    // root ignores permission bits: use a path below a regular file, which no one can create.
-    CountingCompiler counting;
-    KernelCache cache(counting.compiler(), "/etc/hostname/cache");
-    EXPECT_FALSE(cache.disk_problem().empty());
-    cache.cubin(request());
-    cache.cubin(request());
-    EXPECT_EQ(counting.calls, 1);
-    return;
-  }
-  const ScratchDirectory scratch("readonly");
-  const std::string& dir = scratch.path;
-  mkdir(dir.c_str(), 0555);
+TEST(JitCache, UnusableDirectoryFallsBackToMemory) {
   CountingCompiler counting;
-  KernelCache cache(counting.compiler(), dir);
-  EXPECT_NE(cache.disk_problem(), "");
+  KernelCache cache(counting.compiler(), "/etc/hostname/cache");  // below a regular file: no one can create it
+  EXPECT_FALSE(cache.disk_problem().empty());
+  EXPECT_FALSE(cache.write_problem().empty());
   cache.cubin(request());
   cache.cubin(request());
   EXPECT_EQ(counting.calls, 1);
+}
+
+std::string mode_of(const std::string& path) {
+  struct stat info {};
+  if (lstat(path.c_str(), &info) != 0) return "missing";
+  char text[8];
+  std::snprintf(text, sizeof text, "%o", info.st_mode & 07777);
+  return text;
+}
+
+TEST(JitCache, DirectoryAndEntriesArePrivate) {
+  const ScratchDirectory scratch("private");
+  const std::string dir = scratch.path + "/nested/cache";
+  CountingCompiler counting;
+  KernelCache cache(counting.compiler(), dir);
+  EXPECT_EQ(cache.disk_problem(), "");
+  EXPECT_EQ(cache.write_problem(), "");
+  cache.cubin(request());
+  EXPECT_EQ(mode_of(dir), "700");
+  EXPECT_EQ(mode_of(cache.file_for(request())), "600");
+}
+
+// Entries another user could have written are never loaded: a directory writable by group or others, or owned
+// by another user, turns the disk cache off; a file writable by others, or a symbolic link, is not read.
+TEST(JitCache, OnlyEntriesThisUserCouldHaveWrittenAreRead) {
+  const ScratchDirectory scratch("trust");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  KernelCache(counting.compiler(), dir).cubin(request());
+  const std::string entry = KernelCache(counting.compiler(), dir).file_for(request());
+  ASSERT_EQ(counting.calls, 1);
+
+  chmod(entry.c_str(), 0666);  // a planted or tampered entry
+  KernelCache(counting.compiler(), dir).cubin(request());
+  EXPECT_EQ(counting.calls, 2);
+  EXPECT_EQ(mode_of(entry), "600") << "rewritten privately";
+
+  const std::string elsewhere = scratch.path + "_valid_entry";
+  ASSERT_EQ(std::rename(entry.c_str(), elsewhere.c_str()), 0);
+  ASSERT_EQ(symlink(elsewhere.c_str(), entry.c_str()), 0);
+  KernelCache(counting.compiler(), dir).cubin(request());
+  EXPECT_EQ(counting.calls, 3) << "a symbolic link is not followed";
+  std::remove(elsewhere.c_str());
+
+  chmod(dir.c_str(), 0777);
+  KernelCache shared(counting.compiler(), dir);
+  EXPECT_NE(shared.disk_problem().find("writable by group or others"), std::string::npos) << shared.disk_problem();
+  shared.cubin(request());
+  EXPECT_EQ(counting.calls, 4) << "nothing read from a directory others can write";
+  chmod(dir.c_str(), 0700);
+
+  if (geteuid() == 0) {  // only root can give the directory to another user
+    ASSERT_EQ(chown(dir.c_str(), 12345, 12345), 0);
+    KernelCache foreign(counting.compiler(), dir);
+    EXPECT_NE(foreign.disk_problem().find("owned by another user"), std::string::npos) << foreign.disk_problem();
+    foreign.cubin(request());
+    EXPECT_EQ(counting.calls, 5);
+    ASSERT_EQ(chown(dir.c_str(), 0, 0), 0);
+  }
+}
+
+// A header claiming more bytes than the file holds, or more than any kernel, is refused.
+TEST(JitCache, ForgedSizesAreRefused) {
+  const ScratchDirectory scratch("forged");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  KernelCache writer(counting.compiler(), dir);
+  writer.cubin(request());
+  const std::string entry = writer.file_for(request());
+  {
+    std::ofstream out(entry, std::ios::binary | std::ios::trunc);
+    out << "flash_attn_plus cubin v1\n" << writer.key(request()) << "\n" << (1ull << 30) << "\n0123456789abcdef\nX";
+  }
+  chmod(entry.c_str(), 0600);
+  KernelCache reader(counting.compiler(), dir);
+  reader.cubin(request());
+  EXPECT_EQ(counting.calls, 2);
+}
+
+// A directory of the user's (or root's) that is read-only, e.g. a precompiled cache shared by its owner, is read
+// and not written.
+TEST(JitCache, ReadOnlyTrustedDirectoryIsReadNotWritten) {
+  const ScratchDirectory scratch("readonly");
+  const std::string& dir = scratch.path;
+  CountingCompiler counting;
+  KernelCache(counting.compiler(), dir).cubin(request());
+  chmod(dir.c_str(), 0500);
+  KernelCache cache(counting.compiler(), dir);
+  EXPECT_EQ(cache.disk_problem(), "");
+  EXPECT_NE(cache.write_problem(), "");
+  cache.cubin(request());
+  EXPECT_EQ(counting.calls, 1) << "read from the read-only directory";
+  CompileRequest other = request("-DHEAD_DIM=32");
+  cache.cubin(other);
+  cache.cubin(other);
+  EXPECT_EQ(counting.calls, 2) << "compiled once, kept in memory";
+  EXPECT_EQ(mode_of(cache.file_for(other)), "missing");
+  chmod(dir.c_str(), 0700);
 }
 
 TEST(JitCache, ConcurrentWritersLeaveOneValidEntry) {
@@ -163,7 +250,7 @@ TEST(JitCache, CompilerErrorsCarryTheLog) {
   }
 }
 
-TEST(JitCache, RealNvrtcCompilesForAmpereAndHopper) {
+TEST(JitCache, RealNvrtcCompilesForAmpereAndHopperAndTuringPtx) {
   std::string reason;
   if (!nvrtc(&reason)) GTEST_SKIP() << reason;
   const ScratchDirectory scratch("nvrtc");
@@ -182,6 +269,12 @@ TEST(JitCache, RealNvrtcCompilesForAmpereAndHopper) {
   EXPECT_EQ(ampere.substr(1, 3), "ELF");
   add.arch = "sm_90a";
   EXPECT_EQ(cache.cubin(add).substr(1, 3), "ELF");
+  CompileRequest turing_ptx = add;  // a virtual architecture: NUL-terminated PTX for the driver to translate
+  turing_ptx.arch = "compute_75";
+  const std::string ptx = cache.cubin(turing_ptx);
+  EXPECT_NE(ptx.find(".target sm_75"), std::string::npos);
+  EXPECT_NE(ptx.find(".entry add_one"), std::string::npos);
+  EXPECT_EQ(ptx.back(), '\0');
   CompileRequest included = add;  // a translation unit of embedded headers, as the attention kernels are
   included.name = "add_one_included";
   included.source = "#include \"add.cuh\"\n";

@@ -114,6 +114,20 @@ def test_kvcache_defaults_use_the_whole_cache(device):
                                     rotary_sin=torch.zeros(17, 8, dtype=torch.bfloat16), cache_seqlens=3)
 
 
+@pytest.mark.parametrize("index", [-2, -3, 3])
+def test_kvcache_refuses_cache_entries_outside_the_cache(index):
+    """A negative cache_batch_idx is not a Python index: [0, -2] must not write sequence 1's keys into the cache row
+    of sequence 0 (nor [0, 3] past the cache); the cache is left untouched. Host-resident indices (the CPU backend)
+    are checked; device-resident ones are clamped by the kernels."""
+    q, k, v = (torch.randn(2, 1, 4, 32) for _ in range(3))
+    k_cache, v_cache = (torch.randn(3, 16, 4, 32) for _ in range(2))
+    before = k_cache.clone()
+    with pytest.raises(fap.InvalidArgumentError, match=rf"cache_batch_idx\[1\] = {index}: expected an entry"):
+        fap.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=torch.tensor([3, 4], dtype=torch.int32),
+                                    cache_batch_idx=torch.tensor([0, index], dtype=torch.int32))
+    assert torch.equal(k_cache, before)
+
+
 @pytest.mark.parametrize("page", [1, 16, 256])
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
 @pytest.mark.parametrize("seqlen_q", [1, 4])

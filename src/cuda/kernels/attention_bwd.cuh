@@ -39,6 +39,7 @@ constexpr int kRegisterPassColumns = FAP_DROPOUT && FAP_HEAD_DIM > 64 ? 16 : 32;
 constexpr int kPassColumns = FAP_PT_IN_REGISTERS ? (FAP_BLOCK_M < kRegisterPassColumns ? FAP_BLOCK_M : kRegisterPassColumns)
                                                  : FAP_BLOCK_M / FAP_DKV_SPLIT;
 constexpr int kPasses = FAP_PT_IN_REGISTERS ? FAP_BLOCK_M / kPassColumns : 1;
+static_assert(kPassColumns % 16 == 0, "whole 16-query MMA tiles per warp and pass");
 
 // dQ columns per work item: the widest multiple of 16 up to 64 that divides the head dim.
 constexpr int kDqItemColumns = FAP_HEAD_DIM % 64 == 0 ? 64 : FAP_HEAD_DIM % 48 == 0 ? 48 : FAP_HEAD_DIM % 32 == 0 ? 32 : 16;

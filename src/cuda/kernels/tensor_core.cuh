@@ -1,10 +1,22 @@
-// Tensor-core building blocks shared by the attention kernels (sm_80+): fp16/bf16 storage and rounding,
-// cp.async, ldmatrix and mma.sync.m16n8k16 wrappers, and the shared-memory tile loader. It includes no toolkit
-// header (NVRTC compiles the kernels from the library's embedded files alone).
+// Tensor-core building blocks shared by the attention kernels (sm_80+, and Turing's sm_75 for fp16): fp16/bf16
+// storage and rounding, cp.async, ldmatrix and mma.sync.m16n8k16 wrappers, and the shared-memory tile loader. It
+// includes no toolkit header (NVRTC compiles the kernels from the library's embedded files alone).
+//
+// On sm_75 (no cp.async, no bf16 MMA, no m16n8k16) the same kernels compile with synchronous 16-byte copies in
+// place of cp.async (the waits become no-ops: a __syncthreads after the copies publishes them) and each
+// m16n8k16 as two m16n8k8; bf16 is refused at compile time (the host never asks for it there).
 //
 // Uses FAP_HEAD_DIM (head dim rounded up to a multiple of 16), FAP_WARPS and FAP_BF16.
 #pragma once
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FAP_TURING 1
+#if FAP_BF16
+#error "bfloat16 tensor-core kernels need sm_80 or newer"
+#endif
+#else
+#define FAP_TURING 0
+#endif
 
 #define FAP_STRIDE (FAP_HEAD_DIM + 8)  // shared-memory row stride in halves: +16 bytes avoids bank conflicts
 #define FAP_INFINITY __int_as_float(0x7f800000)  // no math.h under NVRTC
@@ -33,9 +45,13 @@ __device__ __forceinline__ storage_t from_float(float x) {
   return result;
 }
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+#if FAP_TURING  // no paired conversion before sm_80
+  return (unsigned int)from_float(lo) | (unsigned int)from_float(hi) << 16;
+#else
   unsigned int result;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(result) : "f"(hi), "f"(lo));
   return result;
+#endif
 }
 __device__ __forceinline__ float to_float(storage_t x) {
   float result;
@@ -57,6 +73,7 @@ __device__ __forceinline__ unsigned int shared_address(const void* pointer) {
   return (unsigned int)__cvta_generic_to_shared(pointer);
 }
 
+#if !FAP_TURING
 __device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global));
 }
@@ -77,6 +94,19 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // Waits until at most `PENDING` of this thread's committed groups are still in flight.
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+#else
+__device__ __forceinline__ void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
+  *static_cast<uint4*>(shared) = copy ? *static_cast<const uint4*>(global) : make_uint4(0, 0, 0, 0);
+}
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global) { cp_async_16_or_zero(shared, global, true); }
+__device__ __forceinline__ void cp_async_16_or_zero_streaming(void* shared, const void* global, bool copy) {
+  cp_async_16_or_zero(shared, global, copy);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() {}
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {}
+#endif
 
 // ldmatrix from a shared-state-space address (shared_address): loops that walk a tile add byte offsets to one
 // address instead of recomputing a generic pointer per load.
@@ -113,10 +143,20 @@ __device__ __forceinline__ void wait_for_prerequisites() {
 
 // D (16x8 fp32) += A (16x16) * B (16x8).
 __device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+#if !FAP_TURING
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." FAP_MMA_TYPES ".f32 "
                "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  // sm_75: the k16 product as two k8 ones (A's registers 0-1 and B's first register hold k 0-7, the rest k 8-15).
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(b0));
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[2]), "r"(a[3]), "r"(b1));
+#endif
 }
 
 // Columns 16 kk .. 16 kk + 15 of an fp32 accumulator (fragments 2 kk and 2 kk + 1) rounded to the A operand of
