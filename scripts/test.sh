@@ -16,7 +16,7 @@ run_suite() {  # build-dir, ctest arguments, extra cmake arguments...
 
 echo "== optimised build"
 run_suite build "-E AttentionKernelCompile" -DCMAKE_BUILD_TYPE=Release
-echo "== NVRTC compilation of every CUDA kernel configuration for sm_80 and sm_90a (no GPU needed)"
+echo "== NVRTC compilation of every CUDA kernel configuration (sm_75, sm_80, sm_86/sm_89, sm_90a; no GPU needed)"
 (cd build && ctest --output-on-failure --timeout 3600 -V -R AttentionKernelCompile) | grep -E "NVRTC compiled|tests passed|Failure|failed|nvrtc|ptxas"
 echo "== Python package: pip install (flash-attn-plus and the flash_attn drop-in), then pytest"
 python=$(scripts/python_env.sh)

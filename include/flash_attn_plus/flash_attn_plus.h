@@ -164,8 +164,9 @@ FAP_API int32_t fap_backend_count(void);
 FAP_API fap_status fap_backend_get_info(int32_t index, fap_backend_info* info);
 FAP_API fap_status fap_set_backend(const char* name);
 FAP_API const char* fap_get_backend(void);
-/* Which backend a call with tensors on this device would run on now. */
-FAP_API fap_status fap_resolve_backend(fap_device_type device_type, const char** name);
+/* Which backend a call with tensors on this device would run on now. device_type: a fap_device_type value, taken
+ * as an int so that any other value is an argument error rather than an invalid enum. */
+FAP_API fap_status fap_resolve_backend(int32_t device_type, const char** name);
 
 /* Plan, then run. fap_plan_fwd / fap_plan_bwd check every argument, pick the backend and the kernel
  * configuration (compiling it on first use), and lay out the workspace, once; fap_plan_run then only launches,

@@ -32,6 +32,10 @@ def set_backend(name):
             _C.set_backend("auto")  # what the Python backend leaves to the library (backwards) runs on `auto`
             _python_choice = name
             return
+        # A library backend that cannot run here is refused now, with its reason, not at the first call.
+        for listed, usable, reason, _ in _C.backends():
+            if listed == name and not usable:
+                raise _errors.BackendUnavailableError(f"backend '{name}' is unusable: {reason}")
         _errors.check(_C.set_backend(name))
         _python_choice = None
 

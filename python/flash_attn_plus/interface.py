@@ -2,6 +2,8 @@
 return values, over the flash_attn_plus custom ops. The contract: ../shared/docs/fa2-api.md in the
 project's docs, and FA2's docstrings.
 """
+import operator
+
 import torch
 
 from . import _errors
@@ -21,10 +23,18 @@ def _get_block_size_n(device, head_dim, is_dropout, is_causal):
     return 1 << 30
 
 
-def _window(window_size):
-    if len(window_size) != 2:
-        raise _errors.InvalidArgumentError(f"window_size: expected (left, right), got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
+def window_pair(window_size):
+    """window_size as FA2 takes it: a pair of ints (each passed to its kernels as a 32-bit int; negative: no bound
+    on that side)."""
+    try:
+        left, right = window_size
+        sides = operator.index(left), operator.index(right)
+    except (TypeError, ValueError):
+        raise _errors.InvalidArgumentError(f"window_size: expected a pair of ints (left, right), got {window_size!r}") \
+            from None
+    if any(not -2**31 <= side < 2**31 for side in sides):
+        raise _errors.InvalidArgumentError(f"window_size: expected ints in [-2^31, 2^31), got {window_size!r}")
+    return sides
 
 
 def _require_tensors(**tensors):
@@ -39,7 +49,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     q, k, v = maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
-    left, right = _window(window_size)
+    left, right = window_pair(window_size)
     options = Options(softmax_scale, causal, left, right, 0.0 if softcap is None else softcap, dropout_p, deterministic)
     out, lse, probs, _ = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
                                            int(max_seqlen_q), int(max_seqlen_k), bool(return_attn_probs), options)

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _errors
 from ._library import _C
 from ._tensors import allocate_workspace, stream_of
-from .interface import maybe_contiguous
+from .interface import maybe_contiguous, window_pair
 from .ops import Options, _c_options, _traced
 
 
@@ -58,8 +58,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """FA2's decoding entry point (see the module docstring). num_splits: how many parts the keys are split into
     (0: chosen from the shapes, 1: none); it changes the reduction order only. Returns out, or
     (out, softmax_lse (batch, nheads, seqlen_q))."""
-    if len(window_size) != 2:
-        raise _errors.InvalidArgumentError(f"window_size: expected (left, right), got {window_size!r}")
+    window_left, window_right = window_pair(window_size)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
     seqlen_new = 0 if k is None else k.shape[1]
@@ -75,7 +74,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     arguments = (maybe_contiguous(q), k_cache, v_cache, maybe_contiguous(k), maybe_contiguous(v), rotary_cos,
                  rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
                  bool(rotary_interleaved), int(num_splits))
-    options = Options(softmax_scale, causal, int(window_size[0]), int(window_size[1]),
+    options = Options(softmax_scale, causal, window_left, window_right,
                       0.0 if softcap is None else softcap, 0.0, False)
     if _traced(q, k_cache, v_cache, k, v):
         out, lse = forward_with_kvcache(*arguments, *options[:5])

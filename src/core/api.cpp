@@ -207,12 +207,12 @@ const char* fap_get_backend(void) {
   return name.c_str();
 }
 
-fap_status fap_resolve_backend(fap_device_type device_type, const char** name) {
+fap_status fap_resolve_backend(int32_t device_type, const char** name) {
   return guarded([&] {
     fap::require(name != nullptr, "name: expected a pointer to receive the backend name, got NULL");
     fap::require(device_type == FAP_DEVICE_CPU || device_type == FAP_DEVICE_CUDA, "device_type: unknown value ",
-                 static_cast<int>(device_type));
-    *name = fap::resolve_backend(device_type).name();
+                 device_type);
+    *name = fap::resolve_backend(static_cast<fap_device_type>(device_type)).name();
   });
 }
 

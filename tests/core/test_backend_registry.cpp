@@ -48,6 +48,14 @@ TEST(BackendRegistry, ExplicitCpuRefusesDeviceTensors) {
   EXPECT_NE(std::string(fap_last_error()).find("backend 'cpu' cannot run on cuda tensors"), std::string::npos);
 }
 
+// Issue-18 regression: an out-of-range device type was loaded as an invalid enum (UB under the sanitizer).
+TEST(BackendRegistry, UnknownDeviceTypesAreRejected) {
+  const char* name = nullptr;
+  EXPECT_EQ(fap_resolve_backend(7, &name), FAP_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(fap_last_error()).find("device_type: unknown value 7"), std::string::npos) << fap_last_error();
+  EXPECT_EQ(name, nullptr);
+}
+
 TEST(BackendRegistry, ScopedSelectionIsRestored) {
   const std::string before = flash_attn_plus::backend();
   {

@@ -48,6 +48,11 @@ CASES = {
     "dropout 1": (_dense(dropout_p=1.0), "dropout_p"),
     "dropout negative": (_dense(dropout_p=-0.1), "dropout_p"),
     "window of three": (_dense(window_size=(1, 2, 3)), "window_size"),
+    # Issue-18 regressions: a window past int32 reached nanobind as a TypeError, None as "has no len()", and a
+    # float was truncated silently.
+    "window past int32": (_dense(window_size=(2**31, 0)), "window_size: expected ints in"),
+    "window None": (_dense(window_size=None), "window_size: expected a pair of ints"),
+    "window float": (_dense(window_size=(1.5, 0)), "window_size: expected a pair of ints"),
     "alibi float16": (_dense(alibi_slopes=torch.ones(4, dtype=F16)), "alibi_slopes"),
     "alibi shape": (_dense(alibi_slopes=torch.ones(3)), "alibi_slopes"),
     "softcap negative": (_dense(softcap=-1.0), "softcap"),
