@@ -48,7 +48,7 @@ std::string make_directories(const std::string& path) {
   while (std::getline(parts, part, '/')) {
     if (part.empty()) continue;
     partial += part + "/";
-    const bool last = partial.size() >= path.size() || path.find_first_not_of('/', partial.size()) == std::string::npos;
+    const bool last = path.find_first_not_of('/', partial.size()) == std::string::npos;
     if (mkdir(partial.c_str(), last ? 0700 : 0755) != 0 && errno != EEXIST) return partial + ": " + std::strerror(errno);
   }
   return {};

@@ -173,7 +173,7 @@ __device__ __forceinline__ void pack_a_operand(unsigned int (&a)[4], const float
 // Copies the first `count` rows x head_dim of a (row, dim) operand into a shared tile of ROWS rows (row
 // stride FAP_STRIDE), zero-filling rows beyond count and columns beyond head_dim. vector_loads: every row
 // starts 16-byte aligned and head_dim % 8 == 0 (then cp.async, else element copies). A whole tile of vector
-// rows (the common case) takes an unrolled loop of copies without per-chunk tests.
+// rows (the common case) takes a loop of copies by pointer increments, without per-chunk tests.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(storage_t* tile, const storage_t* base, long long row_stride, int count,
                                           int head_dim, int vector_loads) {
