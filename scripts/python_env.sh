@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A cached virtual environment for the Python package's build and tests (idempotent): torch from PyPI
 # (a CUDA build that also runs on the CPU; installed once, then reused), pytest, the build backend so
-# `pip install --no-build-isolation` needs no network, and ring-flash-attention for a test. Prints the
-# environment's python.
+# `pip install --no-build-isolation` needs no network, and ring-flash-attention and yunchang for tests.
+# Prints the environment's python.
 set -euo pipefail
 venv=${FAP_VENV:-$HOME/.cache/flash_attn_plus_ci/venv}
 if [ ! -x "$venv/bin/python" ]; then
@@ -21,9 +21,11 @@ if ((${#needed[@]})); then
   echo "installing into $venv: ${needed[*]}" >&2
   "$venv/bin/python" -m pip install -q "${needed[@]}" >&2
 fi
-# ring-flash-attention, which a test runs on the flash_attn drop-in: its own code only (it declares flash-attn,
-# which the drop-in stands in for).
-if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('ring_flash_attn') is None)"; then
-  "$venv/bin/python" -m pip install -q --no-deps "ring-flash-attn==0.1.8" >&2
-fi
+# ring-flash-attention and yunchang, which tests run on the flash_attn drop-in: their own code only (they declare
+# flash-attn, which the drop-in stands in for).
+for requirement in ring_flash_attn:ring-flash-attn==0.1.8 yunchang:yunchang==0.6.4; do
+  if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('${requirement%%:*}') is None)"; then
+    "$venv/bin/python" -m pip install -q --no-deps "${requirement#*:}" >&2
+  fi
+done
 echo "$venv/bin/python"

@@ -209,7 +209,29 @@ def _check_ring_flash_attn_zigzag(rank, world_size, device, seed=0):
              (mine(reference[0]), [mine(g) for g in reference[2]]), (mine(plain[0]), [mine(g) for g in plain[2]]))
 
 
-_CHECKS = {"dense": _check_dense, "varlen": _check_varlen, "ring_flash_attn_zigzag": _check_ring_flash_attn_zigzag}
+def _check_yunchang(rank, world_size, device, seed=0):
+    """yunchang's LongContextAttention (its ring over FA2's private functions; the whole group as the ring) on
+    the drop-in, in its two layouts, against the whole-sequence reference."""
+    import yunchang
+    from yunchang.kernels import AttnType
+    yunchang.set_seq_parallel_pg(1, world_size, rank, world_size)
+    q, k, v, dout = _inputs((2, 96, 4, 32), (2, 96, 4, 32), device, seed)
+    reference, plain = (_reference(q, k, v, dout, dtype, causal=True) for dtype in (torch.float64, torch.bfloat16))
+    for ring_impl, layout in (("basic", "contiguous"), ("zigzag", "zigzag")):
+        local = [cp.shard(x, rank, world_size, layout).detach().requires_grad_() for x in (q, k, v)]
+        out = yunchang.LongContextAttention(ring_impl_type=ring_impl, attn_type=AttnType.FA)(*local, causal=True)
+        out.backward(cp.shard(dout, rank, world_size, layout))
+
+        def mine(x):
+            return cp.shard(x, rank, world_size, layout)
+
+        _compare(f"yunchang {ring_impl} rank {rank}", (out, [x.grad for x in local]),
+                 (mine(reference[0]), [mine(g) for g in reference[2]]),
+                 (mine(plain[0]), [mine(g) for g in plain[2]]))
+
+
+_CHECKS = {"dense": _check_dense, "varlen": _check_varlen, "ring_flash_attn_zigzag": _check_ring_flash_attn_zigzag,
+           "yunchang": _check_yunchang}
 
 
 def _dense_cases(strategy, layouts=cp.LAYOUTS):
@@ -244,6 +266,12 @@ def test_ring_flash_attention_library_runs_on_the_drop_in(device, tmp_path):
     if importlib.util.find_spec("ring_flash_attn") is None or importlib.util.find_spec("flash_attn") is None:
         pytest.skip("ring-flash-attn or the flash_attn drop-in (./compat) is not installed")
     _spawn(2, device, tmp_path, [dict(check="ring_flash_attn_zigzag")])
+
+
+def test_yunchang_runs_on_the_drop_in(device, tmp_path):
+    if importlib.util.find_spec("yunchang") is None or importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("yunchang or the flash_attn drop-in (./compat) is not installed")
+    _spawn(2, device, tmp_path, [dict(check="yunchang")])
 
 
 def test_ring_refuses_what_it_cannot_compute():
