@@ -132,7 +132,7 @@ def _forward_with_rng_state(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     out, lse, probs, rng = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
                                              int(max_seqlen_q), int(max_seqlen_k), bool(return_softmax), options,
                                              seqused_k)
-    return out, lse, probs if probs is not None else q.new_empty((0,)), rng_state_tensor(rng)
+    return out, lse, probs if probs is not None else q.new_empty((0,)), rng_state_tensor(rng, q.device)
 
 
 def _unsupported_argument(name):

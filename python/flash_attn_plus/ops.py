@@ -17,8 +17,10 @@ op's schema lists plain values only).
 Dropout draws (seed, offset) from torch's generator of the tensors' device, the way FA2 does: on CUDA the
 Philox offset of torch's CUDA generator is advanced, on the CPU one 63-bit seed is drawn from torch's CPU
 generator. torch.utils.checkpoint saves and restores those generator states, so a recomputation reproduces the
-mask. The (seed, offset) pair is returned as `rng_state` (int64, CPU) and replayed by the backward.
+mask. The (seed, offset) pair is returned as `rng_state` (int64, on the tensors' device as FA2's) and replayed by
+the backward.
 """
+import threading
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from . import _errors, backends, flaggems
 from ._library import _C
-from ._tensors import allocate_workspace, stream_of
+from ._tensors import allocate_workspace, dtype_code, stream_of
 
 _UINT64 = 1 << 64
 
@@ -120,6 +122,10 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_
         flaggems.warn_fallback(reason)
     seed = offset = 0
     if options.dropout_p > 0:
+        if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise _errors.UnsupportedError(
+                "dropout_p: dropout inside a CUDA graph capture is not supported yet (its random offsets are read on "
+                "the host when the graph is recorded, so every replay would draw the same mask)")
         batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
         seed, offset = _draw_dropout_rng(q.device, max(batch, 1) * q.shape[-2] * 32)
     _errors.check(_C.forward(varlen, q, k, v, out, lse, probs if with_probs else None, cu_seqlens_q, cu_seqlens_k,
@@ -140,19 +146,23 @@ def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi
     return dq, dk, dv
 
 
-def _rng_tensor(rng):
-    """(seed, offset) as FA2's rng_state: int64 on the CPU, the unsigned values' two's complement."""
-    return torch.tensor([value - _UINT64 if value >= 1 << 63 else value for value in rng], dtype=torch.int64)
+def _rng_tensor(rng, device):
+    """(seed, offset) as FA2's rng_state: int64 on the tensors' device (as FA2's), the unsigned values' two's
+    complement. Without dropout it is made on the device without a copy from the host: a CUDA graph can capture
+    that (torch.compile's mode="reduce-overhead"), and a CPU output would split inductor's graph around the op."""
+    if rng == (0, 0):
+        return torch.zeros(2, dtype=torch.int64, device=device)
+    return torch.tensor([value - _UINT64 if value >= 1 << 63 else value for value in rng], dtype=torch.int64).to(device)
 
 
 def _rng_values(rng_state):
     return tuple(rng_state.tolist())
 
 
-def rng_state_tensor(rng):
+def rng_state_tensor(rng, device):
     """FA2's rng_state from what attention_forward returned (a tensor from the custom op, (seed, offset) from the
     eager route)."""
-    return rng if isinstance(rng, Tensor) else _rng_tensor(rng)
+    return rng if isinstance(rng, Tensor) else _rng_tensor(rng, device)
 
 
 @torch.library.custom_op("flash_attn_plus::fwd", mutates_args=())
@@ -166,7 +176,7 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional
     options = Options(softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic)
     out, lse, probs, rng = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                     max_seqlen_q, max_seqlen_k, return_softmax, options)
-    return out, lse, probs if probs is not None else q.new_empty((0,)), _rng_tensor(rng)
+    return out, lse, probs if probs is not None else q.new_empty((0,)), _rng_tensor(rng, q.device)
 
 
 @attention_forward_op.register_fake
@@ -174,7 +184,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
       return_softmax, *options):
     out, lse, probs = _forward_outputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, True,
                                        return_softmax and Options(*options).dropout_p > 0)
-    return out, lse, probs, torch.empty(2, dtype=torch.int64)
+    return out, lse, probs, torch.empty(2, dtype=torch.int64, device=q.device)
 
 
 @torch.library.custom_op("flash_attn_plus::bwd", mutates_args=())
@@ -269,10 +279,28 @@ class _AttentionFunction(torch.autograd.Function):
         common = (dout, q, k, v, out, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.alibi_slopes, call.max_seqlen_q,
                   call.max_seqlen_k)
         if _traced(dout, q):  # e.g. compiled autograd tracing this backward
-            grads = attention_backward_op(*common, _rng_tensor(ctx.rng), *call.options)
+            grads = attention_backward_op(*common, _rng_tensor(ctx.rng, q.device), *call.options)
         else:
             grads = _backward(*common, ctx.rng, call.options)
         return grads + (None,)
+
+
+_backward_kernels_started = set()
+
+
+def _compile_backward_ahead(q, alibi_slopes, options):
+    """Starts compiling (or loading from the disk cache) the backward's kernels on another thread, once per kind
+    of call and device: a fresh process's first training step then waits for the longer of the forward's and the
+    backward's compiles rather than for their sum. Errors are left to the backward itself to report. The thread is
+    not a daemon: an exiting interpreter waits for it rather than unloading the library under it."""
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    spec = (True, dtype_code(q.dtype), q.shape[-1],
+            bool(options.causal or options.window_left >= 0 or options.window_right >= 0), options.softcap > 0,
+            alibi_slopes is not None, options.dropout_p > 0)
+    if (spec, index) in _backward_kernels_started:
+        return
+    _backward_kernels_started.add((spec, index))
+    threading.Thread(target=_C.precompile, args=([spec], index), name="flash_attn_plus backward kernels").start()
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k,
@@ -282,6 +310,9 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_sl
     if _traced(q, k, v):
         return attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                     max_seqlen_q, max_seqlen_k, return_softmax, *options)
+    if (q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and block_table is None and seqused_k is None):
+        _compile_backward_ahead(q, alibi_slopes, options)
     return _AttentionFunction.apply(q, k, v, _Call(cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                                    max_seqlen_q, max_seqlen_k, return_softmax, options))
 

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <sstream>
 #include <thread>
 
@@ -202,16 +203,13 @@ bool KernelCache::read_file(const std::string& path, const std::string& key, std
 }
 
 // A new file only this user can read or write (0600, created exclusively, never through a symbolic link),
-// renamed into place once complete.
-void KernelCache::write_file(const std::string& path, const std::string& key, const std::string& cubin) {
+// renamed into place once complete. Returns "" or why the entry was not written.
+std::string KernelCache::write_file(const std::string& path, const std::string& key, const std::string& cubin) const {
   static std::atomic<unsigned> counter{0};
   const std::string temporary = concat(path, ".tmp.", getpid(), ".",
                                        std::hash<std::thread::id>()(std::this_thread::get_id()), ".", counter++);
   const int fd = open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    write_problem_ = temporary + ": " + std::strerror(errno);
-    return;
-  }
+  if (fd < 0) return temporary + ": " + std::strerror(errno);
   const std::string contents =
       concat(kFormatTag, "\n", key, "\n", cubin.size(), "\n", hex(fnv1a64(cubin)), "\n") + cubin;
   size_t done = 0;
@@ -222,30 +220,57 @@ void KernelCache::write_file(const std::string& path, const std::string& key, co
   }
   const bool complete = close(fd) == 0 && done == contents.size();
   if (!complete) {
-    write_problem_ = temporary + ": write failed";
     std::remove(temporary.c_str());
-    return;
+    return temporary + ": write failed";
   }
   if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    write_problem_ = path + ": " + std::strerror(errno);
+    const std::string problem = path + ": " + std::strerror(errno);
     std::remove(temporary.c_str());
+    return problem;
   }
+  return {};
 }
 
+// The lock guards the maps, never a compile: different kernels compile at the same time (a forward's and its
+// backward's on two threads), and a thread asking for a kernel another thread is compiling waits for that result.
 std::string KernelCache::cubin(const CompileRequest& request) {
   const std::string full_key = key(request);
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   if (auto found = memory_.find(full_key); found != memory_.end()) return found->second;
-  const std::string path = file_for(request);
-  std::string binary;
-  if (disk_problem_.empty() && read_file(path, full_key, &binary)) return memory_[full_key] = binary;
-  if (!quiet()) {
-    std::fprintf(stderr, "flash_attn_plus: compiling %s for %s (first use; cached in %s)\n", request.name.c_str(),
-                 request.arch.c_str(), write_problem_.empty() ? directory_.c_str() : "memory only");
+  if (auto pending = in_flight_.find(full_key); pending != in_flight_.end()) {
+    const std::shared_future<std::string> other_thread = pending->second;
+    lock.unlock();
+    return other_thread.get();  // rethrows that thread's error
   }
-  binary = compiler_.compile(request);
-  ++compilations_;
-  if (write_problem_.empty()) write_file(path, full_key, binary);
+  std::promise<std::string> result;
+  in_flight_.emplace(full_key, result.get_future().share());
+  const std::string path = file_for(request);
+  const bool writable = write_problem_.empty();
+  lock.unlock();
+
+  std::string binary, written;
+  bool compiled = false;
+  try {
+    if (!disk_problem_.empty() || !read_file(path, full_key, &binary)) {
+      if (!quiet()) {
+        std::fprintf(stderr, "flash_attn_plus: compiling %s for %s (first use; cached in %s)\n",
+                     request.name.c_str(), request.arch.c_str(), writable ? directory_.c_str() : "memory only");
+      }
+      binary = compiler_.compile(request);
+      compiled = true;
+      if (writable) written = write_file(path, full_key, binary);
+    }
+  } catch (...) {
+    result.set_exception(std::current_exception());
+    lock.lock();
+    in_flight_.erase(full_key);
+    throw;
+  }
+  result.set_value(binary);
+  lock.lock();
+  compilations_ += compiled ? 1 : 0;
+  if (!written.empty() && write_problem_.empty()) write_problem_ = written;
+  in_flight_.erase(full_key);
   return memory_[full_key] = binary;
 }
 

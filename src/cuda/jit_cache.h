@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -61,7 +62,7 @@ class KernelCache {
 
  private:
   bool read_file(const std::string& path, const std::string& key, std::string* cubin) const;
-  void write_file(const std::string& path, const std::string& key, const std::string& cubin);
+  std::string write_file(const std::string& path, const std::string& key, const std::string& cubin) const;
 
   Compiler compiler_;
   std::string directory_;
@@ -69,6 +70,7 @@ class KernelCache {
   std::string write_problem_;
   mutable std::mutex mutex_;
   std::unordered_map<std::string, std::string> memory_;
+  std::unordered_map<std::string, std::shared_future<std::string>> in_flight_;  // being compiled by a thread
   int compilations_ = 0;
 };
 

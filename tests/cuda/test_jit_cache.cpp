@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -232,6 +233,55 @@ TEST(JitCache, ConcurrentWritersLeaveOneValidEntry) {
   const int before = counting.calls;
   EXPECT_EQ(KernelCache(counting.compiler(), dir).cubin(request()), results[0]);
   EXPECT_EQ(counting.calls, before) << "the entry on disk must be complete and valid";
+}
+
+// A stand-in whose compiles of "-DHEAD_DIM=64" and "-DHEAD_DIM=128" each wait (up to a few seconds) until the
+// other has started: both finish quickly only if one cache runs them at the same time.
+TEST(JitCache, DifferentKernelsCompileAtTheSameTime) {
+  const ScratchDirectory scratch("parallel");
+  std::atomic<int> started{0};
+  Compiler rendezvous{"rendezvous", [&](const CompileRequest& request) {
+                        ++started;
+                        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+                        while (started < 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+                        return std::string(started >= 2 ? "together:" : "alone:") + request.options[0];
+                      }};
+  KernelCache cache(rendezvous, scratch.path);
+  std::string wide, narrow;
+  std::thread other([&] { wide = cache.cubin(request("-DHEAD_DIM=128")); });
+  narrow = cache.cubin(request("-DHEAD_DIM=64"));
+  other.join();
+  EXPECT_EQ(narrow, "together:-DHEAD_DIM=64");
+  EXPECT_EQ(wide, "together:-DHEAD_DIM=128");
+}
+
+// Threads asking for a kernel that one thread is compiling wait for that compile, its error included.
+TEST(JitCache, ThreadsWantingTheSameKernelShareOneCompile) {
+  const ScratchDirectory scratch("shared");
+  for (const bool fails : {false, true}) {
+    std::atomic<int> calls{0};
+    Compiler slow{"slow", [&](const CompileRequest&) -> std::string {
+                    ++calls;
+                    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                    if (fails) fail(FAP_ERROR_DEVICE, "nvrtcCompileProgram: broken");
+                    return "CUBIN";
+                  }};
+    KernelCache cache(slow, scratch.path + (fails ? "/failing" : "/working"));
+    std::vector<std::string> results(4);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i) {
+      threads.emplace_back([&, i] {
+        try {
+          results[i] = cache.cubin(request());
+        } catch (const Error& error) {
+          results[i] = error.what();
+        }
+      });
+    }
+    for (std::thread& thread : threads) thread.join();
+    EXPECT_EQ(calls, 1);
+    for (const std::string& result : results) EXPECT_EQ(result, fails ? "nvrtcCompileProgram: broken" : "CUBIN");
+  }
 }
 
 TEST(JitCache, CompilerErrorsCarryTheLog) {

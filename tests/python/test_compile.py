@@ -71,3 +71,50 @@ def test_dropout_inside_a_compiled_graph_draws_from_torch(device):
     torch.manual_seed(5)
     assert torch.equal(first, compiled(q, k, v))
     assert not torch.equal(first, compiled(q, k, v))
+
+
+def _cuda_only(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs (mode='reduce-overhead') need --device cuda")
+
+
+def test_reduce_overhead_training_step_gives_the_eager_results(device):
+    """mode="reduce-overhead" records the compiled forward and backward as CUDA graphs (cudagraph trees): the op's
+    outputs must all live on the GPU and its launches must be capturable."""
+    _cuda_only(device)
+    torch._dynamo.reset()
+
+    def layer(q, k, v):
+        return fap.flash_attn_func(q, k, v, causal=True, softcap=30.0).float().square().sum()
+
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    q = torch.randn(2, 333, 8, 128, dtype=torch.bfloat16, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 333, 2, 128, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(2))
+    loss = layer(q, k, v)
+    expected = [loss] + list(torch.autograd.grad(loss, (q, k, v)))
+    for _ in range(3):  # warm-up, recording, replays
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = compiled(q, k, v)
+        results = [loss.clone()] + [g.clone() for g in torch.autograd.grad(loss, (q, k, v))]
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+def test_reduce_overhead_decode_step_gives_the_eager_results(device):
+    _cuda_only(device)
+    torch._dynamo.reset()
+
+    def step(q, k_cache, v_cache, k, v, seqlens):
+        return fap.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True)
+
+    q = torch.randn(4, 1, 8, 128, dtype=torch.bfloat16, device=device)
+    caches = [torch.randn(4, 256, 2, 128, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    k, v = (torch.randn(4, 1, 2, 128, dtype=torch.bfloat16, device=device) for _ in range(2))
+    seqlens = torch.tensor([3, 90, 17, 200], dtype=torch.int32, device=device)
+    eager_caches = [c.clone() for c in caches]
+    expected = step(q, *eager_caches, k, v, seqlens)
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        got = compiled(q, *[c.clone() for c in caches], k, v, seqlens).clone()
+    assert torch.equal(got, expected)

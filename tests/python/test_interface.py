@@ -81,6 +81,7 @@ def test_underscore_helpers_follow_fa2(device, varlen):
         out, lse, s_dmask, rng_state = _flash_attn_forward(q, k, v, 0.0, scale, True, -1, -1, 0.0, None, False)
         assert lse.shape == (2, 4, 40)
     assert s_dmask.numel() == 0 and rng_state.shape == (2,) and rng_state.dtype == torch.int64
+    assert rng_state.device == q.device  # as FA2's
     out_ref, _ = attention(q.double(), k.double(), v.double(), softmax_scale=scale, causal=True)
     out_pt, _ = attention(q, k, v, softmax_scale=scale, causal=True, dtype=torch.float16)
     check_rule("out", out, out_ref, out_pt, 2)

@@ -42,6 +42,22 @@ def test_precompile_compiles_what_the_calls_use(device, tmp_path):
     assert len(log) == 3 and log[-1] == "MARK", log  # forward and backward compiled before the calls
 
 
+def test_a_forward_autograd_will_differentiate_compiles_the_backward_ahead(device, tmp_path):
+    """The backward's kernels start compiling during the first forward (on another thread); without gradients
+    (no_grad, or inputs that need none) nothing but the forward's kernels is compiled."""
+    if device.type != "cuda":
+        pytest.skip("compiles CUDA kernels")
+    forward_only = ("import sys, threading, torch, flash_attn_plus as fap\n"
+                    "q, k, v = (torch.randn(2, 64, 4, 64, device='cuda', dtype=torch.float16, requires_grad={grad})"
+                    " for _ in range(3))\n"
+                    "fap.flash_attn_func(q, k, v, causal=True)\n"
+                    "[t.join() for t in threading.enumerate() if t is not threading.main_thread()]\n")
+    with_grad = _compile_log(tmp_path / "grad", forward_only.format(grad=True))
+    assert len(with_grad) == 2 and sum("attention_bwd" in line for line in with_grad) == 1, with_grad
+    without = _compile_log(tmp_path / "nograd", forward_only.format(grad=False))
+    assert len(without) == 1 and "attention_fwd" in without[0], without
+
+
 def test_precompile_is_for_cuda():
     import flash_attn_plus as fap
     with pytest.raises(fap.InvalidArgumentError, match="device"):
