@@ -54,10 +54,12 @@ print(json.dumps(times))
 
 
 def run_child(cache_dir, implementation="flash_attn_plus"):
-    env = dict(os.environ, FLASH_ATTENTION_PLUS_CACHE_DIR=cache_dir, FLASH_ATTENTION_PLUS_JIT_QUIET="1")
+    env = dict(os.environ, FLASH_ATTENTION_PLUS_CACHE_DIR=cache_dir, FLASH_ATTENTION_PLUS_JIT_QUIET="0")
     output = subprocess.run([sys.executable, "-c", CHILD, implementation], env=env, capture_output=True, text=True,
                             check=True)
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    times = json.loads(output.stdout.strip().splitlines()[-1])
+    times["kernels_compiled"] = sum("flash_attn_plus: compiling" in line for line in output.stderr.splitlines())
+    return times
 
 
 def main():

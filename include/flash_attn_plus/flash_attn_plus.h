@@ -168,6 +168,14 @@ FAP_API const char* fap_get_backend(void);
  * as an int so that any other value is an argument error rather than an invalid enum. */
 FAP_API fap_status fap_resolve_backend(int32_t device_type, const char** name);
 
+/* Index checks. Index arrays in device memory are not read on the host by default, which would synchronise every
+ * call: the kernels clamp every index they read instead, so corrupt values give wrong results but never an access
+ * out of bounds. With the checks on, every varlen call copies cu_seqlens_q and cu_seqlens_k to the host (after the
+ * device's pending work) and checks them as host-resident ones are, each error naming the argument. Initially on
+ * when the environment variable FLASH_ATTENTION_PLUS_CHECK_INDICES is set to a value other than "0". */
+FAP_API fap_status fap_set_index_checks(int32_t enabled);
+FAP_API int32_t fap_index_checks(void);
+
 /* Plan, then run. fap_plan_fwd / fap_plan_bwd check every argument, pick the backend and the kernel
  * configuration (compiling it on first use), and lay out the workspace, once; fap_plan_run then only launches,
  * any number of times. A plan keeps the tensor views of args (pointers, shapes, strides), not the memory behind

@@ -15,6 +15,7 @@ from ._errors import (BackendUnavailableError, DeviceError, FlashAttentionError,
                       OutOfMemoryError, UnsupportedError)
 from ._library import _C
 from .backends import available_backends, backend, get_backend, info, set_backend
+from .index_checks import checked_indices, index_checks, set_index_checks
 from .interface import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                         flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 from .kvcache import flash_attn_with_kvcache
@@ -26,6 +27,7 @@ __all__ = [
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
     "set_backend", "get_backend", "backend", "info", "available_backends", "precompile", "bert_padding", "rotary", "ops",
+    "set_index_checks", "index_checks", "checked_indices",
     "FlashAttentionError", "InvalidArgumentError", "UnsupportedError", "BackendUnavailableError", "DeviceError",
     "OutOfMemoryError",
 ]

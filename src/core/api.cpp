@@ -216,6 +216,15 @@ fap_status fap_resolve_backend(int32_t device_type, const char** name) {
   });
 }
 
+fap_status fap_set_index_checks(int32_t enabled) {
+  return guarded([&] {
+    fap::require(enabled == 0 || enabled == 1, "enabled: expected 0 or 1, got ", enabled);
+    fap::set_index_checks(enabled != 0);
+  });
+}
+
+int32_t fap_index_checks(void) { return fap::index_checks() ? 1 : 0; }
+
 fap_status fap_plan_fwd(const fap_fwd_args* args, const fap_options* options, int32_t varlen, fap_plan** plan) {
   return fap::create_plan(args, options, varlen, plan);
 }

@@ -42,6 +42,9 @@ class Backend {
   virtual void precompile(const KernelFeatures& features, int32_t device_index) const {
     (void)features, (void)device_index;
   }
+  // A 1-D contiguous int32 tensor in this backend's device memory, copied to the host once the device's pending
+  // work is done (the index checks read cu_seqlens this way). Backends of host memory are never asked.
+  virtual std::vector<int32_t> read_int32(const fap_tensor& tensor) const;
 };
 
 const std::vector<const Backend*>& all_backends();
@@ -50,6 +53,10 @@ const std::vector<const Backend*>& all_backends();
 const Backend& resolve_backend(fap_device_type device);
 void select_backend(const std::string& name);  // "auto" or a registered name; throws on unknown names
 std::string selected_backend();
+
+// Whether calls copy device-resident index arrays to the host and check them (fap_set_index_checks).
+bool index_checks();
+void set_index_checks(bool enabled);
 
 // Backend factories, one per backend directory.
 const Backend& cpu_backend();

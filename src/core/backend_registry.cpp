@@ -1,4 +1,6 @@
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -9,6 +11,15 @@ namespace fap {
 namespace {
 
 constexpr const char* kBackendEnvVar = "FLASH_ATTENTION_PLUS_BACKEND";
+constexpr const char* kIndexChecksEnvVar = "FLASH_ATTENTION_PLUS_CHECK_INDICES";
+
+std::atomic<bool>& index_checks_flag() {
+  static std::atomic<bool> flag = [] {
+    const char* value = std::getenv(kIndexChecksEnvVar);
+    return value && *value && std::strcmp(value, "0") != 0;
+  }();
+  return flag;
+}
 
 std::string& selection() {
   // The environment sets the initial choice once; fap_set_backend() changes it later.
@@ -78,6 +89,13 @@ const Backend& resolve_backend(fap_device_type device) {
     reasons += concat("; ", backend->name(), ": ", reason);
   }
   fail(FAP_ERROR_BACKEND_UNAVAILABLE, "no usable backend for ", device_label(device), " tensors", reasons);
+}
+
+bool index_checks() { return index_checks_flag().load(); }
+void set_index_checks(bool enabled) { index_checks_flag().store(enabled); }
+
+std::vector<int32_t> Backend::read_int32(const fap_tensor&) const {
+  fail(FAP_ERROR_INTERNAL, "backend '", name(), "' holds no device memory to read");
 }
 
 }  // namespace fap

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/error.h"
 
 namespace fap {
@@ -152,14 +153,24 @@ void check_operand(const fap_tensor& t, const char* name, bool varlen, const Ope
   check_dtype_and_device(t, name, q.dtype, q);
 }
 
+// The values of an index tensor on the host: its own memory on the CPU; a copy of device memory with the index
+// checks on (fap_set_index_checks: a synchronisation per call); else nullptr (unchecked here: the device kernels
+// clamp every index they read).
+const int32_t* host_indices(const fap_tensor& tensor, std::vector<int32_t>& copy) {
+  if (tensor.device_type == FAP_DEVICE_CPU) return static_cast<const int32_t*>(tensor.data);
+  if (!index_checks()) return nullptr;
+  copy = resolve_backend(static_cast<fap_device_type>(tensor.device_type)).read_int32(tensor);
+  return copy.data();
+}
+
 void check_cu_seqlens(const fap_tensor& cu, const char* name, int64_t batch, int64_t total, int64_t max_seqlen,
                       const char* max_name, const fap_tensor& q) {
   require(is_present(cu), name, ": required for varlen attention, got an absent tensor");
   check_layout(cu, name, 1, "(batch + 1)", {batch + 1}, true);
   check_dtype_and_device(cu, name, FAP_DTYPE_INT32, q);
-  // Device-resident offsets can't be read here without a synchronisation; device backends bound-check them.
-  if (cu.device_type != FAP_DEVICE_CPU) return;
-  const auto* values = static_cast<const int32_t*>(cu.data);
+  std::vector<int32_t> copy;
+  const int32_t* values = host_indices(cu, copy);
+  if (!values) return;
   require(values[0] == 0, name, "[0]: expected 0, got ", values[0]);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t length = int64_t{values[b + 1]} - values[b];

@@ -1,6 +1,7 @@
 #include "src/cuda/attention_config.h"
 
 #include <algorithm>
+#include <set>
 
 #include "core/error.h"
 #include "src/cuda/kernel_sources.h"
@@ -92,6 +93,21 @@ int DecodeConfig::shared_bytes() const {
   return 16 * (head_dim + 8) * 2 + warps * stages * 2 * block_n * (head_dim + 8) * 2;
 }
 
+std::string ProbsConfig::name() const {
+  std::string text = concat("attention_probs_", bf16 ? "bf16" : "fp16");
+  if (window) text += "_window";
+  if (softcap) text += "_softcap";
+  if (alibi) text += "_alibi";
+  if (dropout) text += "_dropout";
+  return text;
+}
+
+std::vector<std::string> ProbsConfig::defines() const {
+  return {std::string("-DFAP_HEAD_DIM=16"),  concat("-DFAP_WARPS=", kWarps),       concat("-DFAP_BF16=", int{bf16}),
+          concat("-DFAP_SOFTCAP=", int{softcap}), concat("-DFAP_ALIBI=", int{alibi}), concat("-DFAP_DROPOUT=", int{dropout}),
+          concat("-DFAP_WINDOW=", int{window})};
+}
+
 namespace {
 
 // The shared memory one block may opt into: sm_90 and sm_100 227 KB, sm_80 and sm_87 163 KB, sm_75 64 KB, the
@@ -169,6 +185,23 @@ std::vector<DecodeConfig> all_decode_configs(int compute_capability) {
     }
   });
   return configs;
+}
+
+ProbsConfig choose_probs_config(const KernelFeatures& features, int compute_capability) {
+  require_kernels_for(features, compute_capability);
+  ProbsConfig config;
+  config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
+  config.softcap = features.softcap, config.alibi = features.alibi, config.dropout = features.dropout;
+  config.window = features.window;
+  return config;
+}
+
+std::vector<ProbsConfig> all_probs_configs(int compute_capability) {
+  std::set<ProbsConfig> configs;
+  for_each_feature_set(compute_capability, 4, [&](const KernelFeatures& features) {
+    configs.insert(choose_probs_config(features, compute_capability));
+  });
+  return {configs.begin(), configs.end()};
 }
 
 namespace {
@@ -402,5 +435,6 @@ CompileRequest compile_request(const Config& config, const std::string& arch) {
 template CompileRequest compile_request(const ForwardConfig&, const std::string&);
 template CompileRequest compile_request(const BackwardConfig&, const std::string&);
 template CompileRequest compile_request(const DecodeConfig&, const std::string&);
+template CompileRequest compile_request(const ProbsConfig&, const std::string&);
 
 }  // namespace fap::cuda

@@ -86,10 +86,28 @@ struct DecodeConfig {
   bool operator<(const DecodeConfig& other) const { return fields() < other.fields(); }
 };
 
+// FlashAttention-2's S_dmask (attention_probs.cuh), written after a forward that returns it; the head dim is a
+// run-time value (the kernel reads q and k from global memory).
+struct ProbsConfig {
+  bool bf16 = false;
+  bool softcap = false, alibi = false, dropout = false, window = false;
+
+  std::string name() const;  // e.g. attention_probs_bf16_window_dropout
+  std::vector<std::string> defines() const;
+  std::string source_file() const { return "attention_probs.cuh"; }
+  std::vector<std::string> kernels() const { return {"attention_probs"}; }
+  int shared_bytes() const { return 0; }
+  static constexpr int kWarps = 4;  // rows per block: one warp each
+
+  auto fields() const { return std::tie(bf16, softcap, alibi, dropout, window); }
+  bool operator<(const ProbsConfig& other) const { return fields() < other.fields(); }
+};
+
 // compute_capability: e.g. 90 for sm_90.
 ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability);
 BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability);
 DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability);
+ProbsConfig choose_probs_config(const KernelFeatures& features, int compute_capability);
 // The forward for prefill chunks whose keys are found through device-resident indices: the mma.sync kernel with
 // FAP_INDEXED_KEYS, on every GPU (no dropout).
 ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int compute_capability);
@@ -99,6 +117,7 @@ ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int 
 std::vector<ForwardConfig> all_forward_configs(int compute_capability);
 std::vector<BackwardConfig> all_backward_configs(int compute_capability);
 std::vector<DecodeConfig> all_decode_configs(int compute_capability);
+std::vector<ProbsConfig> all_probs_configs(int compute_capability);
 std::vector<ForwardConfig> all_indexed_forward_configs(int compute_capability);
 
 // The NVRTC architecture for a compute capability: sm_90a on Hopper (its wgmma/setmaxnreg need the "a").

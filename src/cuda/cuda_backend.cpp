@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <map>
 #include <memory>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -203,6 +204,10 @@ AttentionParams attention_params(const AttentionProblem& p, bool vector_loads) {
   params.lse_row_stride = p.lse.row_stride;
   params.cu_seqlens_q = p.cu_seqlens_q, params.cu_seqlens_k = p.cu_seqlens_k;
   params.seqlen_q = static_cast<int>(p.seqlen_q), params.seqlen_k = static_cast<int>(p.seqlen_k);
+  // A paged cache's cu_seqlens_k counts keys (its pages are found through block_table, clamped there).
+  constexpr int64_t kMaxOffset = std::numeric_limits<int32_t>::max();  // cu_seqlens are int32
+  params.total_q = static_cast<int>(std::min(p.total_q, kMaxOffset));
+  params.total_k = static_cast<int>(p.block_table ? kMaxOffset : std::min(p.total_k, kMaxOffset));
   params.heads_q = static_cast<int>(p.heads_q), params.group_size = static_cast<int>(p.group_size());
   params.head_dim = static_cast<int>(p.head_dim);
   params.vector_loads = vector_loads;
@@ -316,9 +321,13 @@ class CudaCall : public PreparedCall {
 
   // Loads (compiling on first use) the configuration's kernels in the plan's context.
   template <typename Config>
-  void load(const Config& config) {
+  const LoadedKernels* loaded(const Config& config) const {
     const ScopedContext scope(api_, context_);
-    kernels_ = &loaded_kernels(api_, context_, device_, config);
+    return &loaded_kernels(api_, context_, device_, config);
+  }
+  template <typename Config>
+  void load(const Config& config) {
+    kernels_ = loaded(config);
   }
 
   // Whether the loaded kernels wait for their predecessor's results themselves (wait_for_prerequisites: compiled for
@@ -473,6 +482,15 @@ class ForwardCall final : public CudaCall {
                                               : vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
     blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
     batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
+    if (problem.probs.data) {  // S_dmask, written by its own kernel after the forward (never with indexed keys)
+      probs_kernels_ = loaded(choose_probs_config(problem.features(), capability_));
+      static_cast<AttentionParams&>(probs_params_) = params_;
+      const ProbsView& probs = problem.probs;
+      probs_params_.probs = probs.data;
+      probs_params_.probs_batch_stride = probs.batch_stride, probs_params_.probs_head_stride = probs.head_stride;
+      probs_params_.probs_row_stride = probs.row_stride, probs_params_.probs_col_stride = probs.col_stride;
+      probs_params_.probs_rows = static_cast<int>(probs.rows), probs_params_.probs_cols = static_cast<int>(probs.cols);
+    }
   }
   size_t workspace_size() const override { return 0; }
   void run(void* stream, void*) const override {
@@ -480,6 +498,12 @@ class ForwardCall final : public CudaCall {
     const void* params = indexed_ ? static_cast<const void*>(&params_) : static_cast<const AttentionParams*>(&params_);
     launch(api_, kernels_->functions[0], blocks_, batch_, heads_, threads_, kernels_->shared_bytes,
            static_cast<CUstream>(stream), params);
+    if (probs_kernels_) {
+      const auto rows = static_cast<unsigned int>((probs_params_.probs_rows + ProbsConfig::kWarps - 1) /
+                                                  ProbsConfig::kWarps);
+      launch(api_, probs_kernels_->functions[0], rows, batch_, heads_, ProbsConfig::kWarps * 32, 0,
+             static_cast<CUstream>(stream), &probs_params_);
+    }
   }
 
  private:
@@ -488,6 +512,8 @@ class ForwardCall final : public CudaCall {
   unsigned int blocks_ = 0;
   int64_t batch_ = 0, heads_ = 0;
   int threads_ = 0;
+  const LoadedKernels* probs_kernels_ = nullptr;
+  AttentionProbsParams probs_params_{};
 };
 
 // A planned decode / KV-cache call: the append (KV-cache calls with new keys), the attention over the key
@@ -569,7 +595,9 @@ class CudaBackend final : public Backend {
 
   std::string unsupported_reason(const AttentionProblem& problem) const override {
     if (problem.dtype == FAP_DTYPE_FLOAT32) return "float32 tensors: the CUDA kernels take float16 and bfloat16";
-    if (problem.probs.data) return "attn_probs is not implemented on CUDA yet";
+    if (uses_cache_indices(problem) && problem.probs.data) {
+      return "attn_probs with block_table or seqused_k (a paged KV cache, used key counts) is not implemented on CUDA";
+    }
     if (uses_cache_indices(problem) && problem.dropout_p > 0.0f) {
       return "dropout_p with block_table or seqused_k (a paged KV cache, used key counts) is not implemented on CUDA";
     }
@@ -583,6 +611,18 @@ class CudaBackend final : public Backend {
     }
     if (problem.direction == Direction::kForward) return std::make_unique<ForwardCall>(api, problem);
     return std::make_unique<BackwardCall>(api, problem);
+  }
+
+  std::vector<int32_t> read_int32(const fap_tensor& tensor) const override {
+    const DriverApi& api = loaded_driver();
+    const ScopedContext scope(api, tensor.device_index);
+    std::vector<int32_t> values(static_cast<size_t>(tensor.shape[0]));
+    // Whatever stream wrote the values, its work is done once the context is idle.
+    check(api, api.cuCtxSynchronize(), "cuCtxSynchronize");
+    check(api,
+          api.cuMemcpyDtoH(values.data(), reinterpret_cast<CUdeviceptr>(tensor.data), values.size() * sizeof(int32_t)),
+          "cuMemcpyDtoH");
+    return values;
   }
 
   void precompile(const KernelFeatures& features, int32_t device_index) const override {

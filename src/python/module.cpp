@@ -257,6 +257,8 @@ NB_MODULE(_C, m) {
         tensor("cu_seqlens_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), tensor("alibi_slopes"),
         nb::arg("options"), nb::arg("seed"), nb::arg("offset"), nb::arg("stream"), nb::arg("allocate"));
   m.def("precompile", &precompile);
+  m.def("set_index_checks", [](int32_t enabled) { return static_cast<int>(fap_set_index_checks(enabled)); });
+  m.def("index_checks", [] { return fap_index_checks() != 0; });
   m.def("register_dtypes", [](const nb::dict& codes) {
     known_dtypes().clear();
     for (const auto& [dtype, code] : codes) known_dtypes().emplace_back(nb::borrow(dtype), nb::cast<int32_t>(code));

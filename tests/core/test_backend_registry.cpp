@@ -40,6 +40,18 @@ TEST(BackendRegistry, UnknownNamesAreRejected) {
   EXPECT_NE(std::string(fap_last_error()).find("Python package"), std::string::npos);
 }
 
+TEST(BackendRegistry, IndexChecksSwitch) {
+  const int32_t before = fap_index_checks();
+  EXPECT_EQ(fap_set_index_checks(2), FAP_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(fap_last_error()).find("enabled: expected 0 or 1, got 2"), std::string::npos);
+  EXPECT_EQ(fap_index_checks(), before);
+  for (const int32_t enabled : {1, 0}) {
+    EXPECT_EQ(fap_set_index_checks(enabled), FAP_SUCCESS);
+    EXPECT_EQ(fap_index_checks(), enabled);
+  }
+  EXPECT_EQ(fap_set_index_checks(before), FAP_SUCCESS);
+}
+
 TEST(BackendRegistry, ExplicitCpuRefusesDeviceTensors) {
   flash_attn_plus::ScopedBackend scoped("cpu");
   EXPECT_EQ(flash_attn_plus::backend(), "cpu");

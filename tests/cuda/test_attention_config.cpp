@@ -313,6 +313,18 @@ TEST(AttentionKernelCompile, DecodeConfigurationsCompileWithoutSpills) {
   std::printf("NVRTC compiled %zu of %zu decode kernels (sm_80, sm_86, sm_90a)\n", compiled, targets.size());
 }
 
+TEST(AttentionKernelCompile, ProbsConfigurationsCompileWithoutSpills) {
+  std::string reason;
+  if (!nvrtc(&reason)) GTEST_SKIP() << reason;
+  std::vector<std::pair<ProbsConfig, const char*>> targets;
+  for (const ProbsConfig& config : all_probs_configs(80))
+    for (const char* arch : {"sm_80", "sm_90a"}) targets.emplace_back(config, arch);
+  for (const ProbsConfig& config : all_probs_configs(75)) targets.emplace_back(config, "sm_75");
+  const size_t compiled = compile_all(targets);
+  std::printf("NVRTC compiled %zu of %zu S_dmask kernels (sm_80, sm_90a; float16 for sm_75)\n", compiled,
+              targets.size());
+}
+
 // Turing (sm_75, float16 only, 64 KB of shared memory per block): every configuration its dispatch selects, in
 // each family, compiled for sm_75 (where the kernels take their synchronous-copy and m16n8k8 paths).
 TEST(AttentionKernelCompile, TuringConfigurationsCompileWithoutSpills) {

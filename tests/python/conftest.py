@@ -8,10 +8,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-# What the CUDA backend does not implement yet: those cases are skipped with the reason.
-CUDA_ATTN_PROBS = False
-
-
 def pytest_addoption(parser):
     parser.addoption("--device", default=os.environ.get("FAP_TEST_DEVICE", "cpu"), choices=("cpu", "cuda"),
                      help="device of the test tensors")

@@ -1,5 +1,9 @@
 """Bad arguments raise a Python exception that names the argument (FA2 code catching RuntimeError still
 works); nothing crashes and no input is modified."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -117,3 +121,44 @@ def test_missing_tensors_are_type_errors():
         fap.flash_attn_func(q, None, v)
     with pytest.raises(TypeError, match="qkv"):
         fap.flash_attn_qkvpacked_func([q, k, v])
+
+
+CORRUPT_CU_SEQLENS = {
+    "decreasing": ((0, 5, 3, 9), "cu_seqlens_q: expected non-decreasing offsets"),
+    "past the end": ((0, 4, 8, 14), r"cu_seqlens_q\[3\] = 14 exceeds the 10 rows"),
+}
+
+
+@pytest.mark.parametrize("name", CORRUPT_CU_SEQLENS)
+def test_device_cu_seqlens_are_checked_only_in_the_checked_mode(device, name):
+    """On the CPU the offsets are host memory and always checked; on CUDA the kernels clamp them unless the index
+    checks copy them to the host."""
+    offsets, message = CORRUPT_CU_SEQLENS[name]
+    q, k, v = (torch.randn(10, 4, 32, dtype=F16, device=device) for _ in range(3))
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    good = torch.tensor((0, 4, 6, 10), dtype=torch.int32, device=device)
+
+    def call():
+        return fap.flash_attn_varlen_func(q, k, v, cu, good, 6, 6, causal=True)
+
+    if device.type == "cuda":
+        call()  # clamped by the kernels (bench/varlen_memcheck.py runs this under compute-sanitizer)
+        torch.cuda.synchronize()
+    else:
+        with pytest.raises(fap.InvalidArgumentError, match=message):
+            call()
+    with fap.checked_indices():
+        assert fap.index_checks()
+        with pytest.raises(fap.InvalidArgumentError, match=message):
+            call()
+    assert not fap.index_checks()
+
+
+def test_index_checks_switch():
+    with pytest.raises(fap.InvalidArgumentError, match="enabled: expected a bool"):
+        fap.set_index_checks(1)
+    code = "import flash_attn_plus as f; print(f.index_checks())"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = dict(os.environ, FLASH_ATTENTION_PLUS_CHECK_INDICES=value)
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == expected

@@ -23,15 +23,23 @@ struct SequenceInfo {
   int offset;              // len_k - len_q: the key on row i's diagonal is i + offset (bottom-right alignment)
 };
 
+__device__ __forceinline__ int clamp_to(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
+
+// cu_seqlens live in device memory, which the host does not read (that would synchronise): each offset is clamped
+// into its tensor's rows and each end to at least its start, so corrupt offsets (decreasing, past the end) give
+// wrong or empty sequences, never an access outside q, k, v or out.
 template <typename Start>
 __device__ __forceinline__ SequenceInfo<Start> sequence_info(const AttentionParams& p, int batch) {
   SequenceInfo<Start> s{0, 0, batch * p.seqlen_q, p.seqlen_q, p.seqlen_k, 0};
   if (p.cu_seqlens_q) {
-    s.q_start = p.cu_seqlens_q[batch];
-    s.k_start = p.cu_seqlens_k[batch];
-    s.global_row0 = (int)s.q_start;
-    s.len_q = p.cu_seqlens_q[batch + 1] - (int)s.q_start;
-    s.len_k = p.cu_seqlens_k[batch + 1] - (int)s.k_start;
+    // As unsigned, a negative offset is past every total: min() clamps both ends of the range at once.
+    const unsigned q_start = min((unsigned)p.cu_seqlens_q[batch], (unsigned)p.total_q);
+    const unsigned k_start = min((unsigned)p.cu_seqlens_k[batch], (unsigned)p.total_k);
+    s.q_start = q_start;
+    s.k_start = k_start;
+    s.global_row0 = (int)q_start;
+    s.len_q = (int)(max(min((unsigned)p.cu_seqlens_q[batch + 1], (unsigned)p.total_q), q_start) - q_start);
+    s.len_k = (int)(max(min((unsigned)p.cu_seqlens_k[batch + 1], (unsigned)p.total_k), k_start) - k_start);
   }
   s.offset = s.len_k - s.len_q;
   return s;

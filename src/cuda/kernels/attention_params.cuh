@@ -19,6 +19,7 @@ struct AttentionParams {
   const int* cu_seqlens_q;  // nullptr for dense problems
   const int* cu_seqlens_k;
   int seqlen_q, seqlen_k;   // dense lengths, or varlen maxima
+  int total_q, total_k;     // varlen: the rows of q (out) and of k (v), which bound cu_seqlens' offsets
   int heads_q, group_size;  // query heads, query heads per kv head
   int head_dim;
   int vector_loads;         // 1 when every row read starts 16-byte aligned and head_dim % 8 == 0
@@ -53,6 +54,14 @@ struct AttentionBwdParams : AttentionParams {
   long long dv_batch_stride, dv_row_stride, dv_head_stride;
   int splits;        // dq_accum slices: 1, or the deterministic mode's CTAs per (batch, kv head)
   int deterministic; // 1: each CTA adds into its own slice, in a fixed order
+};
+
+// The S_dmask kernel (attention_probs.cuh): the forward's arguments and the probs tensor (batch, head, rows, cols),
+// rows and columns counted within each sequence.
+struct AttentionProbsParams : AttentionParams {
+  void* probs;
+  long long probs_batch_stride, probs_head_stride, probs_row_stride, probs_col_stride;
+  int probs_rows, probs_cols;
 };
 
 // The decode / KV-cache kernels (attention_decode.cuh, kv_cache_append.cuh): keys found in a cache through

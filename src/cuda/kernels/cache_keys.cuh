@@ -15,8 +15,6 @@ struct CacheSequence {
   long long k_base, v_base;
 };
 
-__device__ __forceinline__ int clamp_to(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
-
 __device__ __forceinline__ CacheSequence cache_sequence(const DecodeParams& p, int batch, int kv_head) {
   CacheSequence d;
   ForwardSequence& s = d.seq;
