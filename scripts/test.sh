@@ -22,6 +22,8 @@ echo "== Python package: pip install (flash-attn-plus and the flash_attn drop-in
 python=$(scripts/python_env.sh)
 SKBUILD_CMAKE_DEFINE="${launcher[*]#-D}" "$python" -m pip install -q --no-build-isolation . ./compat
 "$python" -m pytest -q tests/python
+echo "== The wheel: built, repaired (Highway and OpenMP bundled), installed into a fresh environment, demo run"
+scripts/wheel_check.sh "$python"
 echo "== AddressSanitizer + UndefinedBehaviorSanitizer build (kernel compilation already covered above)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite build-sanitize "-E AttentionKernelCompile" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAP_SANITIZE=ON
