@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # On a host with two or more GPUs and no network: context-parallel attention on NCCL, one process per GPU. The
 # correctness suite (ring, varlen, Ulysses; ring-flash-attention's zigzag function and yunchang's
-# LongContextAttention on the flash_attn drop-in when their wheels are in .device/wheels) and the scaling
+# LongContextAttention on the flash_attn drop-in when their wheels are in offline/wheels) and the scaling
 # benchmark; results under $OUT.
 set -uo pipefail
 source bench/gpu_build_python.sh
-for wheel in .device/wheels/ring_flash_attn-*.whl .device/wheels/yunchang-*.whl; do
+for wheel in offline/wheels/ring_flash_attn-*.whl offline/wheels/yunchang-*.whl; do
   [ -f "$wheel" ] && python3 -m pip install -q --no-deps --no-index --target "$site" "$wheel"
 done
 nvidia-smi topo -m | tee "$out/topology.txt"

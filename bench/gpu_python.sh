@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with a GPU and no network: builds the Python package against carried libraries, then runs the
+# On a machine with a GPU and no network: builds the Python package against copied-over libraries, then runs the
 # Python suite on CUDA tensors, torch.compile included, and the HF transformers check. Results under $OUT.
-#   .device/hwy/usr: Highway's headers, CMake package and libraries copied from this machine (see
+#   offline/hwy/usr: Highway's headers, CMake package and libraries copied from this machine (see
 #   docs/python.md, "Running on a machine with a GPU and no network").
 set -uo pipefail
 source bench/gpu_build_python.sh

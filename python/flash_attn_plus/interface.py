@@ -1,6 +1,6 @@
 """FlashAttention-2's public functions (flash_attn.flash_attn_interface), same names, arguments, defaults and
-return values, over the flash_attn_plus custom ops. The contract: ../shared/docs/fa2-api.md in the
-project's docs, and FA2's docstrings.
+return values, over the flash_attn_plus custom ops. The contract is FlashAttention-2 2.8's (its docstrings and
+flash_api.cpp); docs/python.md lists where this package differs.
 """
 import operator
 
