@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: set up, then build and run the C++ suites twice, optimised and under AddressSanitizer +
-# UndefinedBehaviorSanitizer, and the Python package's suite (pytest, on the CPU).
+# UndefinedBehaviorSanitizer, compile every CUDA kernel configuration with NVRTC, run the Python package's suite
+# (pytest, on the CPU), check the wheel in a fresh environment and fuzz the C API for 60 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
@@ -24,6 +25,13 @@ SKBUILD_CMAKE_DEFINE="${launcher[*]#-D}" "$python" -m pip install -q --no-build-
 "$python" -m pytest -q tests/python
 echo "== The wheel: built, repaired (Highway and OpenMP bundled), installed into a fresh environment, demo run"
 scripts/wheel_check.sh "$python"
+echo "== libFuzzer over the C API's argument structs (clang, AddressSanitizer + UndefinedBehaviorSanitizer), 60 s"
+cmake -S . -B build-fuzz -G Ninja "${launcher[@]}" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DFAP_SANITIZE=ON -DFAP_BUILD_FUZZ=ON -DFAP_BUILD_TESTS=OFF -DFAP_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build-fuzz -j "$jobs" --target fuzz_c_api
+mkdir -p build-fuzz/corpus
+build-fuzz/fuzz_c_api -max_total_time=60 -timeout=10 -max_len=512 -rss_limit_mb=4096 -print_final_stats=1 \
+  build-fuzz/corpus tests/fuzz/seeds 2>&1 | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|==[0-9]+==ERROR|SUMMARY)"
 echo "== AddressSanitizer + UndefinedBehaviorSanitizer build (kernel compilation already covered above)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite build-sanitize "-E AttentionKernelCompile" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAP_SANITIZE=ON

@@ -17,6 +17,10 @@ namespace fap {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
+// Batch and heads are grid dimensions of FlashAttention-2's kernels (and of this library's CUDA kernels), which
+// CUDA caps at 65535. The bound also keeps the work of calls without rows (which loop over batch and heads)
+// small.
+constexpr int64_t kMaxGridDimension = 65535;
 // Element offsets are computed in int64; keep every addressable extent far from overflow.
 constexpr int64_t kMaxExtent = int64_t{1} << 48;
 
@@ -134,11 +138,15 @@ struct OperandShape {
   int64_t batch, rows, heads, head_dim;
 };
 
-// A tensor's dtype (a known code, then the expected one) and device (q's).
+// A tensor's dtype (a known code, then the expected one), device (q's) and alignment: every backend loads whole
+// elements, and a pointer inside one would be undefined behaviour on the host and a fault on the GPU.
 void check_dtype_and_device(const fap_tensor& t, const char* name, int32_t dtype, const fap_tensor& q) {
   check_known_dtype(t, name);
   check_dtype(t, name, dtype);
   check_same_device(t, name, q);
+  const int bytes = t.dtype == FAP_DTYPE_FLOAT32 || t.dtype == FAP_DTYPE_INT32 ? 4 : 2;
+  require(reinterpret_cast<std::uintptr_t>(t.data) % bytes == 0, name, ": data pointer ", t.data,
+          " is not aligned to its ", bytes, "-byte elements");
 }
 
 void check_operand(const fap_tensor& t, const char* name, bool varlen, const OperandShape& shape,
@@ -414,7 +422,8 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
   const int64_t heads_kv = k.shape[k_rank - 2];
   require(head_dim >= 1 && head_dim <= kMaxHeadDim, "q: head_dim (last dimension) must be in [1, ", kMaxHeadDim,
           "], got ", head_dim);
-  require(heads_q >= 1, "q: heads must be >= 1, got ", heads_q);
+  require(heads_q >= 1 && heads_q <= kMaxGridDimension, "q: heads must be in [1, ", kMaxGridDimension,
+          "] (FlashAttention-2's limit: a dimension of the kernels' grids), got ", heads_q);
   require(heads_kv >= 1, "k: heads_k must be >= 1, got ", heads_kv);
   require(heads_q % heads_kv == 0, "k: heads_k must divide the ", heads_q, " query heads, got heads_k = ", heads_kv);
   problem.heads_q = heads_q;
@@ -426,7 +435,8 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     require(is_present(cu_seqlens_q) && cu_seqlens_q.rank == 1,
             "cu_seqlens_q: expected a rank-1 int32 tensor (batch + 1), got ",
             RankText{cu_seqlens_q});
-    require(problem.batch >= 1, "cu_seqlens_q: expected batch + 1 >= 2 entries, got ", cu_seqlens_q.shape[0]);
+    require(problem.batch >= 1 && problem.batch <= kMaxGridDimension, "cu_seqlens_q: expected batch + 1 in [2, ",
+            kMaxGridDimension + 1, "] entries (FlashAttention-2's batch limit), got ", cu_seqlens_q.shape[0]);
     require(max_seqlen_q >= 0, "max_seqlen_q: expected >= 0, got ", max_seqlen_q);
     require(max_seqlen_k >= 0, "max_seqlen_k: expected >= 0, got ", max_seqlen_k);
     // No sequence is longer than all the rows: the bound keeps the work (grids sized by the maxima) to the data.
@@ -443,7 +453,8 @@ AttentionProblem check_inputs(const fap_tensor& q, const fap_tensor& k, const fa
     require(!is_present(cu_seqlens_q) && !is_present(cu_seqlens_k),
             "cu_seqlens_q/cu_seqlens_k: only varlen calls take them; this dense call got them");
     problem.batch = q.shape[0];
-    require(problem.batch >= 1, "q: batch size must be positive, got ", problem.batch);
+    require(problem.batch >= 1 && problem.batch <= kMaxGridDimension, "q: batch size must be in [1, ",
+            kMaxGridDimension, "] (FlashAttention-2's limit: a dimension of the kernels' grids), got ", problem.batch);
     problem.seqlen_q = problem.total_q = q.shape[1];
     // A paged KV cache holds up to max_blocks pages per sequence.
     problem.seqlen_k = problem.total_k =

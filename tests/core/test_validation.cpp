@@ -99,7 +99,11 @@ const std::vector<Rule>& rules() {
       {"head_dim 0", false, false, [](Call& c) { c.fwd.q.shape[3] = 0; }, "head_dim (last dimension) must be in [1, 256]"},
       {"head_dim 257", false, false, [](Call& c) { c.fwd.q.shape[3] = 257; }, "must be in [1, 256], got 257"},
       {"heads not divisible", false, false, [](Call& c) { c.fwd.k.shape[2] = 3; }, "heads_k must divide the 4 query heads"},
-      {"batch 0", false, false, [](Call& c) { c.fwd.q.shape[0] = 0; }, "batch size must be positive"},
+      {"batch 0", false, false, [](Call& c) { c.fwd.q.shape[0] = 0; }, "batch size must be in [1, 65535]"},
+      // Calls without rows loop over batch and heads: both are bounded (FA2's grid limit).
+      {"batch 65536", false, false, [](Call& c) { c.fwd.q.shape[0] = 65536; }, "batch size must be in [1, 65535]"},
+      {"heads 2^32 + 1", false, false, [](Call& c) { c.fwd.q.shape[2] = (int64_t{1} << 32) + 1; },
+       "q: heads must be in [1, 65535]"},
       {"k batch", false, false, [](Call& c) { c.fwd.k = with_shape(c.fwd.k, 0, 3); }, "k: expected shape"},
       {"v seqlen", false, false, [](Call& c) { c.fwd.v = with_shape(c.fwd.v, 1, 6); }, "v: expected shape"},
       {"v head_dim", false, false, [](Call& c) { c.fwd.v = with_shape(c.fwd.v, 3, 8); }, "v: expected shape"},
@@ -122,15 +126,25 @@ const std::vector<Rule>& rules() {
       {"element count past int64", false, false,
        [](Call& c) {
          for (fap_tensor* t : {&c.fwd.q, &c.fwd.out}) {
-           *t = with_stride(with_shape(*t, 1, int64_t{1} << 40), 1, 0);
-           *t = with_stride(with_shape(*t, 2, int64_t{1} << 24), 2, 0);
+           *t = with_stride(with_shape(*t, 1, int64_t{1} << 47), 1, 0);
+           *t = with_stride(with_shape(*t, 2, int64_t{1} << 15), 2, 0);
            *t = with_stride(*t, 0, 0);
          }
        },
-       "q: shape (2, 1099511627776, 16777216, 16) has more than 2^48 elements"},
+       "q: shape (2, 140737488355328, 32768, 16) has more than 2^48 elements"},
       {"device mismatch", false, false, [](Call& c) { c.fwd.k = on_cuda(c.fwd.k); }, "k: expected a tensor on cpu"},
       {"unknown device", false, false, [](Call& c) { c.fwd.v.device_type = 5; },
        "v: unknown device type"},
+      {"k misaligned", false, false, [](Call& c) { c.fwd.k.data = static_cast<char*>(c.fwd.k.data) + 1; },
+       "k: data pointer 0x"},
+      {"lse misaligned", false, false,
+       [](Call& c) { c.fwd.softmax_lse.data = static_cast<char*>(c.fwd.softmax_lse.data) + 2; },
+       "is not aligned to its 4-byte elements"},
+      {"dout misaligned", false, true, [](Call& c) { c.bwd.dout.data = static_cast<char*>(c.bwd.dout.data) + 1; },
+       "dout: data pointer 0x"},
+      {"varlen cu_seqlens_k misaligned", true, false,
+       [](Call& c) { c.fwd.cu_seqlens_k.data = static_cast<char*>(c.fwd.cu_seqlens_k.data) + 2; },
+       "cu_seqlens_k: data pointer 0x"},
       {"lse dtype", false, false, [](Call& c) { c.fwd.softmax_lse = with_dtype(c.fwd.softmax_lse, FAP_DTYPE_FLOAT16); },
        "softmax_lse: expected dtype float32"},
       {"lse shape", false, false, [](Call& c) { c.fwd.softmax_lse = with_shape(c.fwd.softmax_lse, 2, 4); },
@@ -187,7 +201,7 @@ const std::vector<Rule>& rules() {
       {"varlen batch mismatch", true, false, [](Call& c) { c.fwd.cu_seqlens_k = offsets({0, 13}); },
        "cu_seqlens_k: expected shape (batch + 1)"},
       {"varlen single offset", true, false, [](Call& c) { c.fwd.cu_seqlens_q = offsets({0}); },
-       "cu_seqlens_q: expected batch + 1 >= 2 entries"},
+       "cu_seqlens_q: expected batch + 1 in [2, 65536] entries"},
       {"varlen lse layout", true, false, [](Call& c) { c.fwd.softmax_lse.rank = 3; },
        "softmax_lse: expected a rank-2 tensor (heads, total_q)"},
       {"bwd lse absent", false, true, [](Call& c) { c.bwd.softmax_lse = fap_tensor{}; }, "softmax_lse: required by the backward"},

@@ -31,6 +31,46 @@ def test_selection_survives_an_exception_in_the_block():
     assert fap.get_backend() == "auto"
 
 
+def test_blocks_of_two_threads_that_interleave_restore_the_selection():
+    """Thread A opens a block, thread B opens one, A closes, B closes: the selection ends where it began (it
+    ended at 'cpu' when each block restored what it had seen on entry)."""
+    import threading
+    steps = [threading.Event() for _ in range(4)]
+    seen = {}
+
+    def thread_a():
+        with fap.backend("cpu"):
+            steps[0].set()
+            steps[1].wait(5)
+        seen["after a"] = fap.get_backend()
+        steps[2].set()
+
+    def thread_b():
+        steps[0].wait(5)
+        with fap.backend("cpu"):
+            steps[1].set()
+            steps[2].wait(5)
+            seen["inside b"] = fap.get_backend()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == {"after a": "cpu", "inside b": "cpu"}  # B's block still open when A's ended
+    assert fap.get_backend() == "auto"
+
+
+def test_set_backend_inside_a_block_takes_effect_when_it_ends():
+    with fap.backend("cpu"):
+        fap.set_backend("auto")
+        assert fap.get_backend() == "cpu"
+        with pytest.raises(fap.InvalidArgumentError, match="unknown name"):
+            fap.set_backend("tpu")
+        assert fap.get_backend() == "cpu"
+    assert fap.get_backend() == "auto"
+
+
 def test_unknown_and_unusable_backends_are_refused_with_the_reason():
     with pytest.raises(fap.InvalidArgumentError, match="unknown name 'tpu'"):
         fap.set_backend("tpu")
