@@ -570,26 +570,18 @@ def _heads_to_sequence(x, group, layout):
     return received.permute(1, 2, 0, 3, 4).reshape(batch, local_len, -1, head_dim)
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """_sequence_to_heads (to_heads=True) or _heads_to_sequence, each the other's gradient."""
+
     @staticmethod
-    def forward(ctx, x, group, layout):
-        ctx.group, ctx.layout = group, layout
-        return _sequence_to_heads(x, group, layout)
+    def forward(ctx, x, group, layout, to_heads):
+        ctx.group, ctx.layout, ctx.to_heads = group, layout, to_heads
+        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, group, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_sequence(grad.contiguous(), ctx.group, ctx.layout), None, None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, layout):
-        ctx.group, ctx.layout = group, layout
-        return _heads_to_sequence(x, group, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sequence_to_heads(grad.contiguous(), ctx.group, ctx.layout), None, None
+        inverse = _heads_to_sequence if ctx.to_heads else _sequence_to_heads
+        return inverse(grad.contiguous(), ctx.group, ctx.layout), None, None, None
 
 
 def ulysses_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -611,10 +603,10 @@ def ulysses_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=F
     if alibi_slopes is not None:
         heads = q.shape[2] // world_size
         alibi_slopes = alibi_slopes[..., rank * heads:(rank + 1) * heads].contiguous()
-    q_heads, k_heads, v_heads = (_SequenceToHeads.apply(x, group, layout) for x in (q, k, v))
+    q_heads, k_heads, v_heads = (_AllToAll.apply(x, group, layout, True) for x in (q, k, v))
     result = flash_attn_func(q_heads, k_heads, v_heads, dropout_p, softmax_scale, causal, window_size, softcap,
                              alibi_slopes, deterministic, return_attn_probs)
-    out = _HeadsToSequence.apply(result[0] if return_attn_probs else result, group, layout)
+    out = _AllToAll.apply(result[0] if return_attn_probs else result, group, layout, False)
     if not return_attn_probs:
         return out
     lse = _heads_to_sequence(result[1].transpose(1, 2).unsqueeze(-1).contiguous(), group, layout)

@@ -144,18 +144,38 @@ fap_options options_from(Input& in, Arena& arena, int64_t batch, int64_t heads) 
   return options;
 }
 
-void run_forward(Input& in, Arena& arena, bool varlen, bool kv_cache, bool plan) {
-  const int64_t batch = add(1, in.dimension(3)), heads_k = add(1, in.dimension(2)), group = add(1, in.dimension(2));
-  const int64_t heads = mul(heads_k, group), head_dim = add(1, in.dimension(40));
-  const int64_t len_q = add(1, in.dimension(8)), len_k = add(1, in.dimension(8));
-  const int32_t dtype = static_cast<int32_t>(in.take<uint8_t>() % 3);
-  fap_fwd_args args{};
-  int64_t total_q = mul(batch, len_q), total_k = mul(batch, len_k);
-  if (varlen) {
+// A call's sizes: mostly small, sometimes wild; the rows of varlen calls come from their offsets.
+struct Sizes {
+  int64_t batch, heads_k, heads, head_dim, len_q, len_k, total_q, total_k;
+  int32_t dtype;
+
+  Sizes(Input& in)
+      : batch(add(1, in.dimension(3))),
+        heads_k(add(1, in.dimension(2))),
+        heads(mul(heads_k, add(1, in.dimension(2)))),
+        head_dim(add(1, in.dimension(40))),
+        len_q(add(1, in.dimension(8))),
+        len_k(add(1, in.dimension(8))),
+        total_q(mul(batch, len_q)),
+        total_k(mul(batch, len_k)),
+        dtype(static_cast<int32_t>(in.take<uint8_t>() % 3)) {}
+
+  // cu_seqlens and max_seqlen of a varlen call (fap_fwd_args or fap_bwd_args).
+  template <typename Args>
+  void varlen(Input& in, Arena& arena, Args& args) {
     args.cu_seqlens_q = arena.offsets(in, batch, &total_q);
     args.cu_seqlens_k = arena.offsets(in, batch, &total_k);
     args.max_seqlen_q = in.take<uint8_t>() & 1 ? in.take<int64_t>() : total_q;
     args.max_seqlen_k = in.take<uint8_t>() & 1 ? in.take<int64_t>() : total_k;
+  }
+};
+
+void run_forward(Input& in, Arena& arena, bool varlen, bool kv_cache, bool plan) {
+  Sizes sizes(in);
+  const auto& [batch, heads_k, heads, head_dim, len_q, len_k, total_q, total_k, dtype] = sizes;
+  fap_fwd_args args{};
+  if (varlen) {
+    sizes.varlen(in, arena, args);
     args.q = arena.tensor(in, 3, dtype, {total_q, heads, head_dim});
     args.k = arena.tensor(in, 3, dtype, {total_k, heads_k, head_dim});
     args.v = arena.tensor(in, 3, dtype, {total_k, heads_k, head_dim});
@@ -210,19 +230,13 @@ void run_forward(Input& in, Arena& arena, bool varlen, bool kv_cache, bool plan)
 }
 
 void run_backward(Input& in, Arena& arena, bool varlen) {
-  const int64_t batch = add(1, in.dimension(3)), heads_k = add(1, in.dimension(2)), group = add(1, in.dimension(2));
-  const int64_t heads = mul(heads_k, group), head_dim = add(1, in.dimension(40));
-  const int64_t len_q = add(1, in.dimension(8)), len_k = add(1, in.dimension(8));
-  const int32_t dtype = static_cast<int32_t>(in.take<uint8_t>() % 3);
+  Sizes sizes(in);
+  const auto& [batch, heads_k, heads, head_dim, len_q, len_k, total_q, total_k, dtype] = sizes;
   fap_bwd_args args{};
-  int64_t total_q = mul(batch, len_q), total_k = mul(batch, len_k);
   std::vector<int64_t> q_shape{batch, len_q, heads, head_dim}, k_shape{batch, len_k, heads_k, head_dim};
   std::vector<int64_t> lse_shape{batch, heads, len_q};
   if (varlen) {
-    args.cu_seqlens_q = arena.offsets(in, batch, &total_q);
-    args.cu_seqlens_k = arena.offsets(in, batch, &total_k);
-    args.max_seqlen_q = in.take<uint8_t>() & 1 ? in.take<int64_t>() : total_q;
-    args.max_seqlen_k = in.take<uint8_t>() & 1 ? in.take<int64_t>() : total_k;
+    sizes.varlen(in, arena, args);
     q_shape = {total_q, heads, head_dim}, k_shape = {total_k, heads_k, head_dim}, lse_shape = {heads, total_q};
   }
   const int32_t rank = varlen ? 3 : 4;
