@@ -49,12 +49,9 @@ def set_backend(name):
     `with backend(...)` block it takes effect when the last open block ends)."""
     global _chosen
     with _lock:
-        if _open_blocks:
-            _select(name)  # checked now, then the open block's choice stays in force
+        _chosen = _select(name)  # checked and applied now
+        if _open_blocks:  # the innermost open block's choice stays in force
             _select(_open_blocks[-1][1])
-            _chosen = name.strip().lower()
-        else:
-            _chosen = _select(name)
 
 
 def get_backend():

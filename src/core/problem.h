@@ -10,6 +10,9 @@
 
 namespace fap {
 
+// Bytes of one element of a fap_dtype: 4 for float32 and int32, 2 for float16 and bfloat16.
+inline int64_t dtype_bytes(int32_t dtype) { return dtype == FAP_DTYPE_FLOAT32 || dtype == FAP_DTYPE_INT32 ? 4 : 2; }
+
 // A (batch, row, head, dim) operand with a unit-stride last dimension. For varlen problems the batch stride
 // is 0 and rows are absolute (a sequence starts at its cu_seqlens entry).
 struct Operand {

@@ -144,8 +144,8 @@ void check_dtype_and_device(const fap_tensor& t, const char* name, int32_t dtype
   check_known_dtype(t, name);
   check_dtype(t, name, dtype);
   check_same_device(t, name, q);
-  const int bytes = t.dtype == FAP_DTYPE_FLOAT32 || t.dtype == FAP_DTYPE_INT32 ? 4 : 2;
-  require(reinterpret_cast<std::uintptr_t>(t.data) % bytes == 0, name, ": data pointer ", t.data,
+  const int64_t bytes = dtype_bytes(t.dtype);
+  require(reinterpret_cast<std::uintptr_t>(t.data) % static_cast<std::uintptr_t>(bytes) == 0, name, ": data pointer ", t.data,
           " is not aligned to its ", bytes, "-byte elements");
 }
 

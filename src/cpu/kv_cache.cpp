@@ -32,8 +32,8 @@ size_t prepare_kv_cache(const AttentionProblem& p, void* workspace, AttentionPro
   WorkspaceCarver carver(workspace);
   const bool rotary = p.cache.rotary.half_dim > 0;
   const int64_t row = p.heads_q * p.head_dim;  // the rotated q is (batch, seqlen_q, heads, head_dim), contiguous
-  const size_t element_bytes = p.dtype == FAP_DTYPE_FLOAT32 ? 4 : 2;
-  char* rotated_q = rotary ? carver.take<char>(static_cast<size_t>(p.batch * p.seqlen_q * row) * element_bytes) : nullptr;
+  char* rotated_q =
+      rotary ? carver.take<char>(static_cast<size_t>(p.batch * p.seqlen_q * row * dtype_bytes(p.dtype))) : nullptr;
   if (!workspace) return carver.bytes();
 
   *attention = p;

@@ -23,8 +23,6 @@ struct SequenceInfo {
   int offset;              // len_k - len_q: the key on row i's diagonal is i + offset (bottom-right alignment)
 };
 
-__device__ __forceinline__ int clamp_to(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
-
 // cu_seqlens live in device memory, which the host does not read (that would synchronise): each offset is clamped
 // into its tensor's rows and each end to at least its start, so corrupt offsets (decreasing, past the end) give
 // wrong or empty sequences, never an access outside q, k, v or out.

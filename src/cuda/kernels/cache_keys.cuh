@@ -8,6 +8,8 @@
 
 namespace fap {
 
+__device__ __forceinline__ int clamp_to(int x, int low, int high) { return x < low ? low : (x > high ? high : x); }
+
 // One batch entry's keys. seq.k_start is the first cache position used (leftpad_k), seq.len_k the keys used;
 // k_base / v_base place the sequence's cache entry and kv head.
 struct CacheSequence {
