@@ -5,6 +5,7 @@
 // is fixed, so the gradients are bitwise reproducible for a given thread count.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "core/half.h"
 #include "src/cpu/cpu_attention.h"
@@ -13,6 +14,8 @@
 
 namespace fap::cpu {
 namespace {
+
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
 struct BackwardScratch {
   float* p;            // kBlockM x kBlockN: scores, then probabilities
@@ -93,8 +96,10 @@ void accumulate_tile(const AttentionProblem& p, const BackwardInputs& in, const 
     float* dp = s.dp + r * kBlockN;
     const int64_t row = row_begin + r;
     transform_score_row(p, tile, row, probs, p.softcap > 0.0f ? s.capped + r * kBlockN : nullptr);
-    // P = exp(score - lse); an empty row has lse = +inf and so P = 0.
-    exp_affine_sum(probs, static_cast<size_t>(n), exp_scale(p), lse_at(p, b, head, seq.q_start + row));
+    // P = exp(score - lse); an empty row has lse = +inf and so P = 0. FlashAttention-2 shifts by 0 where the
+    // lse is -inf (its exponential's rule for a row max of -inf); a NaN lse makes the row's P NaN.
+    const float lse = lse_at(p, b, head, seq.q_start + row);
+    exp_affine_sum(probs, static_cast<size_t>(n), exp_scale(p), lse == kMinusInf ? 0.0f : lse);
     if (dropout) {
       dropout_multipliers(p, tile, row, s.multipliers);
       float* dropped = s.p_dropped + r * kBlockN;

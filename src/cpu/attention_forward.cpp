@@ -53,8 +53,7 @@ void write_probs_tile(const AttentionProblem& p, const TileCoordinates& tile, in
     const bool any = transform_score_row(p, tile, row, scores);
     const float row_max_value = s.row_max[r];
     if (!any || row_max_value == kMinusInf) continue;  // the tensor was zero-filled
-    const float scale = exp_scale(p);
-    exp_affine_sum(scores, static_cast<size_t>(tile.key_count), scale, scale * row_max_value);
+    exp_below_max_sum(scores, static_cast<size_t>(tile.key_count), exp_scale(p), row_max_value);
     if (p.dropout_p > 0.0f) dropout_multipliers(p, tile, row, s.multipliers);
     const int64_t base = tile.batch * p.probs.batch_stride + tile.head * p.probs.head_stride + row * p.probs.row_stride;
     for (int64_t c = 0; c < tile.key_count; ++c) {
@@ -98,8 +97,9 @@ void attend_query_block(const AttentionProblem& p, const ForwardInputs& in, int6
         continue;
       }
       const float new_max = std::max(s.row_max[r], row_max(scores, static_cast<size_t>(tile.key_count)));
-      const float correction = std::exp(scale * (s.row_max[r] - new_max));  // 0 on the first visited tile
-      const float tile_sum = exp_affine_sum(scores, static_cast<size_t>(tile.key_count), scale, scale * new_max);
+      // 0 on the first visited tile; 1 while the max stays -inf (no finite score yet: not exp(-inf + inf)).
+      const float correction = new_max == s.row_max[r] ? 1.0f : std::exp(scale * (s.row_max[r] - new_max));
+      const float tile_sum = exp_below_max_sum(scores, static_cast<size_t>(tile.key_count), scale, new_max);
       s.row_sum[r] = s.row_sum[r] * correction + tile_sum;
       s.row_max[r] = new_max;
       // Once the row maximum settles, most tiles leave it unchanged: no rescaling then.
@@ -115,12 +115,13 @@ void attend_query_block(const AttentionProblem& p, const ForwardInputs& in, int6
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = row_begin + r;
     const bool empty = s.row_sum[r] == 0.0f;
-    const float inverse = empty ? 0.0f : 1.0f / s.row_sum[r];
+    const float inverse = empty ? 0.0f : 1.0f / s.row_sum[r];  // a NaN sum makes the row NaN
     const int64_t offset = b * p.out.batch_stride + (seq.q_start + row) * p.out.row_stride + head * p.out.head_stride;
     for (int64_t c = 0; c < d; ++c) store_from_float(p.dtype, p.out.data, offset + c, s.acc[r * ld + c] * inverse);
     if (p.lse.data) {
-      const float lse =
-          empty ? std::numeric_limits<float>::infinity() : scale * s.row_max[r] + std::log(s.row_sum[r]);
+      // FlashAttention-2's rule: +inf for an empty row and for a NaN one.
+      const float lse = empty || std::isnan(s.row_sum[r]) ? std::numeric_limits<float>::infinity()
+                                                          : scale * s.row_max[r] + std::log(s.row_sum[r]);
       p.lse.data[b * p.lse.batch_stride + head * p.lse.head_stride + (seq.q_start + row) * p.lse.row_stride] = lse;
     }
   }

@@ -7,11 +7,15 @@
 
 namespace fap::cpu {
 
-// max(x[0..n)); -inf for n == 0.
+// max(x[0..n)) skipping NaN (fmax); -inf for n == 0 or all NaN.
 float row_max(const float* x, size_t n);
-// x[i] = exp(scale * x[i] - shift) (exactly 0 where x[i] = -inf, and everywhere when shift = +inf);
-// returns the sum of the new x.
+// x[i] = exp(scale * x[i] - shift); returns the sum of the new x. Exactly 0 where x[i] = -inf (masked) or
+// the argument is -inf (shift = +inf: an empty row's lse); NaN stays NaN; +inf past exp's range.
 float exp_affine_sum(float* x, size_t n, float scale, float shift);
+// x[i] = exp(scale * (x[i] - max)) for the forward's softmax, scale > 0 and max the row max: exactly 1 at the
+// max however large the scale (x * scale - max * scale would carry max * scale's rounding, which at scales
+// like 1e10 is more than exp's range). Otherwise as exp_affine_sum; returns the sum of the new x.
+float exp_below_max_sum(float* x, size_t n, float scale, float max);
 // x[i] = softcap > 0 ? softcap * tanh(x[i] * scale / softcap) : x[i] * scale.
 void scale_and_softcap(float* x, size_t n, float scale, float softcap);
 // x[i] *= factor.

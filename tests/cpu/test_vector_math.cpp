@@ -58,6 +58,60 @@ TEST(VectorMath, EmptyRowShiftGivesZeros) {
   for (float x : row) EXPECT_EQ(x, 0.0f);
 }
 
+// Issue 18's NaN/Inf rules at the row level, at lengths that put the special value in a full vector and in
+// the scalar tail: the max skips NaN (fmax); exp keeps NaN, gives exactly 0 below its range and for -inf
+// arguments, +inf above it.
+TEST(VectorMath, RowMaxSkipsNaN) {
+  for (size_t n = 1; n < 70; n += 3) {
+    for (size_t at : {size_t{0}, n / 2, n - 1}) {
+      std::vector<float> row = random_row(n, static_cast<unsigned>(n + at));
+      row[at] = std::nanf("");
+      float expected = -kInf;
+      for (size_t i = 0; i < n; ++i) expected = i == at ? expected : std::fmax(expected, row[i]);
+      EXPECT_EQ(row_max(row.data(), n), expected) << n << " " << at;
+    }
+  }
+}
+
+TEST(VectorMath, ExpFollowsIeeeAtTheEdges) {
+  const float nan = std::nanf("");
+  for (size_t n = 1; n < 70; n += 5) {
+    std::vector<float> row(n, 0.0f);
+    for (size_t i = 0; i < n; ++i) row[i] = static_cast<float>(i % 5) * -40.0f;  // 0 .. -160: under -87 too
+    row[n / 2] = 100.0f;  // argument 100: past exp's range
+    row[n - 1] = nan;
+    std::vector<float> result = row;
+    const float sum = exp_affine_sum(result.data(), n, 1.0f, 0.0f);
+    for (size_t i = 0; i + 1 < n; ++i) {
+      if (i == n / 2) {
+        EXPECT_EQ(result[i], kInf) << n;
+      } else {
+        const double expected = row[i] < -87.0f ? 0.0 : std::exp(double{row[i]});
+        EXPECT_NEAR(result[i], expected, 1e-6 * expected) << n << " " << i;
+      }
+    }
+    EXPECT_TRUE(std::isnan(result[n - 1])) << n;
+    EXPECT_TRUE(std::isnan(sum)) << n;
+  }
+}
+
+TEST(VectorMath, ExpBelowMaxIsOneAtTheMaxWhateverTheScale) {
+  for (size_t n : {1u, 7u, 16u, 33u}) {
+    std::vector<float> row = random_row(n, 11);
+    float max = -kInf;
+    for (float x : row) max = std::fmax(max, x);
+    const float sum = exp_below_max_sum(row.data(), n, 1e10f, max);
+    EXPECT_EQ(sum, 1.0f) << n;  // x * scale - max * scale would carry max * scale's rounding (~1e4 here)
+    for (float x : row) EXPECT_TRUE(x == 0.0f || x == 1.0f);
+
+    std::vector<float> special = random_row(n, 12);
+    special[0] = kInf;  // a +inf score: its row is NaN (exp(inf - inf)), the others' exponentials 0
+    special[n - 1] = n > 1 ? -kInf : kInf;  // masked
+    EXPECT_TRUE(std::isnan(exp_below_max_sum(special.data(), n, 0.125f, kInf))) << n;
+    for (size_t i = 1; i < n; ++i) EXPECT_EQ(special[i], 0.0f) << n << " " << i;
+  }
+}
+
 TEST(VectorMath, SoftcapAndScale) {
   for (size_t n : {1u, 7u, 8u, 17u, 33u}) {
     std::vector<float> row = random_row(n, 3), capped = row;

@@ -72,8 +72,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const
   for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
   if (lane == 0) {
     p.dsum[slot] = sum;
-    p.lse_log2[slot] =
-        p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride] * FAP_LOG2E;
+    const float lse = p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride];
+    // FlashAttention-2 shifts by 0 where the lse is -inf (its exponential's rule for a row max of -inf); NaN
+    // stays NaN and makes the row's P NaN.
+    p.lse_log2[slot] = lse == -FAP_INFINITY ? 0.0f : lse * FAP_LOG2E;
   }
 }
 

@@ -207,6 +207,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
     sum += weight[w] * merged_sum[w * kDecodeRows + row];
   }
   const float inverse = sum == 0.0f ? 0.0f : 1.0f / sum;
+  // A split's partial lse keeps NaN (the combine makes the row NaN) and -inf for no key (weight 0).
   const float lse_log2 = sum == 0.0f ? -FAP_INFINITY : max_all + __log2f(sum);
   if (p.splits == 1) {
     storage_t* out = static_cast<storage_t*>(p.out) + batch * p.out_batch_stride +
@@ -219,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
     }
     if (p.lse && part == 0) {
       p.lse[batch * p.lse_batch_stride + target.head * p.lse_head_stride + (seq.q_start + target.row) * p.lse_row_stride] =
-          sum == 0.0f ? FAP_INFINITY : lse_log2 * 0.6931471805599453f;
+          row_lse_log2(max_all, sum) * 0.6931471805599453f;
     }
     return;
   }
@@ -275,7 +276,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_combine(const
   }
   if (p.lse && threadIdx.x == 0) {
     p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + i * p.lse_row_stride] =
-        sum == 0.0f ? FAP_INFINITY : (total[0] + __log2f(sum)) * 0.6931471805599453f;
+        row_lse_log2(total[0], sum) * 0.6931471805599453f;
   }
 }
 

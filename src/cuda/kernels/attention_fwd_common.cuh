@@ -73,7 +73,8 @@ __device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const At
 // The online softmax step for one tile of scores (scores * fold in base-2 units, fold > 0): updates the
 // running row maxima (base-2 units) and per-thread partial sums, turns the scores into
 // exp2(score * fold - max) in place, and returns in `correction` the factor by which the output
-// accumulated so far must be multiplied.
+// accumulated so far must be multiplied. The max skips NaN (fmaxf); a NaN score still makes its exponential,
+// and so its row, NaN.
 template <int N8>
 __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, float (&row_max)[2], float (&row_sum)[2],
                                                float (&correction)[2]) {
@@ -90,10 +91,24 @@ __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, fl
     correction[half] = fast_exp2(row_max[half] - shift);
     row_max[half] = new_max;
     row_sum[half] *= correction[half];
+    // The fused multiply-add score * fold - shift carries the rounding of shift = max * fold, up to half an ulp
+    // of |shift|: the same factor on every exponential of the row, which the normalisation cancels, until it
+    // leaves exp2's range near |shift| = 2^31 (scales like 1e10). A warp holding such a row rounds the
+    // products first (the max is the same rounded product, so exponents are <= 0 and exactly 0 at the max);
+    // the usual scales keep the single multiply-add.
+    float row_fold = fold;
+    if (__any_sync(0xffffffffu, fabsf(shift) > 16777216.0f)) {
+#pragma unroll
+      for (int j = 0; j < N8; ++j) {
+        s[j][2 * half] = __fmul_rn(s[j][2 * half], fold);
+        s[j][2 * half + 1] = __fmul_rn(s[j][2 * half + 1], fold);
+      }
+      row_fold = 1.0f;
+    }
 #pragma unroll
     for (int j = 0; j < N8; ++j) {
-      s[j][2 * half] = fast_exp2(s[j][2 * half] * fold - shift);
-      s[j][2 * half + 1] = fast_exp2(s[j][2 * half + 1] * fold - shift);
+      s[j][2 * half] = fast_exp2(s[j][2 * half] * row_fold - shift);
+      s[j][2 * half + 1] = fast_exp2(s[j][2 * half + 1] * row_fold - shift);
       row_sum[half] += s[j][2 * half] + s[j][2 * half + 1];  // reduced over the quad at the end
     }
   }
@@ -146,8 +161,14 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[D8][4], const float (&
 }
 
 
+// lse in base-2 units from a row's max and sum, FlashAttention-2's rule: +inf for an empty row (sum 0) and
+// for a NaN one.
+__device__ __forceinline__ float row_lse_log2(float row_max, float row_sum) {
+  return row_sum > 0.0f ? row_max + __log2f(row_sum) : FAP_INFINITY;
+}
+
 // The end of a row block: reduces the row sums over the quad, normalises, stores out and lse. Rows with
-// nothing to attend to get zeros and lse = +inf.
+// nothing to attend to get zeros and lse = +inf; a NaN sum gives a NaN row.
 template <int D8>
 __device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const ForwardSequence& seq, int batch, int head,
                                            const int (&rows)[2], const float (&acc)[D8][4], float (&row_sum)[2],
@@ -171,7 +192,7 @@ __device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const Fo
     }
     if (p.lse && quad == 0) {
       p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (seq.q_start + row) * p.lse_row_stride] =
-          empty ? FAP_INFINITY : (row_max[half] + __log2f(row_sum[half])) * 0.6931471805599453f;
+          row_lse_log2(row_max[half], row_sum[half]) * 0.6931471805599453f;
     }
   }
 }
