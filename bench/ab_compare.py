@@ -69,8 +69,10 @@ def main():
     parser.add_argument("builds", nargs="+", help="NAME=path of a libflash_attn_plus.so; the first is the reference")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="d = 128 at 4k and 16k only")
+    parser.add_argument("--directions", default="fwd,bwd", help="fwd, bwd or both (comma-separated)")
     parser.add_argument("--out", default="ab_compare.json")
     args = parser.parse_args()
+    directions = args.directions.split(",")
     libraries = {name: fc.load(path) for name, path in (b.split("=", 1) for b in args.builds)}
     first = next(iter(libraries))
     head_dims, seqlens = ((128,), (4096, 16384)) if args.quick else ((64, 128, 256), (1024, 4096, 16384))
@@ -88,20 +90,21 @@ def main():
                         calls[name] = sdpa_calls(backend, q, k, v, dout, causal)
                     except RuntimeError as error:  # a backend that does not take the shape
                         print(f"{name}: {str(error).splitlines()[0]}")
-                times = {(name, kind): [] for name in calls for kind in ("fwd", "bwd")}
+                times = {(name, kind): [] for name in calls for kind in directions}
                 for round_index in range(args.rounds):
                     order = list(calls.items())
                     shift = round_index % len(order)
                     for name, (forward, backward) in order[shift:] + order[:shift]:  # rotate who goes first
-                        times[(name, "fwd")].append(time_ms(forward, warmup=3, repeat=10))
-                        times[(name, "bwd")].append(time_ms(backward, warmup=3, repeat=10))
+                        for kind, call in (("fwd", forward), ("bwd", backward)):
+                            if kind in directions:
+                                times[(name, kind)].append(time_ms(call, warmup=3, repeat=10))
                 flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 row = {"head_dim": head_dim, "seqlen": seqlen, "causal": causal}
                 for (name, kind), values in times.items():
                     ms = sorted(values)[len(values) // 2]
                     row[f"{kind}_{name}_tflops"] = flops * (2.5 if kind == "bwd" else 1) / ms / 1e9
                 text = f"d={head_dim:3d} s={seqlen:5d} causal={int(causal)}"
-                for kind in ("fwd", "bwd"):
+                for kind in directions:
                     text += f"  {kind}"
                     for name in calls:
                         row[f"{kind}_{name}_over_{first}"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_{first}_tflops"]
