@@ -91,12 +91,13 @@ __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, fl
     correction[half] = fast_exp2(row_max[half] - shift);
     row_max[half] = new_max;
     row_sum[half] *= correction[half];
+    float row_fold = fold;
+#if !(FAP_SOFTCAP || FAP_ALIBI)  // with those the scores come scaled (fold = 1): the products below are exact
     // The fused multiply-add score * fold - shift carries the rounding of shift = max * fold, up to half an ulp
     // of |shift|: the same factor on every exponential of the row, which the normalisation cancels, until it
     // leaves exp2's range near |shift| = 2^31 (scales like 1e10). A warp holding such a row rounds the
     // products first (the max is the same rounded product, so exponents are <= 0 and exactly 0 at the max);
     // the usual scales keep the single multiply-add.
-    float row_fold = fold;
     if (__any_sync(0xffffffffu, fabsf(shift) > 16777216.0f)) {
 #pragma unroll
       for (int j = 0; j < N8; ++j) {
@@ -105,6 +106,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, fl
       }
       row_fold = 1.0f;
     }
+#endif
 #pragma unroll
     for (int j = 0; j < N8; ++j) {
       s[j][2 * half] = fast_exp2(s[j][2 * half] * row_fold - shift);
