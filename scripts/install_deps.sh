@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the build and test dependencies from Debian's packages, only those missing (idempotent).
 set -euo pipefail
-packages=(cmake ninja-build g++ pkg-config ccache libhwy-dev libgtest-dev clang libclang-rt-dev libomp-dev)
+packages=(cmake ninja-build g++ pkg-config ccache libhwy-dev libxsmm-dev libgtest-dev clang libclang-rt-dev libomp-dev)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

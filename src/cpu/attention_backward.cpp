@@ -2,7 +2,9 @@
 // (batch, kv head, chunk of key tiles) that recomputes P = exp(S - lse) tile by tile, accumulates dK and dV
 // for its keys over every query head of the group, and adds dS K into the chunk's own fp32 dQ partial; a
 // last pass sums the partials in chunk order. No two tasks write the same memory, and the reduction order
-// is fixed, so the gradients are bitwise reproducible for a given thread count.
+// is fixed, so the gradients are bitwise reproducible for a given thread count. S = Q K^T and dP = dO V^T
+// multiply bf16 inputs directly where the machine can (exact products, fp32 sums); the products of P and dS
+// are fp32.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -35,9 +37,11 @@ struct BackwardScratch {
   }
 };
 
+// T: the element type of S = Q K^T's and dP = dO V^T's operands (float or Bf16).
+template <typename T>
 struct BackwardInputs {
-  FloatOperand q, dout;             // A operands (row-major)
-  KeyPanels k_keys, v_keys;         // B of S = Q K^T and dP = dO V^T
+  RowOperand<T> q, dout;                           // A of S = Q K^T and dP = dO V^T (row-major)
+  KeyPanels<T> k_keys, v_keys;                     // B of S = Q K^T and dP = dO V^T
   HeadDimPanels q_rows, dout_rows, k_rows;  // B of dK += dS^T Q, dV += P^T dO, dQ += dS K
   float* row_dot;       // (batch_slices, heads, total_q)
   float* dq_partials;   // chunks x (batch_slices, total_q, heads, round_up_to_panel(head_dim))
@@ -48,11 +52,13 @@ struct BackwardInputs {
 int64_t batch_slices(const AttentionProblem& p) { return p.varlen ? 1 : p.batch; }
 int64_t slice_of(const AttentionProblem& p, int64_t b) { return p.varlen ? 0 : b; }
 
-float* row_dot_at(const AttentionProblem& p, const BackwardInputs& in, int64_t b, int64_t head, int64_t row) {
+template <typename T>
+float* row_dot_at(const AttentionProblem& p, const BackwardInputs<T>& in, int64_t b, int64_t head, int64_t row) {
   return in.row_dot + (slice_of(p, b) * p.heads_q + head) * p.total_q + row;
 }
 
-float* dq_partial_at(const AttentionProblem& p, const BackwardInputs& in, int64_t chunk, int64_t b, int64_t row,
+template <typename T>
+float* dq_partial_at(const AttentionProblem& p, const BackwardInputs<T>& in, int64_t chunk, int64_t b, int64_t row,
                      int64_t head) {
   const int64_t ld = round_up_to_panel(p.head_dim);
   const int64_t per_chunk = in.batch_slices * p.total_q * p.heads_q * ld;
@@ -63,33 +69,38 @@ float lse_at(const AttentionProblem& p, int64_t b, int64_t head, int64_t row) {
   return p.lse.data[b * p.lse.batch_stride + head * p.lse.head_stride + row * p.lse.row_stride];
 }
 
-void compute_row_dots(const AttentionProblem& p, const BackwardInputs& in, int workers) {
+template <typename T>
+void compute_row_dots(const AttentionProblem& p, const BackwardInputs<T>& in, int workers) {
   const int64_t d = p.head_dim;
 #pragma omp parallel for num_threads(workers) schedule(static)
   for (int64_t b = 0; b < p.batch; ++b) {
     const SequenceExtent seq = p.sequence(b);
     for (int64_t row = seq.q_start; row < seq.q_start + seq.len_q; ++row)
       for (int64_t h = 0; h < p.heads_q; ++h) {
-        const float* dout = in.dout.row(b, row, h);
+        const int64_t dout_offset = b * p.dout.batch_stride + row * p.dout.row_stride + h * p.dout.head_stride;
         const int64_t out_offset = b * p.out.batch_stride + row * p.out.row_stride + h * p.out.head_stride;
         float sum = 0.0f;
-        for (int64_t c = 0; c < d; ++c) sum += dout[c] * load_as_float(p.dtype, p.out.data, out_offset + c);
+        for (int64_t c = 0; c < d; ++c) {
+          sum += load_as_float(p.dtype, p.dout.data, dout_offset + c) * load_as_float(p.dtype, p.out.data, out_offset + c);
+        }
         *row_dot_at(p, in, b, h, row) = sum;
       }
   }
 }
 
 // One query tile against one key tile: the core of the backward.
-void accumulate_tile(const AttentionProblem& p, const BackwardInputs& in, const TileCoordinates& tile,
+template <typename T>
+void accumulate_tile(const AttentionProblem& p, const BackwardInputs<T>& in, const TileCoordinates& tile,
                      int64_t kv_head, int64_t row_begin, int64_t rows, int64_t chunk, const BackwardScratch& s) {
-  const int64_t d = p.head_dim, ld = round_up_to_panel(d), n = tile.key_count;
+  const int64_t d = p.head_dim, ld = round_up_to_panel(d), n = tile.key_count, contraction = contraction_dim<T>(d);
   const int64_t b = tile.batch, head = tile.head;
   const SequenceExtent& seq = tile.sequence;
-  const float* q = in.q.row(b, seq.q_start + row_begin, head);
-  const float* dout = in.dout.row(b, seq.q_start + row_begin, head);
-  tile_gemm(rows, n, d, {q, in.q.row_stride, 1}, in.k_keys.keys_from(b, kv_head, tile.key_begin), s.p, kBlockN, false);
-  tile_gemm(rows, n, d, {dout, in.dout.row_stride, 1}, in.v_keys.keys_from(b, kv_head, tile.key_begin), s.dp, kBlockN,
-            false);
+  const T* q = in.q.row(b, seq.q_start + row_begin, head);
+  const T* dout = in.dout.row(b, seq.q_start + row_begin, head);
+  tile_gemm(rows, n, contraction, {q, in.q.row_stride, 1}, in.k_keys.keys_from(b, kv_head, tile.key_begin), s.p,
+            kBlockN, false);
+  tile_gemm(rows, n, contraction, {dout, in.dout.row_stride, 1}, in.v_keys.keys_from(b, kv_head, tile.key_begin),
+            s.dp, kBlockN, false);
   const bool dropout = p.dropout_p > 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
     float* probs = s.p + r * kBlockN;
@@ -129,7 +140,8 @@ void store_rows(const AttentionProblem& p, const Operand& target, int64_t b, int
   }
 }
 
-void process_key_chunk(const AttentionProblem& p, const BackwardInputs& in, int64_t b, int64_t kv_head,
+template <typename T>
+void process_key_chunk(const AttentionProblem& p, const BackwardInputs<T>& in, int64_t b, int64_t kv_head,
                        int64_t chunk, const BackwardScratch& s) {
   const SequenceExtent seq = p.sequence(b);
   const int64_t key_blocks = (seq.len_k + kBlockN - 1) / kBlockN;
@@ -153,7 +165,8 @@ void process_key_chunk(const AttentionProblem& p, const BackwardInputs& in, int6
   }
 }
 
-void reduce_dq(const AttentionProblem& p, const BackwardInputs& in, int workers) {
+template <typename T>
+void reduce_dq(const AttentionProblem& p, const BackwardInputs<T>& in, int workers) {
   const int64_t d = p.head_dim;
   const int64_t per_chunk = in.batch_slices * p.total_q * p.heads_q * round_up_to_panel(d);
 #pragma omp parallel for num_threads(workers) schedule(static)
@@ -176,22 +189,21 @@ int64_t chunk_count(const AttentionProblem& p, int workers) {
   return std::clamp<int64_t>(wanted, 1, std::max<int64_t>(key_blocks, 1));
 }
 
-}  // namespace
-
-size_t backward(const AttentionProblem& p, void* workspace) {
+template <typename T>
+size_t backward_with(const AttentionProblem& p, void* workspace) {
   WorkspaceCarver carver(workspace);
   const int workers = worker_count();
-  BackwardInputs in{stage_as_float(p, p.q, p.heads_q, p.total_q, carver),
-                    stage_as_float(p, p.dout, p.heads_q, p.total_q, carver),
-                    stage_key_panels(p, p.k, p.heads_kv, Side::kKey, carver),
-                    stage_key_panels(p, p.v, p.heads_kv, Side::kKey, carver),
-                    stage_head_dim_panels(p, p.q, p.heads_q, Side::kQuery, carver),
-                    stage_head_dim_panels(p, p.dout, p.heads_q, Side::kQuery, carver),
-                    stage_head_dim_panels(p, p.k, p.heads_kv, Side::kKey, carver),
-                    nullptr,
-                    nullptr,
-                    chunk_count(p, workers),
-                    batch_slices(p)};
+  BackwardInputs<T> in{stage_rows<T>(p, p.q, p.heads_q, p.total_q, carver),
+                       stage_rows<T>(p, p.dout, p.heads_q, p.total_q, carver),
+                       stage_key_panels<T>(p, p.k, p.heads_kv, Side::kKey, carver),
+                       stage_key_panels<T>(p, p.v, p.heads_kv, Side::kKey, carver),
+                       stage_head_dim_panels(p, p.q, p.heads_q, Side::kQuery, carver),
+                       stage_head_dim_panels(p, p.dout, p.heads_q, Side::kQuery, carver),
+                       stage_head_dim_panels(p, p.k, p.heads_kv, Side::kKey, carver),
+                       nullptr,
+                       nullptr,
+                       chunk_count(p, workers),
+                       batch_slices(p)};
   in.row_dot = carver.take<float>(static_cast<size_t>(in.batch_slices * p.heads_q * p.total_q));
   const size_t partial =
       static_cast<size_t>(in.batch_slices * p.total_q * p.heads_q * round_up_to_panel(p.head_dim));
@@ -215,6 +227,12 @@ size_t backward(const AttentionProblem& p, void* workspace) {
   }
   reduce_dq(p, in, workers);
   return carver.bytes();
+}
+
+}  // namespace
+
+size_t backward(const AttentionProblem& p, void* workspace) {
+  return bf16_tiles(p) ? backward_with<Bf16>(p, workspace) : backward_with<float>(p, workspace);
 }
 
 }  // namespace fap::cpu

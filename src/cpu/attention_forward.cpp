@@ -1,6 +1,7 @@
 // CPU forward: one task per (batch, head, block of kBlockM query rows). For each key tile the task forms
-// S = Q K^T with sgemm, turns it into scores (score_tile.h), updates the running row max m and sum l (online
-// softmax), and accumulates O += P V with sgemm; at the end O /= l and lse = m + log(l).
+// S = Q K^T (tile_gemm), turns it into scores (score_tile.h), updates the running row max m and sum l (online
+// softmax), and accumulates O += P V; at the end O /= l and lse = m + log(l). S = Q K^T multiplies bf16 inputs
+// directly where the machine can (exact products, fp32 sums: the fp32 path's numerics); P V is fp32.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -15,9 +16,10 @@ namespace {
 
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
-// Per-thread tiles, carved from the workspace.
+// Per-thread tiles, carved from the workspace. T: the element type of S = Q K^T's operands (float or Bf16).
+template <typename T>
 struct ForwardScratch {
-  float* q;            // kBlockM x head_dim
+  T* q;                // kBlockM x contraction_dim(head_dim)
   float* scores;       // kBlockM x kBlockN
   float* acc;          // kBlockM x round_up_to_panel(head_dim)
   float* row_max;      // kBlockM
@@ -25,28 +27,32 @@ struct ForwardScratch {
   float* multipliers;  // kBlockN
 
   static ForwardScratch carve(WorkspaceCarver& carver, int64_t head_dim) {
-    return {carver.take<float>(kBlockM * head_dim), carver.take<float>(kBlockM * kBlockN),
+    return {carver.take<T>(kBlockM * contraction_dim<T>(head_dim)), carver.take<float>(kBlockM * kBlockN),
             carver.take<float>(kBlockM * round_up_to_panel(head_dim)), carver.take<float>(kBlockM),
             carver.take<float>(kBlockM),          carver.take<float>(kBlockN)};
   }
 };
 
+template <typename T>
 struct ForwardInputs {
-  KeyPanels k;
+  KeyPanels<T> k;
   HeadDimPanels v;
 };
 
-void load_query_tile(const AttentionProblem& p, int64_t b, int64_t head, int64_t first_row, int64_t rows,
-                     float* q) {
-  const int64_t d = p.head_dim;
+// The query tile as S = Q K^T reads it: fp32, or a bf16 operand's bits with the head dim padded to even.
+template <typename T>
+void load_query_tile(const AttentionProblem& p, int64_t b, int64_t head, int64_t first_row, int64_t rows, T* q) {
+  const int64_t d = p.head_dim, ld = contraction_dim<T>(d);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t offset = b * p.q.batch_stride + (first_row + r) * p.q.row_stride + head * p.q.head_stride;
-    for (int64_t c = 0; c < d; ++c) q[r * d + c] = load_as_float(p.dtype, p.q.data, offset + c);
+    for (int64_t c = 0; c < d; ++c) q[r * ld + c] = staged_value<T>(p, p.q, offset + c);
+    for (int64_t c = d; c < ld; ++c) q[r * ld + c] = T{};
   }
 }
 
+template <typename T>
 void write_probs_tile(const AttentionProblem& p, const TileCoordinates& tile, int64_t row_begin, int64_t rows,
-                      const ForwardScratch& s) {
+                      const ForwardScratch<T>& s) {
   for (int64_t r = 0; r < rows; ++r) {
     float* scores = s.scores + r * kBlockN;
     const int64_t row = row_begin + r;
@@ -64,14 +70,17 @@ void write_probs_tile(const AttentionProblem& p, const TileCoordinates& tile, in
   }
 }
 
-void run_tile_products(const AttentionProblem& p, const ForwardInputs& in, const TileCoordinates& tile,
-                       int64_t kv_head, int64_t rows, const ForwardScratch& s) {
-  tile_gemm(rows, tile.key_count, p.head_dim, {s.q, p.head_dim, 1}, in.k.keys_from(tile.batch, kv_head, tile.key_begin),
-            s.scores, kBlockN, false);
+template <typename T>
+void run_tile_products(const AttentionProblem& p, const ForwardInputs<T>& in, const TileCoordinates& tile,
+                       int64_t kv_head, int64_t rows, const ForwardScratch<T>& s) {
+  const int64_t ld = contraction_dim<T>(p.head_dim);
+  tile_gemm(rows, tile.key_count, ld, {s.q, ld, 1}, in.k.keys_from(tile.batch, kv_head, tile.key_begin), s.scores,
+            kBlockN, false);
 }
 
-void attend_query_block(const AttentionProblem& p, const ForwardInputs& in, int64_t b, int64_t head,
-                        int64_t block, const ForwardScratch& s) {
+template <typename T>
+void attend_query_block(const AttentionProblem& p, const ForwardInputs<T>& in, int64_t b, int64_t head,
+                        int64_t block, const ForwardScratch<T>& s) {
   const SequenceExtent seq = p.sequence(b);
   const int64_t row_begin = block * kBlockM;
   if (row_begin >= seq.len_q) return;
@@ -145,16 +154,15 @@ void zero_probs(const AttentionProblem& p) {
                            0.0f);
 }
 
-}  // namespace
-
-size_t forward(const AttentionProblem& p, void* workspace) {
+template <typename T>
+size_t forward_with(const AttentionProblem& p, void* workspace) {
   WorkspaceCarver carver(workspace);
   const int workers = worker_count();
-  const ForwardInputs in{stage_key_panels(p, p.k, p.heads_kv, Side::kKey, carver),
-                         stage_head_dim_panels(p, p.v, p.heads_kv, Side::kKey, carver)};
-  ForwardScratch* scratch = carver.take<ForwardScratch>(static_cast<size_t>(workers));
+  const ForwardInputs<T> in{stage_key_panels<T>(p, p.k, p.heads_kv, Side::kKey, carver),
+                            stage_head_dim_panels(p, p.v, p.heads_kv, Side::kKey, carver)};
+  auto* scratch = carver.take<ForwardScratch<T>>(static_cast<size_t>(workers));
   for (int w = 0; w < workers; ++w) {
-    const ForwardScratch tiles = ForwardScratch::carve(carver, p.head_dim);
+    const ForwardScratch<T> tiles = ForwardScratch<T>::carve(carver, p.head_dim);
     if (workspace) scratch[w] = tiles;
   }
   if (!workspace) return carver.bytes();
@@ -170,6 +178,12 @@ size_t forward(const AttentionProblem& p, void* workspace) {
     attend_query_block(p, in, b, head, block, scratch[worker_index()]);
   }
   return carver.bytes();
+}
+
+}  // namespace
+
+size_t forward(const AttentionProblem& p, void* workspace) {
+  return bf16_tiles(p) ? forward_with<Bf16>(p, workspace) : forward_with<float>(p, workspace);
 }
 
 }  // namespace fap::cpu

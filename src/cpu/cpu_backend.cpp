@@ -17,73 +17,93 @@ namespace fap::cpu {
 int worker_count() { return std::max(1, omp_get_max_threads()); }
 int worker_index() { return omp_get_thread_num(); }
 
-FloatOperand stage_as_float(const AttentionProblem& p, const Operand& operand, int64_t heads, int64_t rows,
-                            WorkspaceCarver& carver) {
-  if (p.dtype == FAP_DTYPE_FLOAT32) {
-    return {static_cast<float*>(operand.data), operand.batch_stride, operand.row_stride, operand.head_stride};
+template <typename T>
+RowOperand<T> stage_rows(const AttentionProblem& p, const Operand& operand, int64_t heads, int64_t rows,
+                         WorkspaceCarver& carver) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.dtype == FAP_DTYPE_FLOAT32) {
+      return {static_cast<float*>(operand.data), operand.batch_stride, operand.row_stride, operand.head_stride};
+    }
   }
   const int64_t slices = p.varlen ? 1 : p.batch;
-  const int64_t d = p.head_dim;
-  FloatOperand staged{carver.take<float>(static_cast<size_t>(slices * rows * heads * d)), p.varlen ? 0 : rows * heads * d,
-                      heads * d, d};
+  const int64_t d = p.head_dim, ld = contraction_dim<T>(d);
+  RowOperand<T> staged{carver.take<T>(static_cast<size_t>(slices * rows * heads * ld)), p.varlen ? 0 : rows * heads * ld,
+                       heads * ld, ld};
   if (!staged.data) return staged;
 #pragma omp parallel for num_threads(worker_count()) schedule(static) collapse(2)
   for (int64_t b = 0; b < slices; ++b)
     for (int64_t row = 0; row < rows; ++row)
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t source = b * operand.batch_stride + row * operand.row_stride + h * operand.head_stride;
-        float* target = staged.row(b, row, h);
-        for (int64_t c = 0; c < d; ++c) target[c] = load_as_float(p.dtype, operand.data, source + c);
+        T* target = staged.row(b, row, h);
+        for (int64_t c = 0; c < d; ++c) target[c] = staged_value<T>(p, operand, source + c);
+        for (int64_t c = d; c < ld; ++c) target[c] = T{};
       }
   return staged;
 }
 
+template RowOperand<float> stage_rows(const AttentionProblem&, const Operand&, int64_t, int64_t, WorkspaceCarver&);
+template RowOperand<Bf16> stage_rows(const AttentionProblem&, const Operand&, int64_t, int64_t, WorkspaceCarver&);
+
 namespace {
 
-// Staged positions: each sequence of the given side starts at a multiple of kPanel.
-StagedOperand plan_staging(const AttentionProblem& p, Side side, WorkspaceCarver& carver, int64_t heads) {
-  StagedOperand staged;
-  staged.head_dim = p.head_dim;
+// Staged positions: each sequence of the given side starts at a multiple of kPanel; zero-filled (the padding).
+template <typename T>
+StagedOperand<T> plan_staging(const AttentionProblem& p, Side side, WorkspaceCarver& carver, int64_t heads) {
+  StagedOperand<T> staged;
+  staged.head_dim = contraction_dim<T>(p.head_dim);
   for (int64_t b = 0; b < p.batch; ++b) {
     const SequenceExtent seq = p.sequence(b);
     staged.sequence_start.push_back(staged.positions);
     staged.positions += round_up_to_panel(side == Side::kQuery ? seq.len_q : seq.len_k);
   }
-  staged.data = carver.take<float>(static_cast<size_t>(heads * staged.positions * round_up_to_panel(p.head_dim)));
+  const auto elements = static_cast<size_t>(heads * staged.positions * round_up_to_panel(p.head_dim));
+  staged.data = carver.take<T>(elements);
+  if (staged.data) std::fill(staged.data, staged.data + elements, T{});
   return staged;
 }
 
 // Calls write(head, staged position, source element offset of the row) for every row of every sequence.
 template <typename Write>
 void for_each_row(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
-                  const StagedOperand& staged, Write&& write) {
+                  const std::vector<int64_t>& sequence_start, Write&& write) {
 #pragma omp parallel for num_threads(worker_count()) schedule(static) collapse(2)
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t h = 0; h < heads; ++h) {
       const SequenceExtent seq = p.sequence(b);
       if (side == Side::kKey) {
         for (int64_t row = 0; row < seq.len_k; ++row)
-          write(h, staged.sequence_start[b] + row, p.key_offset(operand, b, seq, row, h));
+          write(h, sequence_start[b] + row, p.key_offset(operand, b, seq, row, h));
       } else {
         for (int64_t row = 0; row < seq.len_q; ++row) {
-          write(h, staged.sequence_start[b] + row,
+          write(h, sequence_start[b] + row,
                 b * operand.batch_stride + (seq.q_start + row) * operand.row_stride + h * operand.head_stride);
         }
       }
     }
 }
 
+// Where element (row k, column j) of a panel sits: fp32 rows of kPanel, or bf16 pairs interleaved along k.
+template <typename T>
+int64_t panel_offset(int64_t k, int64_t j) {
+  if constexpr (std::is_same_v<T, Bf16>) {
+    return (k / 2) * 2 * kPanel + j * 2 + k % 2;
+  } else {
+    return k * kPanel + j;
+  }
+}
+
 }  // namespace
+
+bool bf16_tiles(const AttentionProblem& p) { return p.dtype == FAP_DTYPE_BFLOAT16 && bf16_tile_products(); }
 
 HeadDimPanels stage_head_dim_panels(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
                                     WorkspaceCarver& carver) {
-  HeadDimPanels staged{plan_staging(p, side, carver, heads)};
+  HeadDimPanels staged{plan_staging<float>(p, side, carver, heads)};
   if (!staged.data) return staged;
-  const int64_t d = p.head_dim, padded = round_up_to_panel(d);
-  std::fill(staged.data, staged.data + heads * staged.positions * padded, 0.0f);
-  for_each_row(p, operand, heads, side, staged, [&](int64_t h, int64_t position, int64_t source) {
+  for_each_row(p, operand, heads, side, staged.sequence_start, [&](int64_t h, int64_t position, int64_t source) {
     float* block = staged.head_block(h);
-    for (int64_t c = 0; c < d; ++c) {
+    for (int64_t c = 0; c < p.head_dim; ++c) {
       block[(c / kPanel) * staged.positions * kPanel + position * kPanel + c % kPanel] =
           load_as_float(p.dtype, operand.data, source + c);
     }
@@ -91,18 +111,22 @@ HeadDimPanels stage_head_dim_panels(const AttentionProblem& p, const Operand& op
   return staged;
 }
 
-KeyPanels stage_key_panels(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
-                           WorkspaceCarver& carver) {
-  KeyPanels staged{plan_staging(p, side, carver, heads)};
+template <typename T>
+KeyPanels<T> stage_key_panels(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
+                              WorkspaceCarver& carver) {
+  KeyPanels<T> staged{plan_staging<T>(p, side, carver, heads)};
   if (!staged.data) return staged;
-  const int64_t d = p.head_dim;
-  std::fill(staged.data, staged.data + heads * staged.positions * round_up_to_panel(d), 0.0f);
-  for_each_row(p, operand, heads, side, staged, [&](int64_t h, int64_t position, int64_t source) {
-    float* panel = staged.head_block(h) + (position / kPanel) * kPanel * d + position % kPanel;
-    for (int64_t c = 0; c < d; ++c) panel[c * kPanel] = load_as_float(p.dtype, operand.data, source + c);
+  for_each_row(p, operand, heads, side, staged.sequence_start, [&](int64_t h, int64_t position, int64_t source) {
+    T* panel = staged.head_block(h) + (position / kPanel) * kPanel * staged.head_dim;
+    for (int64_t c = 0; c < p.head_dim; ++c) {
+      panel[panel_offset<T>(c, position % kPanel)] = staged_value<T>(p, operand, source + c);
+    }
   });
   return staged;
 }
+
+template KeyPanels<float> stage_key_panels(const AttentionProblem&, const Operand&, int64_t, Side, WorkspaceCarver&);
+template KeyPanels<Bf16> stage_key_panels(const AttentionProblem&, const Operand&, int64_t, Side, WorkspaceCarver&);
 
 namespace {
 

@@ -80,14 +80,70 @@ void TileGemmImpl(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include <limits>
+#include <stdexcept>
+
+#if FAP_WITH_LIBXSMM
+#include <libxsmm.h>
+#endif
+
 namespace fap::cpu {
 
 HWY_EXPORT(TileGemmImpl);
 
-void tile_gemm(int64_t m, int64_t n, int64_t k, MatrixView a, PanelMatrix b, float* c, int64_t ldc, bool accumulate) {
+void tile_gemm(int64_t m, int64_t n, int64_t k, MatrixView<float> a, PanelMatrix<float> b, float* c, int64_t ldc,
+               bool accumulate) {
   HWY_DYNAMIC_DISPATCH(TileGemmImpl)(m, n, k, a.data, a.row_stride, a.col_stride, b.data, b.panel_stride, c, ldc,
                                      accumulate);
 }
+
+#if FAP_WITH_LIBXSMM
+namespace {
+
+// libxsmm's kernel for one bf16 B panel, generated for this machine on first use and found in libxsmm's registry
+// afterwards (nullptr where libxsmm has none). libxsmm is column-major: the row-major C panel (m x kPanel) =
+// A (m x k) * panel (k x kPanel) is its C^T = panel^T A^T, whose first operand is the panel as staged (pairs
+// interleaved along k: libxsmm's VNNI layout, leading dimension kPanel) and whose second is A read in place.
+libxsmm_bsmmfunction bf16_panel_kernel(int64_t m, int64_t k, int64_t lda_rows, int64_t ldc, bool accumulate) {
+  constexpr int64_t kLargest = std::numeric_limits<libxsmm_blasint>::max();  // libxsmm's sizes are int
+  if (m <= 0 || k <= 0 || m > kLargest || k > kLargest || lda_rows > kLargest || ldc > kLargest) return nullptr;
+  const auto blas = [](int64_t x) { return static_cast<libxsmm_blasint>(x); };
+  const libxsmm_blasint lda = kPanel, ldb = blas(lda_rows), ldc_panel = blas(ldc);
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const int flags = LIBXSMM_GEMM_FLAG_VNNI_A;
+  return libxsmm_bsmmdispatch(kPanel, blas(m), blas(k), &lda, &ldb, &ldc_panel, &alpha, &beta, &flags, nullptr);
+}
+
+bool machine_multiplies_bf16() {
+  // libxsmm generates bf16 kernels that multiply in bf16 from AVX512-BF16 (Cooper Lake, Zen 4) on; below that
+  // its bf16 kernels convert to fp32, no faster than the fp32 path.
+  return libxsmm_get_target_archid() >= LIBXSMM_X86_AVX512_CPX && bf16_panel_kernel(64, 64, 64, kPanel, false);
+}
+
+}  // namespace
+
+bool bf16_tile_products() {
+  static const bool available = machine_multiplies_bf16();
+  return available;
+}
+
+void tile_gemm(int64_t m, int64_t n, int64_t k, MatrixView<Bf16> a, PanelMatrix<Bf16> b, float* c, int64_t ldc,
+               bool accumulate) {
+  if (m == 0) return;
+  const libxsmm_bsmmfunction kernel = bf16_panel_kernel(m, k, a.row_stride, ldc, accumulate);
+  if (!kernel || a.col_stride != 1 || k % 2 != 0) throw std::logic_error("bf16 tile product without a kernel");
+  const auto* a_bits = reinterpret_cast<const libxsmm_bfloat16*>(a.data);
+  for (int64_t j = 0; j < n; j += kPanel) {
+    kernel(reinterpret_cast<const libxsmm_bfloat16*>(b.data + (j / kPanel) * b.panel_stride), a_bits, c + j);
+  }
+}
+#else
+bool bf16_tile_products() { return false; }
+
+void tile_gemm(int64_t, int64_t, int64_t, MatrixView<Bf16>, PanelMatrix<Bf16>, float*, int64_t, bool) {
+  throw std::logic_error("bf16 tile product without libxsmm");
+}
+#endif
 
 }  // namespace fap::cpu
 #endif  // HWY_ONCE
