@@ -78,6 +78,7 @@ __device__ __forceinline__ float prepare_tile_scores(float (&s)[N8][4], const At
 template <int N8>
 __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, float (&row_max)[2], float (&row_sum)[2],
                                                float (&correction)[2]) {
+  float shift[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float tile_max = -FAP_INFINITY;
@@ -87,30 +88,31 @@ __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, fl
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     const float new_max = fmaxf(row_max[half], tile_max * fold);
     // A row with nothing allowed so far keeps max -inf: use 0 as the shift so exp2 gives exact zeros.
-    const float shift = new_max == -FAP_INFINITY ? 0.0f : new_max;
-    correction[half] = fast_exp2(row_max[half] - shift);
+    shift[half] = new_max == -FAP_INFINITY ? 0.0f : new_max;
+    correction[half] = fast_exp2(row_max[half] - shift[half]);
     row_max[half] = new_max;
     row_sum[half] *= correction[half];
-    float row_fold = fold;
+  }
 #if !(FAP_SOFTCAP || FAP_ALIBI)  // with those the scores come scaled (fold = 1): the products below are exact
-    // The fused multiply-add score * fold - shift carries the rounding of shift = max * fold, up to half an ulp
-    // of |shift|: the same factor on every exponential of the row, which the normalisation cancels, until it
-    // leaves exp2's range near |shift| = 2^31 (scales like 1e10). A warp holding such a row rounds the
-    // products first (the max is the same rounded product, so exponents are <= 0 and exactly 0 at the max);
-    // the usual scales keep the single multiply-add.
-    if (__any_sync(0xffffffffu, fabsf(shift) > 16777216.0f)) {
+  // The fused multiply-add score * fold - shift carries the rounding of shift = max * fold, up to half an ulp
+  // of |shift|: the same factor on every exponential of the row, which the normalisation cancels, until it
+  // leaves exp2's range near |shift| = 2^31 (scales like 1e10). A warp holding such a row rounds the products
+  // first (the max is the same rounded product, so exponents are <= 0 and exactly 0 at the max); the usual
+  // scales keep the single multiply-add.
+  if (__any_sync(0xffffffffu, fmaxf(fabsf(shift[0]), fabsf(shift[1])) > 16777216.0f)) {
 #pragma unroll
-      for (int j = 0; j < N8; ++j) {
-        s[j][2 * half] = __fmul_rn(s[j][2 * half], fold);
-        s[j][2 * half + 1] = __fmul_rn(s[j][2 * half + 1], fold);
-      }
-      row_fold = 1.0f;
-    }
+    for (int j = 0; j < N8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = __fmul_rn(s[j][e], fold);
+    fold = 1.0f;
+  }
 #endif
 #pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
     for (int j = 0; j < N8; ++j) {
-      s[j][2 * half] = fast_exp2(s[j][2 * half] * row_fold - shift);
-      s[j][2 * half + 1] = fast_exp2(s[j][2 * half + 1] * row_fold - shift);
+      s[j][2 * half] = fast_exp2(s[j][2 * half] * fold - shift[half]);
+      s[j][2 * half + 1] = fast_exp2(s[j][2 * half + 1] * fold - shift[half]);
       row_sum[half] += s[j][2 * half] + s[j][2 * half + 1];  // reduced over the quad at the end
     }
   }
