@@ -101,6 +101,15 @@ void check_layout(const fap_tensor& t, const char* name, int rank, const char* l
   require(t.data != nullptr || elements == 0, name, ": data is NULL but the tensor has ", elements, " elements");
 }
 
+// An output of the call: no dimension of more than one element with stride 0 (PyTorch's expand() makes such
+// views), whose writes would overlap: results undefined, and work that grows with a shape no memory backs.
+void check_writable(const fap_tensor& t, const char* name) {
+  for (int i = 0; i < t.rank; ++i) {
+    require(t.shape[i] <= 1 || t.strides[i] != 0, name, ": an output must not overlap itself, got stride 0 for "
+            "dimension ", i, " of shape ", describe_shape(t));
+  }
+}
+
 void check_dtype(const fap_tensor& t, const char* name, int32_t expected) {
   require(t.dtype == expected, name, ": expected dtype ", dtype_name(expected), ", got ", dtype_name(t.dtype));
 }
@@ -333,6 +342,8 @@ void check_kv_cache(const fap_fwd_args& args, const fap_options& options, Attent
     check_operand(args.v_new, "v_new", false, shape, q);
     require(shape.rows <= problem.seqlen_k, "k_new: seqlen_new = ", shape.rows, " exceeds the cache's ",
             problem.seqlen_k, " positions");
+    check_writable(args.k, "k");  // the caches take the appended keys and values
+    check_writable(args.v, "v");
     problem.cache.k = make_operand(args.k_new, false);
     problem.cache.v = make_operand(args.v_new, false);
     problem.cache.rows = shape.rows;
@@ -521,9 +532,16 @@ AttentionProblem make_forward_problem(const fap_fwd_args& args, const fap_option
   if (is_present(args.seqused_k)) check_seqused_k(args.seqused_k, problem, args.max_seqlen_k, args.q);
   require(is_present(args.out), "out: required, got an absent tensor");
   check_operand(args.out, "out", varlen, {problem.batch, problem.total_q, problem.heads_q, problem.head_dim}, args.q);
+  check_writable(args.out, "out");
   problem.out = make_operand(args.out, varlen);
-  if (is_present(args.softmax_lse)) check_lse(args.softmax_lse, "softmax_lse", problem, args.q);
-  if (is_present(args.attn_probs)) check_probs(args.attn_probs, problem, args.q);
+  if (is_present(args.softmax_lse)) {
+    check_lse(args.softmax_lse, "softmax_lse", problem, args.q);
+    check_writable(args.softmax_lse, "softmax_lse");
+  }
+  if (is_present(args.attn_probs)) {
+    check_probs(args.attn_probs, problem, args.q);
+    check_writable(args.attn_probs, "attn_probs");
+  }
   check_options(options, args.q, problem.batch, problem.heads_q, problem);
   check_host_indices(problem);
   return problem;
@@ -571,6 +589,9 @@ AttentionProblem make_backward_problem(const fap_bwd_args& args, const fap_optio
     require(is_present(entry.tensor), entry.name, ": required, got an absent tensor");
     check_operand(entry.tensor, entry.name, varlen, entry.shape, args.q);
     entry.operand = make_operand(entry.tensor, varlen);
+  }
+  for (const fap_tensor* gradient : {&args.dq, &args.dk, &args.dv}) {
+    check_writable(*gradient, gradient == &args.dq ? "dq" : gradient == &args.dk ? "dk" : "dv");
   }
   require(is_present(args.softmax_lse), "softmax_lse: required by the backward (the forward's output), got an "
                                         "absent tensor");

@@ -213,6 +213,22 @@ const std::vector<Rule>& rules() {
        "dv: the last dimension must be contiguous"},
       {"bwd out shape", false, true, [](Call& c) { c.bwd.out = with_shape(c.bwd.out, 2, 2); }, "out: expected shape"},
       {"varlen bwd dk rows", true, true, [](Call& c) { c.bwd.dk = with_shape(c.bwd.dk, 0, 12); }, "dk: expected shape"},
+      // Issue-18 regression: outputs broadcast by stride 0 (expand() views) overlap their own writes, and a dense
+      // stride-0 q and out of 2^28 rows ran for minutes over a few bytes.
+      {"out broadcast rows", false, false, [](Call& c) { c.fwd.out = with_stride(c.fwd.out, 1, 0); },
+       "out: an output must not overlap itself, got stride 0 for dimension 1"},
+      {"lse broadcast rows", false, false,
+       [](Call& c) { c.fwd.softmax_lse = with_stride(c.fwd.softmax_lse, 2, 0); },
+       "softmax_lse: an output must not overlap itself"},
+      {"probs broadcast columns", false, false,
+       [](Call& c) { c.fwd.attn_probs = with_stride(c.fwd.attn_probs, 3, 0); },
+       "attn_probs: an output must not overlap itself"},
+      {"varlen out broadcast heads", true, false, [](Call& c) { c.fwd.out = with_stride(c.fwd.out, 1, 0); },
+       "out: an output must not overlap itself, got stride 0 for dimension 1"},
+      {"bwd dk broadcast rows", false, true, [](Call& c) { c.bwd.dk = with_stride(c.bwd.dk, 1, 0); },
+       "dk: an output must not overlap itself"},
+      {"bwd dq broadcast batch", false, true, [](Call& c) { c.bwd.dq = with_stride(c.bwd.dq, 0, 0); },
+       "dq: an output must not overlap itself, got stride 0 for dimension 0"},
       {"cpu backend, cuda tensors", false, false,
        [](Call& c) {
          for (fap_tensor* t : {&c.fwd.q, &c.fwd.k, &c.fwd.v, &c.fwd.out, &c.fwd.softmax_lse, &c.fwd.attn_probs})

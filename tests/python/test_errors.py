@@ -107,6 +107,19 @@ def test_a_failed_kvcache_call_leaves_the_cache_untouched():
         assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), options
 
 
+def test_a_broadcast_cache_is_refused_for_the_append():
+    """Issue 18: a cache made by expand() has stride-0 dimensions; appending k_new into it would write every
+    sequence's keys over the same memory."""
+    q = torch.randn(2, 1, 4, 32, dtype=F16)
+    k_cache = torch.zeros(1, 8, 4, 32, dtype=F16).expand(2, 8, 4, 32)
+    v_cache = torch.zeros(2, 8, 4, 32, dtype=F16)
+    new = torch.randn(2, 1, 4, 32, dtype=F16)
+    with pytest.raises(fap.InvalidArgumentError, match="k: an output must not overlap itself, got stride 0 for dimension 0"):
+        fap.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1)
+    out = fap.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=1)  # read only: a broadcast cache is fine
+    assert out.isfinite().all()
+
+
 def test_arguments_that_are_not_tensors_are_named():
     q, k, v, cu = varlen()
     with pytest.raises(TypeError, match="cu_seqlens_k: expected a torch.Tensor, got list"):
