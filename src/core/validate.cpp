@@ -101,9 +101,11 @@ void check_layout(const fap_tensor& t, const char* name, int rank, const char* l
   require(t.data != nullptr || elements == 0, name, ": data is NULL but the tensor has ", elements, " elements");
 }
 
-// An output of the call: no dimension of more than one element with stride 0 (PyTorch's expand() makes such
-// views), whose writes would overlap: results undefined, and work that grows with a shape no memory backs.
+// An output of the call: unless empty, no dimension of more than one element with stride 0 (PyTorch's expand()
+// makes such views), whose writes would overlap: results undefined, and work that grows with a shape no memory
+// backs.
 void check_writable(const fap_tensor& t, const char* name) {
+  if (element_count(t) == 0) return;  // nothing is written
   for (int i = 0; i < t.rank; ++i) {
     require(t.shape[i] <= 1 || t.strides[i] != 0, name, ": an output must not overlap itself, got stride 0 for "
             "dimension ", i, " of shape ", describe_shape(t));
