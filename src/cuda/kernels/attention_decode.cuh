@@ -14,6 +14,12 @@
 // FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW; FAP_DROPOUT is 0 (no dropout in these calls).
 #pragma once
 
+// sm_75's single decode warp above d = 208 has no register left for the softmax's huge-scale guard
+// (attention_fwd_common.cuh): there the fused exponent stays, finite while |max * scale| < ~2^31.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800 && FAP_HEAD_DIM > 208
+#define FAP_EXPONENT_GUARD 0
+#endif
+
 #include "cache_keys.cuh"
 #include "kv_cache_append.cuh"
 

@@ -93,7 +93,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, fl
     row_max[half] = new_max;
     row_sum[half] *= correction[half];
   }
-#if !(FAP_SOFTCAP || FAP_ALIBI)  // with those the scores come scaled (fold = 1): the products below are exact
+#ifndef FAP_EXPONENT_GUARD  // with softcap or ALiBi the scores come scaled (fold = 1): the products below are exact
+#define FAP_EXPONENT_GUARD !(FAP_SOFTCAP || FAP_ALIBI)
+#endif
+#if FAP_EXPONENT_GUARD
   // The fused multiply-add score * fold - shift carries the rounding of shift = max * fold, up to half an ulp
   // of |shift|: the same factor on every exponential of the row, which the normalisation cancels, until it
   // leaves exp2's range near |shift| = 2^31 (scales like 1e10). A warp holding such a row rounds the products
