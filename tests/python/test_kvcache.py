@@ -167,6 +167,52 @@ def test_kvcache_pages_and_splits(device, page, num_splits, seqlen_q):
         check_lse(lse[b:b + 1], lse_ref)
 
 
+@pytest.mark.parametrize("dim", [36, 72, 128])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kvcache_head_dims_and_alignment(device, dim, aligned, paged, num_splits):
+    """Caches whose rows the kernels copy in 16-byte pieces or whole (head_dim a multiple of 8, rows 16-byte
+    aligned: a tensor 8 elements wider) and caches they copy element by element (d = 36, or rows shifted by one
+    element in a tensor 1 wider), dense or in pages of 16, with the elements past each row and the slots past each
+    sequence's keys holding NaN, sequences ending inside a key tile, against the reference."""
+    dtype, batch, heads, heads_k, page, capacity = torch.float16, 3, 8, 2, 16, 96
+    blocks = capacity // page
+    q = torch.randn(batch, 1, heads, dim, dtype=dtype, device=device)
+    dense_k = torch.randn(batch, capacity, heads_k, dim, dtype=dtype, device=device)
+    dense_v = torch.randn_like(dense_k)
+    seqlens = torch.tensor([5, 37, 90], dtype=torch.int32, device=device)
+
+    def cache(dense):
+        rows = (batch * blocks, page) if paged else (batch, capacity)
+        storage = torch.full((*rows, heads_k, dim + (8 if aligned else 1)), float("nan"), dtype=dtype, device=device)
+        view = storage[..., :dim] if aligned else storage[..., 1:]
+        if paged:
+            view[table.long().flatten()] = dense.view(batch * blocks, page, heads_k, dim)
+        else:
+            view.copy_(dense)
+        for b in range(batch):  # slots past each sequence's keys hold NaN
+            if paged:
+                for position in range(int(seqlens[b]), capacity):
+                    view[table[b, position // page].long(), position % page] = float("nan")
+            else:
+                view[b, int(seqlens[b]):] = float("nan")
+        return view
+
+    table = torch.randperm(batch * blocks, device=device).view(batch, blocks).int()
+    k_cache, v_cache = cache(dense_k), cache(dense_v)
+    out, lse = fap.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                           block_table=table if paged else None, num_splits=num_splits,
+                                           return_softmax_lse=True)
+    for b in range(batch):
+        length = int(seqlens[b])
+        keys, values = dense_k[b:b + 1, :length], dense_v[b:b + 1, :length]
+        out_ref, lse_ref = attention(q[b:b + 1].double(), keys.double(), values.double())
+        out_pt, _ = attention(q[b:b + 1], keys, values, dtype=dtype)
+        check_rule(f"out[{b}]", out[b:b + 1], out_ref, out_pt, 2)
+        check_lse(lse[b:b + 1], lse_ref)
+
+
 def test_kvcache_decode_step_replays_in_a_cuda_graph(device):
     """A decode step (paged cache, append with rotary, split keys) captured with torch.cuda.graph replays to the
     eager call's output, bit for bit: nothing in a call depends on device values read by the host."""

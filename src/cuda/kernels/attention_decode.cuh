@@ -29,13 +29,43 @@ constexpr int kDecodeRows = 16;       // packed rows per CTA: one mma row tile
 constexpr int kDecodeMaxSplits = 128;  // attention_decode_combine's bound (the host's too)
 #define FAP_KV_TILE (FAP_BLOCK_N * FAP_STRIDE)  // elements of one K or V tile
 
-// Loads one warp's K and V tiles of FAP_BLOCK_N keys from key0 (zeros past the sequence's keys and head_dim).
-// Lane l finds the cache row of key key0 + l and the warp's copies take each row's offsets from its lane.
+// The block-table entry (paged caches) of key key0 + lane, for load_kv_tile: the loop loads it one step ahead of
+// the copies, so that its latency passes under a tile's products instead of stalling the warp before its copies.
+__device__ __forceinline__ int lane_key_block(const DecodeParams& p, const CacheSequence& d, int batch, int key0,
+                                              int lane) {
+  return lane < FAP_BLOCK_N && key0 + lane < d.seq.len_k ? key_block(p, d, batch, key0 + lane) : 0;
+}
+
+// Loads one warp's K and V tiles of FAP_BLOCK_N keys from key0 (zeros past the sequence's keys and head_dim), lane
+// l holding key key0 + l's block-table entry (lane_key_block). Where the tile's rows are one run of rows (a dense
+// cache, or pages of a multiple of FAP_BLOCK_N rows) and hold a power-of-two count of 16-byte chunks, each lane
+// copies one column of every (32 / chunks)-th row, its addresses stepping by the row stride; else each lane finds
+// its key's cache row and the warp's copies take each row's offsets from its lane (shuffles, per-chunk arithmetic).
 __device__ __forceinline__ void load_kv_tile(storage_t* k_tile, storage_t* v_tile, const DecodeParams& p,
-                                             const CacheSequence& d, int batch, int key0, int lane) {
-  KeyRowOffsets mine{d.k_base, d.v_base};
-  if (lane < FAP_BLOCK_N && key0 + lane < d.seq.len_k) mine = key_row_offsets(p, d, batch, key0 + lane);
+                                             const CacheSequence& d, int key0, int block, int lane) {
   constexpr int kChunks = FAP_HEAD_DIM / 8;  // 16-byte chunks per row; FAP_BLOCK_N * kChunks is a multiple of 32
+  const bool one_run = !p.block_table || (p.page_size % FAP_BLOCK_N == 0 && d.seq.k_start % FAP_BLOCK_N == 0);
+  if (32 % kChunks == 0 && one_run && p.vector_loads) {
+    constexpr int kRowStep = 32 % kChunks == 0 ? 32 / kChunks : 1;
+    const KeyRowOffsets first = key_row_offsets(p, d, key0, p.block_table ? __shfl_sync(0xffffffffu, block, 0) : 0);
+    const int row0 = lane / kChunks, col = (lane % kChunks) * 8;
+    const storage_t* k = static_cast<const storage_t*>(p.k) + first.k + row0 * p.k_row_stride + col;
+    const storage_t* v = static_cast<const storage_t*>(p.v) + first.v + row0 * p.v_row_stride + col;
+    const bool inside = col < p.head_dim;
+#pragma unroll
+    for (int row = row0; row < FAP_BLOCK_N; row += kRowStep) {
+      const bool valid = inside && key0 + row < d.seq.len_k;  // else no byte is read: zeros
+      cp_async_16_or_zero_streaming(k_tile + row * FAP_STRIDE + col, valid ? k : static_cast<const storage_t*>(p.k),
+                                    valid);
+      cp_async_16_or_zero_streaming(v_tile + row * FAP_STRIDE + col, valid ? v : static_cast<const storage_t*>(p.v),
+                                    valid);
+      k += kRowStep * p.k_row_stride;
+      v += kRowStep * p.v_row_stride;
+    }
+    return;
+  }
+  KeyRowOffsets mine{d.k_base, d.v_base};
+  if (lane < FAP_BLOCK_N && key0 + lane < d.seq.len_k) mine = key_row_offsets(p, d, key0 + lane, block);
 #pragma unroll
   for (int chunk = lane; chunk < FAP_BLOCK_N * kChunks; chunk += 32) {
     const int row = chunk / kChunks, col = (chunk % kChunks) * 8;
@@ -97,11 +127,16 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
   const int tiles_end = min(tiles_first + per_split, all.end);
 
   int tile = tiles_first + warp;
+  // The block-table entries of the first FAP_STAGES tiles, loaded at once (their latencies overlap).
+  int blocks[FAP_STAGES];
+#pragma unroll
+  for (int stage = 0; stage < FAP_STAGES; ++stage)
+    blocks[stage] = lane_key_block(p, d, batch, (tile + stage * FAP_WARPS) * FAP_BLOCK_N, lane);
 #pragma unroll
   for (int stage = 0; stage < FAP_STAGES - 1; ++stage) {
     const int ahead = tile + stage * FAP_WARPS;
     storage_t* k_tile = warp_tiles + stage * 2 * FAP_KV_TILE;
-    if (ahead < tiles_end) load_kv_tile(k_tile, k_tile + FAP_KV_TILE, p, d, batch, ahead * FAP_BLOCK_N, lane);
+    if (ahead < tiles_end) load_kv_tile(k_tile, k_tile + FAP_KV_TILE, p, d, ahead * FAP_BLOCK_N, blocks[stage], lane);
     cp_async_commit();
   }
   cp_async_wait<FAP_STAGES - 1>();  // the query tile's group (the oldest) has landed
@@ -120,12 +155,14 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
   float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const int m = lane / 8, r = lane % 8;  // ldmatrix: this lane addresses row r of matrix m
 
+  int ahead_block = blocks[FAP_STAGES - 1];
   for (int step = 0; tile < tiles_end; ++step, tile += FAP_WARPS) {
     const int ahead = tile + (FAP_STAGES - 1) * FAP_WARPS;
     if (ahead < tiles_end) {
       storage_t* k_next = warp_tiles + (step + FAP_STAGES - 1) % FAP_STAGES * 2 * FAP_KV_TILE;
-      load_kv_tile(k_next, k_next + FAP_KV_TILE, p, d, batch, ahead * FAP_BLOCK_N, lane);
+      load_kv_tile(k_next, k_next + FAP_KV_TILE, p, d, ahead * FAP_BLOCK_N, ahead_block, lane);
     }
+    ahead_block = lane_key_block(p, d, batch, (ahead + FAP_WARPS) * FAP_BLOCK_N, lane);
     cp_async_commit();
     cp_async_wait<FAP_STAGES - 1>();
     __syncwarp();
@@ -156,7 +193,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
 #endif
     float correction[2];
     softmax_tile(s, p, seq, batch, 0, rows, key0, needs_mask, slopes, row_max, row_sum, correction);
-    rescale_rows(acc, correction);
+    // Once the rows' maxima settle most tiles leave them unchanged: the warp skips the multiplications by 1.
+    if (__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) rescale_rows(acc, correction);
 
 #pragma unroll
     for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {

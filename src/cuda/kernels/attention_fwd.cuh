@@ -44,7 +44,8 @@ __device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_ti
   for (int chunk = threadIdx.x; chunk < FAP_BLOCK_N * chunks_per_row; chunk += FAP_WARPS * 32) {
     const int row = chunk / chunks_per_row, col = (chunk % chunks_per_row) * 8;
     const bool valid = key0 + row < keys.seq.len_k;
-    const KeyRowOffsets rows = valid ? key_row_offsets(p, keys, batch, key0 + row) : KeyRowOffsets{keys.k_base, keys.v_base};
+    const KeyRowOffsets rows =
+        valid ? lookup_key_row_offsets(p, keys, batch, key0 + row) : KeyRowOffsets{keys.k_base, keys.v_base};
     copy_key_chunk(k_tile + row * FAP_STRIDE + col, v_tile + row * FAP_STRIDE + col, p, rows, col, valid);
   }
 #else

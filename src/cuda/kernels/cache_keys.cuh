@@ -38,22 +38,34 @@ __device__ __forceinline__ CacheSequence cache_sequence(const DecodeParams& p, i
 }
 
 // Where key `key` (< seq.len_k) of the sequence starts in k and v: through the block table (the block index
-// clamped) or the cache entry's rows.
+// clamped) or the cache entry's rows. The block-table entry is a load of its own (key_block) so that a loop can
+// issue it ahead of the copies that need it.
 struct KeyRowOffsets {
   long long k, v;
 };
 
-__device__ __forceinline__ KeyRowOffsets key_row_offsets(const DecodeParams& p, const CacheSequence& d, int batch,
-                                                         int key) {
+// The unclamped block-table entry holding key `key` (< seq.len_k) of a paged cache; 0 for other caches.
+__device__ __forceinline__ int key_block(const DecodeParams& p, const CacheSequence& d, int batch, int key) {
+  if (!p.block_table) return 0;
+  return p.block_table[batch * p.block_table_stride + ((int)d.seq.k_start + key) / p.page_size];
+}
+
+__device__ __forceinline__ KeyRowOffsets key_row_offsets(const DecodeParams& p, const CacheSequence& d, int key,
+                                                         int block) {
   const int position = (int)d.seq.k_start + key;
   if (p.block_table) {
-    const int block =
-        clamp_to(p.block_table[batch * p.block_table_stride + position / p.page_size], 0, p.num_blocks - 1);
+    block = clamp_to(block, 0, p.num_blocks - 1);
     const int row = position % p.page_size;
     return {d.k_base + block * p.k_block_stride + row * p.k_row_stride,
             d.v_base + block * p.v_block_stride + row * p.v_row_stride};
   }
   return {d.k_base + position * p.k_row_stride, d.v_base + position * p.v_row_stride};
+}
+
+// The same, looking the block-table entry up on the spot.
+__device__ __forceinline__ KeyRowOffsets lookup_key_row_offsets(const DecodeParams& p, const CacheSequence& d,
+                                                                int batch, int key) {
+  return key_row_offsets(p, d, key, key_block(p, d, batch, key));
 }
 
 // Copies 8 elements of a K and a V row into shared memory: 16-byte copies (with the L2 prefetching the line)
