@@ -155,7 +155,8 @@ void for_each_feature_set(int compute_capability, int flags, Visit&& visit) {
 
 }  // namespace
 
-DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability) {
+DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability, int64_t ctas,
+                                  int multiprocessors) {
   require_kernels_for(features, compute_capability);
   DecodeConfig config;
   config.bf16 = features.dtype == FAP_DTYPE_BFLOAT16;
@@ -165,7 +166,14 @@ DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_ca
   // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them, else 2 stages, else
   // fewer warps (measured on the H200: bench/RESULTS.md).
   const int budget = shared_memory_budget(compute_capability);
+  const auto fits_twice = [&] { return 2 * (config.shared_bytes() + 1024) <= budget + 1024; };  // per SM: +1 KB
   config.block_n = 16, config.warps = 8, config.stages = 3;
+  // With a CTA for every SM before any key split, two CTAs of 4 warps per SM beat one of 8 (one's start and end
+  // pass while the other streams keys), where two fit.
+  if (ctas >= multiprocessors && !fits_twice()) {
+    config.warps = 4;
+    if (!fits_twice()) config.warps = 8;
+  }
   if (config.shared_bytes() > budget) config.stages = 2;
   while (config.shared_bytes() > budget && config.warps > 1) config.warps /= 2;
   // sm_75's 64 KB hold one warp's stages above d = 208, and that single warp spills registers with ALiBi.
@@ -177,14 +185,15 @@ DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_ca
 }
 
 std::vector<DecodeConfig> all_decode_configs(int compute_capability) {
-  std::vector<DecodeConfig> configs;
+  std::set<DecodeConfig> configs;
   for_each_feature_set(compute_capability, 3, [&](const KernelFeatures& features) {  // no dropout in decode calls
     try {
-      configs.push_back(choose_decode_config(features, compute_capability));
+      configs.insert(choose_decode_config(features, compute_capability, 0, 1));  // few CTAs
+      configs.insert(choose_decode_config(features, compute_capability, 1, 1));  // a CTA for every SM
     } catch (const Error&) {  // a combination this compute capability does not run (above)
     }
   });
-  return configs;
+  return {configs.begin(), configs.end()};
 }
 
 ProbsConfig choose_probs_config(const KernelFeatures& features, int compute_capability) {

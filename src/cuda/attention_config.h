@@ -106,7 +106,10 @@ struct ProbsConfig {
 // compute_capability: e.g. 90 for sm_90.
 ForwardConfig choose_forward_config(const KernelFeatures& features, int compute_capability);
 BackwardConfig choose_backward_config(const KernelFeatures& features, int compute_capability);
-DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability);
+// ctas: the decode call's CTAs before any key split (batch x kv heads x blocks of 16 packed rows); with at least
+// one per multiprocessor two smaller CTAs per SM are chosen where they fit.
+DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_capability, int64_t ctas = 0,
+                                  int multiprocessors = 1);
 ProbsConfig choose_probs_config(const KernelFeatures& features, int compute_capability);
 // The forward for prefill chunks whose keys are found through device-resident indices: the mma.sync kernel with
 // FAP_INDEXED_KEYS, on every GPU (no dropout).

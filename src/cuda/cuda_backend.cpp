@@ -382,6 +382,9 @@ class BackwardCall final : public CudaCall {
   BackwardWorkspace layout_;
 };
 
+// Blocks of 16 packed rows (query rows x the query heads of a kv head) per batch entry and kv head.
+int64_t decode_row_blocks(const AttentionProblem& p) { return (p.seqlen_q * p.group_size() + 15) / 16; }
+
 // The decode / KV-cache call's launch plan: the key splits (from shapes only: batch, heads, rows, the cache's
 // capacity and the device, never from device-resident lengths, so that a call is capturable in a CUDA graph) and
 // the workspace: q's rotated copy, then the splits' partial outputs and LSEs.
@@ -390,7 +393,7 @@ struct DecodeLayout {
   size_t q_bytes = 0, lse_offset = 0, out_offset = 0, bytes = 0;
 
   DecodeLayout(const AttentionProblem& p, const DecodeConfig& config, const DeviceInfo& device) {
-    row_blocks = (p.seqlen_q * p.group_size() + 15) / 16;
+    row_blocks = decode_row_blocks(p);
     ctas = p.batch * p.heads_kv * row_blocks;
     split_rows = p.varlen ? p.total_q : p.batch * p.seqlen_q;
     const int64_t key_tiles = (p.seqlen_k + config.block_n - 1) / config.block_n;
@@ -523,7 +526,9 @@ class DecodeCall final : public CudaCall {
   DecodeCall(const DriverApi& api, const AttentionProblem& problem)
       : CudaCall(api, problem.device_index),
         problem_(problem),
-        config_(choose_decode_config(problem.features(), device_.compute_capability)),
+        config_(choose_decode_config(problem.features(), device_.compute_capability,
+                                     problem.batch * problem.heads_kv * decode_row_blocks(problem),
+                                     device_.multiprocessors)),
         layout_(problem, config_, device_) {
     load(config_);
     params_ = decode_params(problem, cache_vector_loads(problem));

@@ -205,6 +205,20 @@ TEST(AttentionConfig, FamiliesAreTriedInOrder) {
   EXPECT_EQ(choose_decode_config(wide_alibi.features(), 80).head_dim, 224);
 }
 
+// Two CTAs of 4 warps per SM when the call has a CTA for every SM before any key split and two fit the SM's
+// shared memory; one CTA of 8 warps otherwise, or when two of 8 fit already.
+TEST(AttentionConfig, DecodeWarpsFollowTheCallsCtas) {
+  const KernelFeatures d128 = problem(FAP_DTYPE_BFLOAT16, 128).features();
+  EXPECT_EQ(choose_decode_config(d128, 90, 8, 132).warps, 8);     // batch 1: key splits fill the GPU
+  EXPECT_EQ(choose_decode_config(d128, 90, 131, 132).warps, 8);
+  EXPECT_EQ(choose_decode_config(d128, 90, 132, 132).warps, 4);
+  EXPECT_EQ(choose_decode_config(d128, 90, 1024, 132).warps, 4);
+  EXPECT_LE(2 * (choose_decode_config(d128, 90, 1024, 132).shared_bytes() + 1024), 228 * 1024);
+  EXPECT_EQ(choose_decode_config(d128, 80, 1024, 108).warps, 8);  // sm_80's 164 KB hold one CTA of either
+  EXPECT_EQ(choose_decode_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 90, 1024, 132).warps, 8);  // 2 fit
+  EXPECT_EQ(choose_decode_config(problem(FAP_DTYPE_BFLOAT16, 192).features(), 90, 1024, 132).stages, 2);
+}
+
 TEST(AttentionConfig, ArchitectureNames) {
   EXPECT_EQ(nvrtc_arch(80), "sm_80");
   EXPECT_EQ(nvrtc_arch(86), "sm_86");
