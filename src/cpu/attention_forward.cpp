@@ -42,12 +42,9 @@ struct ForwardInputs {
 // The query tile as S = Q K^T reads it: fp32, or a bf16 operand's bits with the head dim padded to even.
 template <typename T>
 void load_query_tile(const AttentionProblem& p, int64_t b, int64_t head, int64_t first_row, int64_t rows, T* q) {
-  const int64_t d = p.head_dim, ld = contraction_dim<T>(d);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t offset = b * p.q.batch_stride + (first_row + r) * p.q.row_stride + head * p.q.head_stride;
-    for (int64_t c = 0; c < d; ++c) q[r * ld + c] = staged_value<T>(p, p.q, offset + c);
-    for (int64_t c = d; c < ld; ++c) q[r * ld + c] = T{};
-  }
+  const int64_t ld = contraction_dim<T>(p.head_dim);
+  for (int64_t r = 0; r < rows; ++r)
+    stage_row(p, p.q, b * p.q.batch_stride + (first_row + r) * p.q.row_stride + head * p.q.head_stride, q + r * ld);
 }
 
 template <typename T>

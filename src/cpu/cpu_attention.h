@@ -117,6 +117,15 @@ int64_t contraction_dim(int64_t head_dim) {
   return std::is_same_v<T, Bf16> ? (head_dim + 1) / 2 * 2 : head_dim;
 }
 
+// Row `source` (its first element's offset) of operand as a staged row of contraction_dim<T> elements: the
+// head_dim values, then zeros.
+template <typename T>
+void stage_row(const AttentionProblem& problem, const Operand& operand, int64_t source, T* target) {
+  const int64_t d = problem.head_dim;
+  for (int64_t c = 0; c < d; ++c) target[c] = staged_value<T>(problem, operand, source + c);
+  for (int64_t c = d; c < contraction_dim<T>(d); ++c) target[c] = T{};
+}
+
 // The KV-cache call's append (k rotated) and q's rotation into the workspace; *attention gets the problem the
 // attention then runs (q: the rotated copy). workspace == nullptr: size only.
 size_t prepare_kv_cache(const AttentionProblem& problem, void* workspace, AttentionProblem* attention);

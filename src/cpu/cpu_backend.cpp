@@ -26,19 +26,16 @@ RowOperand<T> stage_rows(const AttentionProblem& p, const Operand& operand, int6
     }
   }
   const int64_t slices = p.varlen ? 1 : p.batch;
-  const int64_t d = p.head_dim, ld = contraction_dim<T>(d);
+  const int64_t ld = contraction_dim<T>(p.head_dim);
   RowOperand<T> staged{carver.take<T>(static_cast<size_t>(slices * rows * heads * ld)), p.varlen ? 0 : rows * heads * ld,
                        heads * ld, ld};
   if (!staged.data) return staged;
 #pragma omp parallel for num_threads(worker_count()) schedule(static) collapse(2)
   for (int64_t b = 0; b < slices; ++b)
     for (int64_t row = 0; row < rows; ++row)
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t source = b * operand.batch_stride + row * operand.row_stride + h * operand.head_stride;
-        T* target = staged.row(b, row, h);
-        for (int64_t c = 0; c < d; ++c) target[c] = staged_value<T>(p, operand, source + c);
-        for (int64_t c = d; c < ld; ++c) target[c] = T{};
-      }
+      for (int64_t h = 0; h < heads; ++h)
+        stage_row(p, operand, b * operand.batch_stride + row * operand.row_stride + h * operand.head_stride,
+                  staged.row(b, row, h));
   return staged;
 }
 

@@ -104,11 +104,11 @@ namespace {
 // afterwards (nullptr where libxsmm has none). libxsmm is column-major: the row-major C panel (m x kPanel) =
 // A (m x k) * panel (k x kPanel) is its C^T = panel^T A^T, whose first operand is the panel as staged (pairs
 // interleaved along k: libxsmm's VNNI layout, leading dimension kPanel) and whose second is A read in place.
-libxsmm_bsmmfunction bf16_panel_kernel(int64_t m, int64_t k, int64_t lda_rows, int64_t ldc, bool accumulate) {
+libxsmm_bsmmfunction bf16_panel_kernel(int64_t m, int64_t k, int64_t a_row_stride, int64_t ldc, bool accumulate) {
   constexpr int64_t kLargest = std::numeric_limits<libxsmm_blasint>::max();  // libxsmm's sizes are int
-  if (m <= 0 || k <= 0 || m > kLargest || k > kLargest || lda_rows > kLargest || ldc > kLargest) return nullptr;
+  if (m <= 0 || k <= 0 || m > kLargest || k > kLargest || a_row_stride > kLargest || ldc > kLargest) return nullptr;
   const auto blas = [](int64_t x) { return static_cast<libxsmm_blasint>(x); };
-  const libxsmm_blasint lda = kPanel, ldb = blas(lda_rows), ldc_panel = blas(ldc);
+  const libxsmm_blasint lda = kPanel, ldb = blas(a_row_stride), ldc_panel = blas(ldc);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   const int flags = LIBXSMM_GEMM_FLAG_VNNI_A;
   return libxsmm_bsmmdispatch(kPanel, blas(m), blas(k), &lda, &ldb, &ldc_panel, &alpha, &beta, &flags, nullptr);
