@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test: set up, then build and run the C++ suites twice, optimised and under AddressSanitizer +
 # UndefinedBehaviorSanitizer, compile every CUDA kernel configuration with NVRTC, run the Python package's suite
-# (pytest, on the CPU), check the wheel in a fresh environment and fuzz the C API for 60 s.
+# (pytest, on the CPU), check the wheel in a fresh environment and fuzz the C API for 60 s. The CPU suites run
+# again with the CPU backend held to AVX2, so that a machine with AVX-512 still tests the path others run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
@@ -17,12 +18,16 @@ run_suite() {  # build-dir, ctest arguments, extra cmake arguments...
 
 echo "== optimised build"
 run_suite build "-E AttentionKernelCompile" -DCMAKE_BUILD_TYPE=Release
+echo "== the same suites with the CPU backend held to AVX2 (FLASH_ATTENTION_PLUS_CPU_ISA=avx2: Highway and libxsmm)"
+(cd build && FLASH_ATTENTION_PLUS_CPU_ISA=avx2 ctest -j "$jobs" --output-on-failure --timeout 1200 -E AttentionKernelCompile)
 echo "== NVRTC compilation of every CUDA kernel configuration (sm_75, sm_80, sm_86/sm_89, sm_90a; no GPU needed)"
 (cd build && ctest --output-on-failure --timeout 3600 -V -R AttentionKernelCompile) | grep -E "NVRTC compiled|tests passed|Failure|failed|nvrtc|ptxas"
 echo "== Python package: pip install (flash-attn-plus and the flash_attn drop-in), then pytest"
 python=$(scripts/python_env.sh)
 SKBUILD_CMAKE_DEFINE="${launcher[*]#-D}" "$python" -m pip install -q --no-build-isolation . ./compat
 "$python" -m pytest -q tests/python
+echo "== pytest with the CPU backend held to AVX2"
+FLASH_ATTENTION_PLUS_CPU_ISA=avx2 "$python" -m pytest -q tests/python
 echo "== The wheel: built, repaired (Highway and OpenMP bundled), installed into a fresh environment, demo run"
 scripts/wheel_check.sh "$python"
 echo "== libFuzzer over the C API's argument structs (clang, AddressSanitizer + UndefinedBehaviorSanitizer), 60 s"
@@ -35,3 +40,6 @@ build-fuzz/fuzz_c_api -max_total_time=60 -timeout=10 -max_len=512 -rss_limit_mb=
 echo "== AddressSanitizer + UndefinedBehaviorSanitizer build (kernel compilation already covered above)"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite build-sanitize "-E AttentionKernelCompile" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAP_SANITIZE=ON
+echo "== the sanitized CPU suites held to AVX2"
+(cd build-sanitize && FLASH_ATTENTION_PLUS_CPU_ISA=avx2 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  ctest -j "$jobs" --output-on-failure --timeout 1200 -R "^(RandomCases|Rules|EveryArgument|AttentionEdgeCases|Layouts|Masks|KvCacheArguments|PagedKvArguments)")

@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/half.h"
 #include "src/cpu/cpu_attention.h"
+#include "src/cpu/instruction_sets.h"
 
 namespace fap::cpu {
 
@@ -183,10 +184,13 @@ class CpuCall final : public PreparedCall {
 
 class CpuBackend final : public Backend {
  public:
+  CpuBackend() { limit_instruction_sets(); }
   const char* name() const override { return "cpu"; }
   bool usable(std::string*) const override { return true; }
   bool runs_on(fap_device_type device) const override { return device == FAP_DEVICE_CPU; }
-  std::string details() const override { return concat("OpenMP threads: ", worker_count()); }
+  std::string details() const override {
+    return concat("OpenMP threads: ", worker_count(), "; instruction sets: ", instruction_sets());
+  }
   std::string unsupported_reason(const AttentionProblem&) const override { return {}; }
 
   std::unique_ptr<PreparedCall> prepare(const AttentionProblem& problem) const override {

@@ -1,6 +1,7 @@
 """Backend selection from Python: set_backend, the context manager, info(), the environment variables
 (including FLASH_ATTENTION_USE_FLAGGEMS) and device mismatches."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -129,3 +130,22 @@ def test_environment_variables_set_the_initial_choice():
         output = _run_python(code, **env)
         assert output.startswith(("flaggems\nrefused: backend 'flaggems' is unusable: ",
                                   "flaggems\nrefused: q: backend 'flaggems' runs on CUDA tensors")), output
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 instruction set")
+def test_cpu_isa_avx2_holds_the_cpu_backend_to_avx2():
+    """FLASH_ATTENTION_PLUS_CPU_ISA=avx2: Highway dispatches no AVX-512 target (AVX2 where the CPU has it) and
+    libxsmm, where linked, generates Haswell code; unset: the CPU's best, which on an AVX-512 machine differs."""
+    def cpu_line(value):
+        lines = [line.strip() for line in _run_python("import flash_attn_plus as f; f.info()",
+                                                       FLASH_ATTENTION_PLUS_CPU_ISA=value).splitlines()
+                 if "instruction sets:" in line]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    held, native = cpu_line("avx2"), cpu_line("")
+    assert "Highway AVX3" not in held, held
+    if "libxsmm" in held:
+        assert held.endswith("libxsmm hsw"), held
+    if "Highway AVX3" in native:
+        assert "Highway AVX2" in held and held != native, (held, native)
