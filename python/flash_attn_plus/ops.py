@@ -310,8 +310,11 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_sl
     if _traced(q, k, v):
         return attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                     max_seqlen_q, max_seqlen_k, return_softmax, *options)
-    if (q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and block_table is None and seqused_k is None):
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Nothing for autograd to record (inference, torch.no_grad()): the call skips autograd.Function's cost.
+        return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q,
+                        max_seqlen_k, return_softmax, options)
+    if q.is_cuda and block_table is None and seqused_k is None:
         _compile_backward_ahead(q, alibi_slopes, options)
     return _AttentionFunction.apply(q, k, v, _Call(cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                                    max_seqlen_q, max_seqlen_k, return_softmax, options))
