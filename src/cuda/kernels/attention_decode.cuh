@@ -46,7 +46,7 @@ __device__ __forceinline__ void load_kv_tile(storage_t* k_tile, storage_t* v_til
   constexpr int kChunks = FAP_HEAD_DIM / 8;  // 16-byte chunks per row; FAP_BLOCK_N * kChunks is a multiple of 32
   const bool one_run = !p.block_table || (p.page_size % FAP_BLOCK_N == 0 && d.seq.k_start % FAP_BLOCK_N == 0);
   if (32 % kChunks == 0 && one_run && p.vector_loads) {
-    constexpr int kRowStep = 32 % kChunks == 0 ? 32 / kChunks : 1;
+    constexpr int kRowStep = 32 % kChunks == 0 ? 32 / kChunks : 1;  // (1 where this branch is never taken)
     const KeyRowOffsets first = key_row_offsets(p, d, key0, p.block_table ? __shfl_sync(0xffffffffu, block, 0) : 0);
     const int row0 = lane / kChunks, col = (lane % kChunks) * 8;
     const storage_t* k = static_cast<const storage_t*>(p.k) + first.k + row0 * p.k_row_stride + col;
