@@ -382,8 +382,10 @@ class BackwardCall final : public CudaCall {
   BackwardWorkspace layout_;
 };
 
-// Blocks of 16 packed rows (query rows x the query heads of a kv head) per batch entry and kv head.
+// Blocks of 16 packed rows (query rows x the query heads of a kv head) per batch entry and kv head, and the
+// decode call's CTAs before any key split (one per batch entry, kv head and block).
 int64_t decode_row_blocks(const AttentionProblem& p) { return (p.seqlen_q * p.group_size() + 15) / 16; }
+int64_t decode_ctas(const AttentionProblem& p) { return p.batch * p.heads_kv * decode_row_blocks(p); }
 
 // The decode / KV-cache call's launch plan: the key splits (from shapes only: batch, heads, rows, the cache's
 // capacity and the device, never from device-resident lengths, so that a call is capturable in a CUDA graph) and
@@ -394,7 +396,7 @@ struct DecodeLayout {
 
   DecodeLayout(const AttentionProblem& p, const DecodeConfig& config, const DeviceInfo& device) {
     row_blocks = decode_row_blocks(p);
-    ctas = p.batch * p.heads_kv * row_blocks;
+    ctas = decode_ctas(p);
     split_rows = p.varlen ? p.total_q : p.batch * p.seqlen_q;
     const int64_t key_tiles = (p.seqlen_k + config.block_n - 1) / config.block_n;
     // At least one tile per warp in each split, and the combine kernel's bound.
@@ -526,8 +528,7 @@ class DecodeCall final : public CudaCall {
   DecodeCall(const DriverApi& api, const AttentionProblem& problem)
       : CudaCall(api, problem.device_index),
         problem_(problem),
-        config_(choose_decode_config(problem.features(), device_.compute_capability,
-                                     problem.batch * problem.heads_kv * decode_row_blocks(problem),
+        config_(choose_decode_config(problem.features(), device_.compute_capability, decode_ctas(problem),
                                      device_.multiprocessors)),
         layout_(problem, config_, device_) {
     load(config_);
