@@ -44,25 +44,28 @@ __device__ __forceinline__ int lane_key_block(const DecodeParams& p, const Cache
 __device__ __forceinline__ void load_kv_tile(storage_t* k_tile, storage_t* v_tile, const DecodeParams& p,
                                              const CacheSequence& d, int key0, int block, int lane) {
   constexpr int kChunks = FAP_HEAD_DIM / 8;  // 16-byte chunks per row; FAP_BLOCK_N * kChunks is a multiple of 32
-  const bool one_run = !p.block_table || (p.page_size % FAP_BLOCK_N == 0 && d.seq.k_start % FAP_BLOCK_N == 0);
-  if (32 % kChunks == 0 && one_run && p.vector_loads) {
-    constexpr int kRowStep = 32 % kChunks == 0 ? 32 / kChunks : 1;  // (1 where this branch is never taken)
-    const KeyRowOffsets first = key_row_offsets(p, d, key0, p.block_table ? __shfl_sync(0xffffffffu, block, 0) : 0);
-    const int row0 = lane / kChunks, col = (lane % kChunks) * 8;
-    const storage_t* k = static_cast<const storage_t*>(p.k) + first.k + row0 * p.k_row_stride + col;
-    const storage_t* v = static_cast<const storage_t*>(p.v) + first.v + row0 * p.v_row_stride + col;
-    const bool inside = col < p.head_dim;
+  if constexpr (32 % kChunks == 0) {
+    const bool one_run = !p.block_table || (p.page_size % FAP_BLOCK_N == 0 && d.seq.k_start % FAP_BLOCK_N == 0);
+    if (one_run && p.vector_loads) {
+      constexpr int kRowStep = 32 / kChunks;
+      const KeyRowOffsets first =
+          key_row_offsets(p, d, key0, p.block_table ? __shfl_sync(0xffffffffu, block, 0) : 0);
+      const int row0 = lane / kChunks, col = (lane % kChunks) * 8;
+      const storage_t* k = static_cast<const storage_t*>(p.k) + first.k + row0 * p.k_row_stride + col;
+      const storage_t* v = static_cast<const storage_t*>(p.v) + first.v + row0 * p.v_row_stride + col;
+      const bool inside = col < p.head_dim;
 #pragma unroll
-    for (int row = row0; row < FAP_BLOCK_N; row += kRowStep) {
-      const bool valid = inside && key0 + row < d.seq.len_k;  // else no byte is read: zeros
-      cp_async_16_or_zero_streaming(k_tile + row * FAP_STRIDE + col, valid ? k : static_cast<const storage_t*>(p.k),
-                                    valid);
-      cp_async_16_or_zero_streaming(v_tile + row * FAP_STRIDE + col, valid ? v : static_cast<const storage_t*>(p.v),
-                                    valid);
-      k += kRowStep * p.k_row_stride;
-      v += kRowStep * p.v_row_stride;
+      for (int row = row0; row < FAP_BLOCK_N; row += kRowStep) {
+        const bool valid = inside && key0 + row < d.seq.len_k;  // else no byte is read: zeros
+        cp_async_16_or_zero_streaming(k_tile + row * FAP_STRIDE + col, valid ? k : static_cast<const storage_t*>(p.k),
+                                      valid);
+        cp_async_16_or_zero_streaming(v_tile + row * FAP_STRIDE + col, valid ? v : static_cast<const storage_t*>(p.v),
+                                      valid);
+        k += kRowStep * p.k_row_stride;
+        v += kRowStep * p.v_row_stride;
+      }
+      return;
     }
-    return;
   }
   KeyRowOffsets mine{d.k_base, d.v_base};
   if (lane < FAP_BLOCK_N && key0 + lane < d.seq.len_k) mine = key_row_offsets(p, d, key0 + lane, block);
