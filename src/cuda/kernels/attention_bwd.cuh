@@ -97,10 +97,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     cp_async_commit();
 
     float dk[FAP_DKV_COLS / 8][4], dv[FAP_DKV_COLS / 8][4];
-#pragma unroll
-    for (int i = 0; i < FAP_DKV_COLS / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
+    zero_fragments(dk);
+    zero_fragments(dv);
 
     for (int step = 0; step < steps; ++step) {
       const int stage = FAP_Q_STAGES == 2 ? step & 1 : 0;
@@ -144,10 +142,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the pass's queries.
         float st[kPassColumns / 8][4], dpt[kPassColumns / 8][4];
-#pragma unroll
-        for (int j = 0; j < kPassColumns / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
+        zero_fragments(st);
+        zero_fragments(dpt);
         // This lane's ldmatrix rows at column 0; each 16-column step moves them by 32 bytes.
         const unsigned int k_rows = shared_address(k_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_STRIDE + (m / 2) * 8);
         const unsigned int v_rows = shared_address(v_tile + (key_tile * 16 + (m % 2) * 8 + r) * FAP_STRIDE + (m / 2) * 8);
@@ -235,8 +231,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       for (int item = warp; item < (FAP_BLOCK_M / 16) * kColumnItems; item += FAP_WARPS) {
         const int t = item / kColumnItems, col0 = item % kColumnItems * kDqItemColumns;
         float acc[kDqItemColumns / 8][4];
-#pragma unroll
-        for (int n = 0; n < kDqItemColumns / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+        zero_fragments(acc);
 #pragma unroll
         for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
           unsigned int a[4];

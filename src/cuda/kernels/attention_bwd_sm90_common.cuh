@@ -61,6 +61,44 @@ __device__ __forceinline__ void load_query_step(unsigned char* q_tile, unsigned 
   load_softmax_rows<BLOCK_M>(lse_rows, dsum_rows, p, s, head, q0);
 }
 
+// The front of the kernels' shared memory, from its first 1024-byte boundary (the swizzle atoms need it; the
+// host adds 1024 bytes for this): the key block's K and V tiles, then two stages of Q tiles and two of dO tiles.
+struct BackwardTiles {
+  unsigned char* k;
+  unsigned char* v;
+  unsigned char* q_stages;
+  unsigned char* do_stages;
+};
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ BackwardTiles backward_tiles() {
+  constexpr int kKvBytes = BLOCK_N * FAP_HEAD_DIM * 2, kQBytes = BLOCK_M * FAP_HEAD_DIM * 2;
+  extern __shared__ __align__(1024) unsigned char shared_raw[];
+  unsigned char* k = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
+  unsigned char* v = k + kKvBytes;
+  unsigned char* q_stages = v + kKvBytes;
+  return {k, v, q_stages, q_stages + 2 * kQBytes};
+}
+
+// A CTA's place in the grid (deterministic ? splits : key blocks, batch, kv heads) and its thread's roles. The
+// CTA takes key block blockIdx.x, or in the deterministic mode every gridDim.x-th one, adding into a dQ
+// accumulator slice of its own one key block after the other (a fixed order of the additions).
+struct BackwardCta {
+  int batch, kv_head;
+  SequenceRows s;
+  int warpgroup;    // broadcast from lane 0, so that the compiler knows it is uniform in each warp
+  bool reduces_dq;  // the thread of each warpgroup that issues its dQ reductions
+  float* dq_slice;  // where this CTA adds its dQ
+};
+__device__ __forceinline__ BackwardCta backward_cta(const AttentionBwdParams& p) {
+  const int batch = blockIdx.y;
+  return {batch,
+          (int)blockIdx.z,
+          sequence_rows(p, batch),
+          __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0),
+          threadIdx.x % 128 == 0,
+          p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0)};
+}
+
 // A CTA's steps: the query blocks of [first_q0, end_q0) of one query head in order, then the next head of
 // the group (counted along, not divided out: integer division is a long instruction sequence).
 struct QueryStep {

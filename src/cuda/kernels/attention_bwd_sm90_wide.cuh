@@ -40,36 +40,23 @@ __device__ __forceinline__ void store_transposed_scores(unsigned char* tile, con
 // Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   static_assert(FAP_HEAD_DIM == 256 && FAP_BLOCK_M == 64 && FAP_BLOCK_N == 64, "the tile shape this kernel is for");
-  constexpr int kKvBytes = FAP_BLOCK_N * FAP_HEAD_DIM * 2, kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
+  constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
   constexpr int kHalfBytes = kQBytes / 2;  // a warpgroup's 128 columns of a Q or dO tile: two column blocks
   constexpr int kScoreBytes = FAP_BLOCK_N * FAP_BLOCK_M * 2;
-  extern __shared__ __align__(1024) unsigned char shared_raw[];
-  // The swizzle atoms need 1024-byte alignment; the host adds 1024 bytes for this.
-  unsigned char* k_tile = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
-  unsigned char* v_tile = k_tile + kKvBytes;
-  unsigned char* q_tiles = v_tile + kKvBytes;        // 2 stages
-  unsigned char* do_tiles = q_tiles + 2 * kQBytes;   // 2 stages
-  unsigned char* pt_tile = do_tiles + 2 * kQBytes;   // P^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
-  unsigned char* dst_tile = pt_tile + kScoreBytes;   // dS^T, likewise
+  const auto [k_tile, v_tile, q_tiles, do_tiles] = backward_tiles<FAP_BLOCK_M, FAP_BLOCK_N>();
+  unsigned char* pt_tile = do_tiles + 2 * kQBytes;  // P^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
+  unsigned char* dst_tile = pt_tile + kScoreBytes;  // dS^T, likewise
   float* lse_rows = reinterpret_cast<float*>(dst_tile + kScoreBytes);  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
+  const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
 
-  const int batch = blockIdx.y, kv_head = blockIdx.z;
-  const SequenceRows s = sequence_rows(p, batch);
-  // Broadcast from lane 0 so that the compiler knows the warpgroup is uniform in each warp.
-  const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
+  const auto [batch, kv_head, s, warpgroup, reduces_dq, dq_slice] = backward_cta(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const int query_offset = warpgroup * 32, col0 = warpgroup * 128;
-  const bool reduces_dq = threadIdx.x % 128 == 0;  // the thread of each warpgroup that issues its dQ reductions
-  float* dq_slice = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0);
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
                      pt_address = shared_address(pt_tile), dst_address = shared_address(dst_tile);
 
-  const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
-
-  // One key block per CTA, or in the deterministic mode every gridDim.x-th: each CTA adds into a slice of
-  // the accumulator of its own, one key block after the other (a fixed order of the additions).
   for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
     const KeyBlockSteps steps =
@@ -77,10 +64,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     QueryStep current = {kv_head * p.group_size, steps.first_q0};
 
     float dk[16][4], dv[16][4];  // this warpgroup's 128 columns
-#pragma unroll
-    for (int i = 0; i < 16; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
+    zero_fragments(dk);
+    zero_fragments(dv);
 
     for (int step = 0; step < steps.count; ++step) {
       const int stage = step & 1, head = current.head, q0 = current.q0;

@@ -153,8 +153,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
   slopes = {p.alibi[batch * p.alibi_batch_stride + mine[0].head], p.alibi[batch * p.alibi_batch_stride + mine[1].head]};
 #endif
   float acc[FAP_HEAD_DIM / 8][4];
-#pragma unroll
-  for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  zero_fragments(acc);
   float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const int m = lane / 8, r = lane % 8;  // ldmatrix: this lane addresses row r of matrix m
 
@@ -173,8 +172,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
     const storage_t* v_tile = k_tile + FAP_KV_TILE;
 
     float s[FAP_BLOCK_N / 8][4];
-#pragma unroll
-    for (int j = 0; j < FAP_BLOCK_N / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    zero_fragments(s);
 #pragma unroll
     for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
       unsigned int a[4];

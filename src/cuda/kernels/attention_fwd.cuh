@@ -110,8 +110,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   float row_max[FAP_ROW_TILES][2], row_sum[FAP_ROW_TILES][2];
 #pragma unroll
   for (int t = 0; t < FAP_ROW_TILES; ++t) {
-#pragma unroll
-    for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.0f;
+    zero_fragments(acc[t]);
     row_max[t][0] = row_max[t][1] = -FAP_INFINITY;
     row_sum[t][0] = row_sum[t][1] = 0.0f;
   }
@@ -133,9 +132,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
     // S = Q K^T: BLOCK_N / 8 accumulator tiles of 16x8 per row tile.
     float s[FAP_ROW_TILES][FAP_BLOCK_N / 8][4];
 #pragma unroll
-    for (int t = 0; t < FAP_ROW_TILES; ++t)
-#pragma unroll
-      for (int j = 0; j < FAP_BLOCK_N / 8; ++j) s[t][j][0] = s[t][j][1] = s[t][j][2] = s[t][j][3] = 0.0f;
+    for (int t = 0; t < FAP_ROW_TILES; ++t) zero_fragments(s[t]);
 #pragma unroll
     for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
       unsigned int a[FAP_ROW_TILES][4];

@@ -132,8 +132,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
   const int consumer = warpgroup - 1, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int rows[2] = {row_begin + consumer * 64 + warp * 16 + lane / 4, row_begin + consumer * 64 + warp * 16 + lane / 4 + 8};
   float acc[FAP_HEAD_DIM / 8][4];
-#pragma unroll
-  for (int i = 0; i < FAP_HEAD_DIM / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  zero_fragments(acc);
   float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
 
   if (tile_count > 0) {

@@ -141,6 +141,13 @@ __device__ __forceinline__ void wait_for_prerequisites() {
 #endif
 }
 
+// Accumulator fragments (four fp32 values per thread per 16x8 or 64xN tile slice) set to zero.
+template <int N>
+__device__ __forceinline__ void zero_fragments(float (&fragments)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) fragments[i][0] = fragments[i][1] = fragments[i][2] = fragments[i][3] = 0.0f;
+}
+
 // D (16x8 fp32) += A (16x16) * B (16x8).
 __device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
 #if !FAP_TURING
