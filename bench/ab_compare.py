@@ -1,6 +1,7 @@
 """Builds of the library side by side in one process, beside torch SDPA's flash (FlashAttention-2's own sm_80
-kernels) and cuDNN backends: each shape's forward and backward through the C API of every build, in interleaved
-rounds (the order rotating from round to round; median of the rounds' medians), on the same tensors. For checking
+kernels) and cuDNN backends, and FlashAttention-4 (`flash_attn.cute`) where it is importable: each shape's
+forward and backward through the C API of every build, in interleaved rounds (the order rotating from round to
+round; median of the rounds' medians; each timing over --calls back-to-back calls), on the same tensors. For checking
 that a change leaves the kernels' speed alone (or by how much it moves it), and with
 FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 for timing the mma.sync kernels against FlashAttention-2 on one GPU.
 
@@ -8,11 +9,14 @@ FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 for timing the mma.sync kernels against 
 
 Shapes: bf16, batch x seqlen = 16k tokens, heads x head_dim = 2048, head dims 64/128/256, 1k/4k/16k, causal or
 not (--quick: 4k and 16k at d = 128). TFLOP/s with FlashAttention's convention (forward 4 b h sq sk d, halved for
-causal; backward 2.5x). Ratios: every build to the first one and to SDPA flash.
+causal; backward 2.5x). Ratios: every build to the first one, to SDPA flash and to FlashAttention-4. FA4's first
+call of each shape (its run-time compile of forward and backward) is recorded as `fa4_first_call_s`.
 """
 import argparse
 import ctypes
 import json
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -64,17 +68,50 @@ def sdpa_calls(backend, q, k, v, dout, causal):
     return forward, backward
 
 
+def fa4_calls(q, k, v, dout, causal):
+    """(forward, backward) of FlashAttention-4 on the same tensors, and the seconds its first call took."""
+    from flash_attn.cute import flash_attn_func
+
+    tq, tk, tv = (x.detach().requires_grad_() for x in (q, k, v))
+    start = time.perf_counter()
+    out = flash_attn_func(tq, tk, tv, causal=causal)[0]
+    torch.autograd.grad(out, (tq, tk, tv), dout, retain_graph=True)
+    torch.cuda.synchronize()
+    first_call = time.perf_counter() - start
+
+    def forward():
+        flash_attn_func(tq, tk, tv, causal=causal)
+
+    def backward():
+        torch.autograd.grad(out, (tq, tk, tv), dout, retain_graph=True)
+
+    return (forward, backward), first_call
+
+
+def fa4_importable():
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError as error:
+        print(f"FlashAttention-4 not timed: {error}")
+        return False
+    return True
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("builds", nargs="+", help="NAME=path of a libflash_attn_plus.so; the first is the reference")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="d = 128 at 4k and 16k only")
     parser.add_argument("--directions", default="fwd,bwd", help="fwd, bwd or both (comma-separated)")
+    parser.add_argument("--calls", type=int, default=10,
+                        help="back-to-back calls per timed interval, so that a call's host time under its GPU time "
+                             "does not count (FlashAttention-4's host path is Python)")
     parser.add_argument("--out", default="ab_compare.json")
     args = parser.parse_args()
     directions = args.directions.split(",")
     libraries = {name: fc.load(path) for name, path in (b.split("=", 1) for b in args.builds)}
     first = next(iter(libraries))
+    with_fa4 = fa4_importable()
     head_dims, seqlens = ((128,), (4096, 16384)) if args.quick else ((64, 128, 256), (1024, 4096, 16384))
     rows = []
     for head_dim in head_dims:
@@ -90,6 +127,9 @@ def main():
                         calls[name] = sdpa_calls(backend, q, k, v, dout, causal)
                     except RuntimeError as error:  # a backend that does not take the shape
                         print(f"{name}: {str(error).splitlines()[0]}")
+                fa4_first_call = None
+                if with_fa4:
+                    calls["fa4"], fa4_first_call = fa4_calls(q, k, v, dout, causal)
                 times = {(name, kind): [] for name in calls for kind in directions}
                 for round_index in range(args.rounds):
                     order = list(calls.items())
@@ -97,9 +137,11 @@ def main():
                     for name, (forward, backward) in order[shift:] + order[:shift]:  # rotate who goes first
                         for kind, call in (("fwd", forward), ("bwd", backward)):
                             if kind in directions:
-                                times[(name, kind)].append(time_ms(call, warmup=3, repeat=10))
+                                times[(name, kind)].append(time_ms(call, warmup=3, repeat=10, calls=args.calls))
                 flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 row = {"head_dim": head_dim, "seqlen": seqlen, "causal": causal}
+                if fa4_first_call is not None:
+                    row["fa4_first_call_s"] = fa4_first_call
                 for (name, kind), values in times.items():
                     ms = sorted(values)[len(values) // 2]
                     row[f"{kind}_{name}_tflops"] = flops * (2.5 if kind == "bwd" else 1) / ms / 1e9
@@ -110,9 +152,13 @@ def main():
                         row[f"{kind}_{name}_over_{first}"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_{first}_tflops"]
                         if "sdpa_flash" in calls:
                             row[f"{kind}_{name}_over_fa2"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_sdpa_flash_tflops"]
+                        if "fa4" in calls:
+                            row[f"{kind}_{name}_over_fa4"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_fa4_tflops"]
                         text += f" {name} {row[f'{kind}_{name}_tflops']:6.1f}"
                         if name in libraries and "sdpa_flash" in calls:
                             text += f" ({row[f'{kind}_{name}_over_fa2']:.2f}x FA2)"
+                        if name in libraries and "fa4" in calls:
+                            text += f" ({row[f'{kind}_{name}_over_fa4']:.2f}x FA4)"
                 rows.append(row)
                 print(text, flush=True)
     with open(args.out, "w") as f:
