@@ -17,6 +17,7 @@ std::string ForwardConfig::name() const {
   if (alibi) text += "_alibi";
   if (dropout) text += "_dropout";
   if (indexed_keys) text += "_indexed";
+  if (persistent) text += "_persistent";
   return text;
 }
 
@@ -25,7 +26,8 @@ std::vector<std::string> ForwardConfig::defines() const {
           concat("-DFAP_WARPS=", warps),       concat("-DFAP_ROW_TILES=", row_tiles),
           concat("-DFAP_MIN_BLOCKS=", min_blocks),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
           concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window}),
-          concat("-DFAP_STAGES=", stages),    concat("-DFAP_INDEXED_KEYS=", int{indexed_keys})};
+          concat("-DFAP_STAGES=", stages),    concat("-DFAP_INDEXED_KEYS=", int{indexed_keys}),
+          concat("-DFAP_PERSISTENT=", int{persistent})};
 }
 
 std::string ForwardConfig::source_file() const { return wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"; }
@@ -420,8 +422,20 @@ std::vector<ForwardConfig> all_indexed_forward_configs(int compute_capability) {
   return configs;
 }
 
+ForwardConfig with_forward_schedule(ForwardConfig config, int64_t seqlen_q) {
+  // The persistent loop's state does not fit beside dropout's Philox rounds (attention_fwd_sm90.cuh).
+  config.persistent = config.wgmma && !config.dropout && config.head_dim <= 128 && seqlen_q <= 4096;
+  return config;
+}
+
 std::vector<ForwardConfig> all_forward_configs(int compute_capability) {
-  return every_config(kForwardFamilies, compute_capability);
+  std::vector<ForwardConfig> configs = every_config(kForwardFamilies, compute_capability);
+  const size_t chosen = configs.size();
+  for (size_t i = 0; i < chosen; ++i) {
+    const ForwardConfig persistent = with_forward_schedule(configs[i], 1);
+    if (persistent.persistent) configs.push_back(persistent);
+  }
+  return configs;
 }
 std::vector<BackwardConfig> all_backward_configs(int compute_capability) {
   return every_config(kBackwardFamilies, compute_capability);

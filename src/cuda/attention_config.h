@@ -23,6 +23,7 @@ struct ForwardConfig {
   int stages = 2;      // wgmma: K/V tiles in flight
   bool softcap = false, alibi = false, dropout = false, window = false;
   bool indexed_keys = false;  // mma.sync: keys through device-resident indices (paged caches, used key counts)
+  bool persistent = false;    // wgmma: a grid of at most one CTA per SM, each taking row blocks in turn
 
   std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window, attention_fwd_sm90_bf16_d128_...
   std::vector<std::string> defines() const;
@@ -32,7 +33,7 @@ struct ForwardConfig {
 
   auto fields() const {
     return std::tie(wgmma, bf16, head_dim, block_m, block_n, warps, row_tiles, min_blocks, stages, softcap, alibi,
-                    dropout, window, indexed_keys);
+                    dropout, window, indexed_keys, persistent);
   }
   bool operator<(const ForwardConfig& other) const { return fields() < other.fields(); }
 };
@@ -114,6 +115,9 @@ ProbsConfig choose_probs_config(const KernelFeatures& features, int compute_capa
 // The forward for prefill chunks whose keys are found through device-resident indices: the mma.sync kernel with
 // FAP_INDEXED_KEYS, on every GPU (no dropout).
 ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int compute_capability);
+// The sm_90 forward's schedule for a call of seqlen_q query rows (at most: varlen): persistent up to d = 128 and
+// 4k rows, where it measured faster on an H200 (bench/RESULTS.md), else one CTA per row block.
+ForwardConfig with_forward_schedule(ForwardConfig config, int64_t seqlen_q);
 
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
 // precompilation).

@@ -203,6 +203,7 @@ AttentionParams attention_params(const AttentionProblem& p, bool vector_loads) {
   params.lse_batch_stride = p.lse.batch_stride, params.lse_head_stride = p.lse.head_stride;
   params.lse_row_stride = p.lse.row_stride;
   params.cu_seqlens_q = p.cu_seqlens_q, params.cu_seqlens_k = p.cu_seqlens_k;
+  params.batch = static_cast<int>(p.batch);
   params.seqlen_q = static_cast<int>(p.seqlen_q), params.seqlen_k = static_cast<int>(p.seqlen_k);
   // A paged cache's cu_seqlens_k counts keys (its pages are found through block_table, clamped there).
   constexpr int64_t kMaxOffset = std::numeric_limits<int32_t>::max();  // cu_seqlens are int32
@@ -441,7 +442,7 @@ DecodeParams decode_params(const AttentionProblem& p, bool vector) {
   params.k_block_stride = p.k.block_stride, params.v_block_stride = p.v.block_stride;
   params.page_size = static_cast<int>(p.page_size), params.num_blocks = static_cast<int>(p.num_blocks);
   params.max_blocks = static_cast<int>(p.max_blocks);
-  params.batch = static_cast<int>(p.batch), params.cache_batch = static_cast<int>(p.cache_batch);
+  params.cache_batch = static_cast<int>(p.cache_batch);
   params.capacity = static_cast<int>(p.seqlen_k);
   params.appended_keys = static_cast<int>(p.cache.rows);
   params.k_new = p.cache.k.data, params.v_new = p.cache.v.data;
@@ -480,13 +481,19 @@ class ForwardCall final : public CudaCall {
  public:
   ForwardCall(const DriverApi& api, const AttentionProblem& problem)
       : CudaCall(api, problem.device_index), indexed_(uses_cache_indices(problem)) {
-    const ForwardConfig config = indexed_ ? choose_indexed_forward_config(problem.features(), capability_)
-                                          : choose_forward_config(problem.features(), capability_);
+    const ForwardConfig config =
+        indexed_ ? choose_indexed_forward_config(problem.features(), capability_)
+                 : with_forward_schedule(choose_forward_config(problem.features(), capability_), problem.seqlen_q);
     load(config);
     params_ = decode_params(problem, indexed_ ? cache_vector_loads(problem)
                                               : vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
     blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
     batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
+    if (config.persistent) {  // at most one CTA per SM, each taking the row blocks in turn
+      const int64_t items = static_cast<int64_t>(blocks_) * batch_ * heads_;
+      blocks_ = static_cast<unsigned int>(std::min<int64_t>(items, device_.multiprocessors));
+      batch_ = heads_ = 1;
+    }
     if (problem.probs.data) {  // S_dmask, written by its own kernel after the forward (never with indexed keys)
       probs_kernels_ = loaded(choose_probs_config(problem.features(), capability_));
       static_cast<AttentionParams&>(probs_params_) = params_;
@@ -641,7 +648,11 @@ class CudaBackend final : public Backend {
     const DeviceInfo& device = supported_device(api, device_index);
     const int capability = dispatch_capability(device);
     if (features.direction == Direction::kForward) {
-      loaded_kernels(api, scope.context(), device, choose_forward_config(features, capability));
+      // Both schedules of the sm_90 kernel (with_forward_schedule): which one a call takes depends on its length.
+      const ForwardConfig config = choose_forward_config(features, capability);
+      loaded_kernels(api, scope.context(), device, config);
+      const ForwardConfig short_calls = with_forward_schedule(config, 1);
+      if (short_calls.persistent) loaded_kernels(api, scope.context(), device, short_calls);
     } else {
       loaded_kernels(api, scope.context(), device, choose_backward_config(features, capability));
     }

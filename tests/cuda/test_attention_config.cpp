@@ -92,6 +92,24 @@ TEST(AttentionConfig, BatchAndSequenceLengthsNeverSelectAnotherKernel) {
     }
 }
 
+// Of the sizes, only a call's (maximum) query length picks between two compiled variants of the sm_90 forward:
+// persistent up to 4k rows at d <= 128 without dropout; every other kernel keeps its configuration.
+TEST(AttentionConfig, QueryLengthPicksTheHopperForwardSchedule) {
+  const ForwardConfig d128 = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 90);
+  EXPECT_TRUE(with_forward_schedule(d128, 1).persistent);
+  EXPECT_TRUE(with_forward_schedule(d128, 4096).persistent);
+  EXPECT_FALSE(with_forward_schedule(d128, 4097).persistent);
+  EXPECT_EQ(with_forward_schedule(d128, 4097).name(), d128.name());
+  EXPECT_NE(with_forward_schedule(d128, 1).name(), d128.name());  // compiled and cached apart
+  EXPECT_FALSE(with_forward_schedule(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256).features(), 90), 1)
+                   .persistent);
+  EXPECT_FALSE(with_forward_schedule(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 80), 1)
+                   .persistent);
+  AttentionProblem dropout = problem(FAP_DTYPE_BFLOAT16, 64);
+  dropout.dropout_p = 0.1f;
+  EXPECT_FALSE(with_forward_schedule(choose_forward_config(dropout.features(), 90), 1).persistent);
+}
+
 // The shared memory one block may opt into, per compute capability (the CUDA programming guide's table).
 int opt_in_shared_bytes(int compute_capability) {
   return (compute_capability == 90 ? 227 : compute_capability == 80 ? 163 : compute_capability == 75 ? 64 : 99) * 1024;
@@ -114,9 +132,9 @@ TEST(AttentionConfig, EveryConfigurationFitsItsArchitecturesSharedMemory) {
     expect_fits_and_unique(all_decode_configs(compute_capability), compute_capability);
   }
   // Forward: every multiple of 16 up to 256 x 16 feature sets x 2 dtypes (mma.sync), and on sm_90 head dims 64,
-  // 128, 192, 256 (wgmma).
+  // 128, 192, 256 (wgmma), plus the persistent schedule of d = 64 and 128 without dropout.
   EXPECT_EQ(all_forward_configs(80).size(), 2u * 16u * 16u);
-  EXPECT_EQ(all_forward_configs(90).size(), 2u * 4u * 16u);
+  EXPECT_EQ(all_forward_configs(90).size(), 2u * 4u * 16u + 2u * 2u * 8u);
   // Backward (mma.sync): head dims padded to multiples of 32; on sm_90 the wgmma kernels (d = 64, 128, 256)
   // without dropout and mma.sync with it.
   EXPECT_EQ(all_backward_configs(80).size(), 2u * 8u * 16u);

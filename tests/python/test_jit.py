@@ -39,7 +39,10 @@ def test_precompile_compiles_what_the_calls_use(device, tmp_path):
     log = _compile_log(tmp_path, "import sys, torch, flash_attn_plus as fap\n"
                                  "fap.precompile(head_dims=(64,), causal=(True,))\n"
                                  "print('MARK', file=sys.stderr, flush=True)\n" + CALLS)
-    assert len(log) == 3 and log[-1] == "MARK", log  # forward and backward compiled before the calls
+    # Forward and backward compiled before the calls, the forward in both schedules of the sm_90 kernel (short
+    # calls persistent, long ones one CTA per row block) where the GPU has it.
+    forward = sum("attention_fwd" in line for line in log[:-1])
+    assert log[-1] == "MARK" and forward in (1, 2) and len(log) == forward + 2, log
 
 
 def test_a_forward_autograd_will_differentiate_compiles_the_backward_ahead(device, tmp_path):

@@ -83,6 +83,30 @@ def test_varlen_output_lse_and_gradients(device, packing, dtype, mask, feature, 
         check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
 
 
+@pytest.mark.parametrize("causal,head_dim", [(False, 64), (True, 64), (True, 128), (False, 256)])
+def test_more_row_blocks_than_multiprocessors(device, causal, head_dim):
+    """More (128-row block, sequence, head) work items than an H200 has SMs (132): the sm_90 forward's CTAs then
+    take several items each, of unequal lengths (varlen), with rows past short sequences and a sequence of no
+    query rows among them. Output and LSE per sequence against float64 with FA2's rule."""
+    heads, dtype = 16, torch.bfloat16
+    lengths_q, lengths_k = [700, 0, 1300, 129, 333], [700, 90, 1400, 129, 40]
+    cu_q, cu_k = (torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+                  for lengths in (lengths_q, lengths_k))
+    q = torch.randn(sum(lengths_q), heads, head_dim, dtype=dtype, device=device)
+    k, v = (torch.randn(sum(lengths_k), heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+    out, lse, _ = fap.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                                             return_attn_probs=True)
+    for i in range(len(lengths_q)):
+        rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        if lengths_q[i] == 0:
+            continue
+        args = (q[rows][None], k[keys][None], v[keys][None])
+        reference, reference_lse = attention(*args, causal=causal)
+        plain, _ = attention(*args, causal=causal, dtype=dtype)
+        check_rule(f"out[{i}]", out[rows][None], reference, plain, 2)
+        check_lse(lse[:, rows], reference_lse[0])
+
+
 def _per_sequence(padded, q_mask, k_mask, max_seqlen_k, options, dtype):
     """Each sequence alone through the reference, padded back to (batch, seqlen_q, heads, head_dim); lse
     packed as FA2's varlen (heads, total_q)."""

@@ -1,7 +1,8 @@
 // Attention forward for Hopper (sm_90a): FlashAttention-2's algorithm on warpgroup MMAs, with the loads
-// and the two kinds of work split between warpgroups (FlashAttention-3's warp specialisation). One CTA per
-// (block of FAP_BLOCK_M = 128 query rows, batch, head), three warpgroups:
-// - the producer (warpgroup 0) copies Q once and K, V tiles of FAP_BLOCK_N keys with cp.async into a
+// and the two kinds of work split between warpgroups (FlashAttention-3's warp specialisation). One CTA per work
+// item of (block of FAP_BLOCK_M = 128 query rows, batch, head), or one per SM taking items in turn
+// (FAP_PERSISTENT), three warpgroups:
+// - the producer (warpgroup 0) copies each item's Q and K, V tiles of FAP_BLOCK_N keys with cp.async into a
 //   ring of FAP_STAGES stages in shared memory, handing each tile over through an mbarrier ("full") and waiting for
 //   the consumers to hand the stage back ("empty");
 // - two consumers own 64 query rows each: S = Q K^T with both operands in shared memory, the online softmax
@@ -11,7 +12,7 @@
 // registers to the consumers (setmaxnreg).
 //
 // Compile-time configuration: FAP_HEAD_DIM (a multiple of 64), FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS (12), FAP_STAGES,
-// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
+// FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW, FAP_PERSISTENT.
 #pragma once
 
 #include "hopper.cuh"
@@ -61,19 +62,63 @@ struct ForwardShared {
   unsigned char* q;
   unsigned char* k;  // stage s at k + s * kKvBytes
   unsigned char* v;
-  unsigned int barriers;  // shared address of: q_full, then k_full, k_empty, v_full, v_empty per stage
+  unsigned int barriers;  // shared address of: q_full, q_empty, then k_full, k_empty, v_full, v_empty per stage
 
   __device__ unsigned int q_full() const { return barriers; }
-  __device__ unsigned int k_full(int stage) const { return barriers + 8 * (1 + stage); }
-  __device__ unsigned int k_empty(int stage) const { return barriers + 8 * (1 + FAP_STAGES + stage); }
-  __device__ unsigned int v_full(int stage) const { return barriers + 8 * (1 + 2 * FAP_STAGES + stage); }
-  __device__ unsigned int v_empty(int stage) const { return barriers + 8 * (1 + 3 * FAP_STAGES + stage); }
+  __device__ unsigned int q_empty() const { return barriers + 8; }
+  __device__ unsigned int k_full(int stage) const { return barriers + 8 * (2 + stage); }
+  __device__ unsigned int k_empty(int stage) const { return barriers + 8 * (2 + FAP_STAGES + stage); }
+  __device__ unsigned int v_full(int stage) const { return barriers + 8 * (2 + 2 * FAP_STAGES + stage); }
+  __device__ unsigned int v_empty(int stage) const { return barriers + 8 * (2 + 3 * FAP_STAGES + stage); }
 };
 
-// Tile `index` (counted from the block's first key tile) sits in stage index % FAP_STAGES, in the stage's
-// (index / FAP_STAGES)-th use: the parity its "full" phase completes with.
+// Tile `index` (counted over every key tile the CTA has taken, across its work items) sits in stage
+// index % FAP_STAGES, in the stage's (index / FAP_STAGES)-th use: the parity its "full" phase completes with.
 __device__ __forceinline__ int stage_of(int index) { return index % FAP_STAGES; }
 __device__ __forceinline__ unsigned int parity_of(int index) { return (unsigned int)(index / FAP_STAGES) & 1u; }
+
+// With FAP_PERSISTENT, a grid of at most one CTA per SM whose CTAs take the work items in turn, so that the
+// producer loads the next item's Q and first K/V tiles while the consumers finish the current one (its last
+// products, the output's normalisation and stores); the host chooses it for short calls (with_forward_schedule),
+// where those phases would otherwise leave the SM idle. Otherwise one CTA per item, grid (row blocks, batch,
+// heads), and the loop below runs once: the compiler sees that and keeps none of its state (with dropout there
+// is no register to spare for it), and the hardware's scheduling of CTAs keeps the ones running at a time on the
+// K and V of few heads, in L2, which the fixed schedule below does not for long causal calls.
+constexpr bool kPersistent = FAP_PERSISTENT;
+static_assert(!(FAP_PERSISTENT && FAP_DROPOUT), "the persistent loop's state does not fit beside dropout's");
+
+// A work item: one block of FAP_BLOCK_M query rows of one (batch, head), with its key tiles. Items are numbered
+// as the grid of one CTA per item runs them: row blocks (last first, so that under a causal mask the blocks with
+// the most keys start first) of one (batch, head) after the other.
+struct WorkItem {
+  int batch, head, row_begin;
+  ForwardSequence seq;
+  BlockRange tiles;  // empty: nothing to load (past the sequence's rows, or no key in reach)
+};
+__device__ __forceinline__ WorkItem work_item(const AttentionFwdParams& p, int item, int row_blocks) {
+  WorkItem w;
+  if (kPersistent) {
+    const int pair = item / row_blocks;
+    w.batch = pair % p.batch, w.head = pair / p.batch;
+    w.row_begin = (row_blocks - 1 - item % row_blocks) * FAP_BLOCK_M;
+  } else {
+    w.batch = blockIdx.y, w.head = blockIdx.z, w.row_begin = (row_blocks - 1 - item) * FAP_BLOCK_M;
+  }
+  w.seq = sequence_info<long long>(p, w.batch);
+  w.tiles = w.row_begin < w.seq.len_q ? BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, w.seq, w.row_begin)
+                                      : BlockRange{0, 0};
+  return w;
+}
+
+// The CTA's work item in round `round` of the schedule (past the last: `items`). The persistent rounds take
+// gridDim.x items each, dealt to the CTAs in alternating directions, so that under a causal mask a CTA's long item
+// of one round pairs with a shorter one of the next (dealt in one direction, CTA c took every gridDim.x-th item:
+// items of nearly the same length for most grids).
+__device__ __forceinline__ int scheduled_item(int round, int items) {
+  if (!kPersistent) return round == 0 ? (int)blockIdx.x : items;
+  const int first = round * gridDim.x;
+  return first + (round % 2 == 0 ? blockIdx.x : gridDim.x - 1 - blockIdx.x);
+}
 
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(const AttentionFwdParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
@@ -84,16 +129,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
   shared.v = shared.k + FAP_STAGES * ForwardShared::kKvBytes;
   shared.barriers = shared_address(shared.v + FAP_STAGES * ForwardShared::kKvBytes);
 
-  // Blocks with the most keys first under a causal mask, so the long ones do not finish last.
-  const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
-  const ForwardSequence seq = sequence_info<long long>(p, batch);
-  const int row_begin = block * FAP_BLOCK_M;
-  if (row_begin >= seq.len_q) return;
-  const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
-  const int tile_count = tiles.end - tiles.first;
-
   if (threadIdx.x == 0) {
     mbarrier_init(shared.q_full(), 128);
+    mbarrier_init(shared.q_empty(), FAP_CONSUMER_THREADS);
     for (int stage = 0; stage < FAP_STAGES; ++stage) {
       mbarrier_init(shared.k_full(stage), 128);
       mbarrier_init(shared.v_full(stage), 128);
@@ -109,111 +147,139 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
   const int warpgroup = __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
   if (warpgroup == 0) {
     lower_registers<FAP_PRODUCER_REGISTERS>();
-    if (tile_count == 0) return;
-    const int kv_head = head / p.group_size;
-    const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
-    const storage_t* k = static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
-    const storage_t* v = static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
-    produce_tile<FAP_BLOCK_M>(shared.q, shared.q_full(), q, p.q_row_stride, seq.len_q - row_begin, p.head_dim,
-                              p.vector_loads);
-    for (int index = 0; index < tile_count; ++index) {
-      const int stage = stage_of(index), key0 = (tiles.first + index) * FAP_BLOCK_N;
-      mbarrier_wait(shared.k_empty(stage), parity_of(index) ^ 1u);
-      produce_tile<FAP_BLOCK_N>(shared.k + stage * ForwardShared::kKvBytes, shared.k_full(stage),
-                                k + key0 * p.k_row_stride, p.k_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
-      mbarrier_wait(shared.v_empty(stage), parity_of(index) ^ 1u);
-      produce_tile<FAP_BLOCK_N>(shared.v + stage * ForwardShared::kKvBytes, shared.v_full(stage),
-                                v + key0 * p.v_row_stride, p.v_row_stride, seq.len_k - key0, p.head_dim, p.vector_loads);
+    // Each role counts the Q tiles and the key tiles it has passed, for the barriers' phases. (Values live across
+    // the register reallocation would be spilled: each role computes its own after it.)
+    const int row_blocks = (p.seqlen_q + FAP_BLOCK_M - 1) / FAP_BLOCK_M, items = row_blocks * p.batch * p.heads_q;
+    int q_loads = 0, tiles_before = 0;
+    for (int round = 0, item = scheduled_item(0, items); item < items; item = scheduled_item(++round, items)) {
+      const WorkItem w = work_item(p, item, row_blocks);
+      const int tile_count = w.tiles.end - w.tiles.first;
+      if (tile_count <= 0) continue;
+      const int kv_head = w.head / p.group_size;
+      const storage_t* q = static_cast<const storage_t*>(p.q) + w.batch * p.q_batch_stride + (w.seq.q_start + w.row_begin) * p.q_row_stride + w.head * p.q_head_stride;
+      const storage_t* k = static_cast<const storage_t*>(p.k) + w.batch * p.k_batch_stride + w.seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+      const storage_t* v = static_cast<const storage_t*>(p.v) + w.batch * p.v_batch_stride + w.seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+      // The consumers' last scores of the previous item have read the Q tile.
+      if (kPersistent) mbarrier_wait(shared.q_empty(), (unsigned int)(q_loads & 1) ^ 1u);
+      produce_tile<FAP_BLOCK_M>(shared.q, shared.q_full(), q, p.q_row_stride, w.seq.len_q - w.row_begin, p.head_dim,
+                                p.vector_loads);
+      ++q_loads;
+      for (int index = tiles_before; index < tiles_before + tile_count; ++index) {
+        const int stage = stage_of(index), key0 = (w.tiles.first + index - tiles_before) * FAP_BLOCK_N;
+        mbarrier_wait(shared.k_empty(stage), parity_of(index) ^ 1u);
+        produce_tile<FAP_BLOCK_N>(shared.k + stage * ForwardShared::kKvBytes, shared.k_full(stage),
+                                  k + key0 * p.k_row_stride, p.k_row_stride, w.seq.len_k - key0, p.head_dim, p.vector_loads);
+        mbarrier_wait(shared.v_empty(stage), parity_of(index) ^ 1u);
+        produce_tile<FAP_BLOCK_N>(shared.v + stage * ForwardShared::kKvBytes, shared.v_full(stage),
+                                  v + key0 * p.v_row_stride, p.v_row_stride, w.seq.len_k - key0, p.head_dim, p.vector_loads);
+      }
+      tiles_before += tile_count;
     }
     return;
   }
 
   raise_registers<FAP_CONSUMER_REGISTERS>();
+  const int row_blocks = (p.seqlen_q + FAP_BLOCK_M - 1) / FAP_BLOCK_M, items = row_blocks * p.batch * p.heads_q;
+  int q_loads = 0, tiles_before = 0;
   const int consumer = warpgroup - 1, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
-  const int rows[2] = {row_begin + consumer * 64 + warp * 16 + lane / 4, row_begin + consumer * 64 + warp * 16 + lane / 4 + 8};
-  float acc[FAP_HEAD_DIM / 8][4];
-  zero_fragments(acc);
-  float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const unsigned int q_address = shared_address(shared.q), k_address = shared_address(shared.k),
+                     v_address = shared_address(shared.v);
+  // Each consumer issues its products in turns with the other: round r (r = 0 .. tile_count) of an item is
+  // O += P_{r-1} V_{r-1} and S_r = Q K_r^T.
+  const auto take_turn = [&] { named_barrier_sync(1 + consumer, FAP_CONSUMER_THREADS); };
+  const auto pass_turn = [&] { named_barrier_arrive(2 - consumer, FAP_CONSUMER_THREADS); };
+  // Data first, then the turn: a consumer never holds the tensor cores while it waits for a tile.
+  const auto wait_for = [&](unsigned int full, int index) {
+    mbarrier_wait(full, parity_of(index));
+    fence_proxy_async();
+  };
 
-  if (tile_count > 0) {
-    const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
-    const unsigned int q_address = shared_address(shared.q), k_address = shared_address(shared.k),
-                       v_address = shared_address(shared.v);
-    float s[FAP_BLOCK_N / 8][4];
-    unsigned int probabilities[FAP_BLOCK_N / 16][4];  // P of the latest tile: the A operand of its P V
+  for (int round = 0, item = scheduled_item(0, items); item < items; item = scheduled_item(++round, items)) {
+    const WorkItem w = work_item(p, item, row_blocks);
+    if (w.row_begin >= w.seq.len_q) continue;
+    const int tile_count = w.tiles.end - w.tiles.first, batch = w.batch, head = w.head, row_begin = w.row_begin;
+    const ForwardSequence& seq = w.seq;
+    const int rows[2] = {row_begin + consumer * 64 + warp * 16 + lane / 4, row_begin + consumer * 64 + warp * 16 + lane / 4 + 8};
+    float acc[FAP_HEAD_DIM / 8][4];
+    zero_fragments(acc);
+    float row_max[2] = {-FAP_INFINITY, -FAP_INFINITY}, row_sum[2] = {0.0f, 0.0f};
 
-    // Each consumer issues its products in turns with the other: round r (r = 0 .. tile_count) is
-    // O += P_{r-1} V_{r-1} and S_r = Q K_r^T.
-    const auto take_turn = [&] { named_barrier_sync(1 + consumer, FAP_CONSUMER_THREADS); };
-    const auto pass_turn = [&] { named_barrier_arrive(2 - consumer, FAP_CONSUMER_THREADS); };
-    // Data first, then the turn: a consumer never holds the tensor cores while it waits for a tile.
-    const auto wait_for = [&](unsigned int full, int index) {
-      mbarrier_wait(full, parity_of(index));
-      fence_proxy_async();
-    };
-    const auto issue_scores = [&](int index) {
-      wgmma_fence();
-      const unsigned int k_tile = k_address + stage_of(index) * ForwardShared::kKvBytes;
+    if (tile_count > 0) {
+      const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
+      float s[FAP_BLOCK_N / 8][4];
+      unsigned int probabilities[FAP_BLOCK_N / 16][4];  // P of the latest tile: the A operand of its P V
+      const int last = tiles_before + tile_count - 1;     // the item's last tile, counted over the CTA's
+
+      const auto issue_scores = [&](int index) {
+        wgmma_fence();
+        const unsigned int k_tile = k_address + stage_of(index) * ForwardShared::kKvBytes;
 #pragma unroll
-      for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-        wgmma_ss<FAP_BLOCK_N>(&s[0][0], k_major_descriptor<FAP_BLOCK_M>(q_address, consumer * 64, kk),
-                              k_major_descriptor<FAP_BLOCK_N>(k_tile, 0, kk), kk > 0);
+        for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+          wgmma_ss<FAP_BLOCK_N>(&s[0][0], k_major_descriptor<FAP_BLOCK_M>(q_address, consumer * 64, kk),
+                                k_major_descriptor<FAP_BLOCK_N>(k_tile, 0, kk), kk > 0);
+        }
+      };
+      const auto issue_product = [&](int index) {
+        wgmma_fence();
+        const unsigned int v_tile = v_address + stage_of(index) * ForwardShared::kKvBytes;
+#pragma unroll
+        for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk)
+          wgmma_rs<FAP_HEAD_DIM>(&acc[0][0], probabilities[kk], mn_major_descriptor<FAP_BLOCK_N>(v_tile, kk), 1);
+      };
+      // After a round's products: softmax of S_index, O rescaled, P kept for the next round.
+      const auto softmax = [&](int index) {
+        const int key0 = (w.tiles.first + index - tiles_before) * FAP_BLOCK_N;
+        float correction[2];
+        softmax_tile(s, p, seq, batch, head, rows, key0,
+                     BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0), slope, row_max, row_sum,
+                     correction);
+        rescale_rows(acc, correction);
+#pragma unroll
+        for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_a_operand(probabilities[kk], s, kk);
+      };
+      // A round's end: its products complete; after the item's last scores, the Q tile goes back to the producer.
+      const auto finish_round = [&](int index) {
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
+        fence_registers<FAP_BLOCK_N / 2>(&s[0][0]);
+        if (kPersistent && index == last) mbarrier_arrive(shared.q_empty());
+      };
+
+      mbarrier_wait(shared.q_full(), (unsigned int)(q_loads & 1));
+      if (consumer == 1) pass_turn();  // consumer 0 goes first
+      wait_for(shared.k_full(stage_of(tiles_before)), tiles_before);
+      take_turn();
+      issue_scores(tiles_before);
+      finish_round(tiles_before);
+      mbarrier_arrive(shared.k_empty(stage_of(tiles_before)));
+      softmax(tiles_before);
+      for (int index = tiles_before + 1; index <= last; ++index) {
+        wait_for(shared.k_full(stage_of(index)), index);
+        wait_for(shared.v_full(stage_of(index - 1)), index - 1);
+        take_turn();
+        issue_scores(index);
+        issue_product(index - 1);
+        finish_round(index);
+        mbarrier_arrive(shared.k_empty(stage_of(index)));
+        mbarrier_arrive(shared.v_empty(stage_of(index - 1)));
+        softmax(index);
       }
-    };
-    const auto issue_product = [&](int index) {
-      wgmma_fence();
-      const unsigned int v_tile = v_address + stage_of(index) * ForwardShared::kKvBytes;
-#pragma unroll
-      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk)
-        wgmma_rs<FAP_HEAD_DIM>(&acc[0][0], probabilities[kk], mn_major_descriptor<FAP_BLOCK_N>(v_tile, kk), 1);
-    };
-    // After a round's products: softmax of S_index, O rescaled, P kept for the next round.
-    const auto softmax = [&](int index) {
-      const int key0 = (tiles.first + index) * FAP_BLOCK_N;
-      float correction[2];
-      softmax_tile(s, p, seq, batch, head, rows, key0, BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0),
-                   slope, row_max, row_sum, correction);
-      rescale_rows(acc, correction);
-#pragma unroll
-      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_a_operand(probabilities[kk], s, kk);
-    };
-    const auto finish_round = [&] {
+      wait_for(shared.v_full(stage_of(last)), last);
+      take_turn();
+      issue_product(last);
       wgmma_commit();
-      pass_turn();
+      if (consumer == 0) pass_turn();  // consumer 1's last turn of the item
       wgmma_wait<0>();
       fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
-      fence_registers<FAP_BLOCK_N / 2>(&s[0][0]);
-    };
-
-    mbarrier_wait(shared.q_full(), 0);
-    if (consumer == 1) pass_turn();  // consumer 0 goes first
-    wait_for(shared.k_full(0), 0);
-    take_turn();
-    issue_scores(0);
-    finish_round();
-    mbarrier_arrive(shared.k_empty(0));
-    softmax(0);
-    for (int index = 1; index < tile_count; ++index) {
-      wait_for(shared.k_full(stage_of(index)), index);
-      wait_for(shared.v_full(stage_of(index - 1)), index - 1);
-      take_turn();
-      issue_scores(index);
-      issue_product(index - 1);
-      finish_round();
-      mbarrier_arrive(shared.k_empty(stage_of(index)));
-      mbarrier_arrive(shared.v_empty(stage_of(index - 1)));
-      softmax(index);
+      if (kPersistent) mbarrier_arrive(shared.v_empty(stage_of(last)));
+      ++q_loads;
+      tiles_before += tile_count;
     }
-    wait_for(shared.v_full(stage_of(tile_count - 1)), tile_count - 1);
-    take_turn();
-    issue_product(tile_count - 1);
-    wgmma_commit();
-    if (consumer == 0) pass_turn();  // consumer 1's last turn; nothing waits for consumer 0 after that
-    wgmma_wait<0>();
-    fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
-  }
 
-  store_rows(p, seq, batch, head, rows, acc, row_sum, row_max);
+    store_rows(p, seq, batch, head, rows, acc, row_sum, row_max);
+  }
 }
 
 }  // namespace fap

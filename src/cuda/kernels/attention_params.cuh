@@ -18,6 +18,7 @@ struct AttentionParams {
   long long lse_batch_stride, lse_head_stride, lse_row_stride;
   const int* cu_seqlens_q;  // nullptr for dense problems
   const int* cu_seqlens_k;
+  int batch;
   int seqlen_q, seqlen_k;   // dense lengths, or varlen maxima
   int total_q, total_k;     // varlen: the rows of q (out) and of k (v), which bound cu_seqlens' offsets
   int heads_q, group_size;  // query heads, query heads per kv head
@@ -74,7 +75,6 @@ struct DecodeParams : AttentionParams {
   const int* block_table;      // nullptr: a dense cache
   long long block_table_stride, k_block_stride, v_block_stride;
   int page_size, num_blocks, max_blocks;
-  int batch;
   int cache_batch;    // entries of a dense KV cache
   int capacity;       // a KV cache's positions per sequence
   int appended_keys;  // seqlen_new
