@@ -9,13 +9,16 @@ FLASH_ATTENTION_PLUS_PORTABLE_KERNELS=1 for timing the mma.sync kernels against 
 
 Shapes: bf16, batch x seqlen = 16k tokens, heads x head_dim = 2048, head dims 64/128/256, 1k/4k/16k, causal or
 not (--quick: 4k and 16k at d = 128). TFLOP/s with FlashAttention's convention (forward 4 b h sq sk d, halved for
-causal; backward 2.5x). Ratios: every build to the first one, to SDPA flash and to FlashAttention-4. FA4's first
-call of each shape (its run-time compile of forward and backward) is recorded as `fa4_first_call_s`.
+causal; backward 2.5x). Ratios: every build to the first one, to SDPA flash and to FlashAttention-4. The first
+forward and backward call of each shape is recorded for every build (`NAME_first_call_s`: its kernels' run-time
+compile, into an empty kernel cache unless --warm-cache) and for FA4 (`fa4_first_call_s`).
 """
 import argparse
 import ctypes
 import json
 
+import os
+import tempfile
 import time
 
 import torch
@@ -27,7 +30,8 @@ from timing import time_ms
 
 
 def library_calls(lib, q, k, v, dout, causal):
-    """(forward, backward) through the C API of one build, each with its own outputs."""
+    """(forward, backward) through the C API of one build, each with its own outputs, and the seconds its first
+    forward and backward took."""
     out, grads = torch.empty_like(q), [torch.empty_like(x) for x in (q, k, v)]
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device="cuda")
     options = lib.fap_default_options()
@@ -47,8 +51,11 @@ def library_calls(lib, q, k, v, dout, causal):
         fc.check(lib, lib.fap_mha_bwd(ctypes.byref(bwd), ctypes.byref(options), stream, workspace.data_ptr(),
                                       size.value))
 
+    start = time.perf_counter()
     forward()  # out and lse for the backward
-    return forward, backward
+    backward()
+    torch.cuda.synchronize()
+    return (forward, backward), time.perf_counter() - start
 
 
 def sdpa_calls(backend, q, k, v, dout, causal):
@@ -107,7 +114,11 @@ def main():
                         help="back-to-back calls per timed interval, so that a call's host time under its GPU time "
                              "does not count (FlashAttention-4's host path is Python)")
     parser.add_argument("--out", default="ab_compare.json")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep the kernel cache (FLASH_ATTENTION_PLUS_CACHE_DIR); by default an empty one")
     args = parser.parse_args()
+    if not args.warm_cache:  # read at the libraries' first call
+        os.environ["FLASH_ATTENTION_PLUS_CACHE_DIR"] = tempfile.mkdtemp(prefix="fap_kernels_")
     directions = args.directions.split(",")
     libraries = {name: fc.load(path) for name, path in (b.split("=", 1) for b in args.builds)}
     first = next(iter(libraries))
@@ -120,16 +131,17 @@ def main():
                 batch, heads = 16384 // seqlen, 2048 // head_dim
                 q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
                                  for _ in range(4))
-                calls = {name: library_calls(lib, q, k, v, dout, causal) for name, lib in libraries.items()}
+                calls, first_calls = {}, {}
+                for name, lib in libraries.items():
+                    calls[name], first_calls[name] = library_calls(lib, q, k, v, dout, causal)
                 for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                                       ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
                     try:
                         calls[name] = sdpa_calls(backend, q, k, v, dout, causal)
                     except RuntimeError as error:  # a backend that does not take the shape
                         print(f"{name}: {str(error).splitlines()[0]}")
-                fa4_first_call = None
                 if with_fa4:
-                    calls["fa4"], fa4_first_call = fa4_calls(q, k, v, dout, causal)
+                    calls["fa4"], first_calls["fa4"] = fa4_calls(q, k, v, dout, causal)
                 times = {(name, kind): [] for name in calls for kind in directions}
                 for round_index in range(args.rounds):
                     order = list(calls.items())
@@ -140,8 +152,7 @@ def main():
                                 times[(name, kind)].append(time_ms(call, warmup=3, repeat=10, calls=args.calls))
                 flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 row = {"head_dim": head_dim, "seqlen": seqlen, "causal": causal}
-                if fa4_first_call is not None:
-                    row["fa4_first_call_s"] = fa4_first_call
+                row.update({f"{name}_first_call_s": seconds for name, seconds in first_calls.items()})
                 for (name, kind), values in times.items():
                     ms = sorted(values)[len(values) // 2]
                     row[f"{kind}_{name}_tflops"] = flops * (2.5 if kind == "bwd" else 1) / ms / 1e9
@@ -159,6 +170,7 @@ def main():
                             text += f" ({row[f'{kind}_{name}_over_fa2']:.2f}x FA2)"
                         if name in libraries and "fa4" in calls:
                             text += f" ({row[f'{kind}_{name}_over_fa4']:.2f}x FA4)"
+                text += "  first call " + " ".join(f"{name} {seconds:.2f} s" for name, seconds in first_calls.items())
                 rows.append(row)
                 print(text, flush=True)
     with open(args.out, "w") as f:
