@@ -174,7 +174,8 @@ def main():
                 rows.append(row)
                 print(text, flush=True)
     with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "builds": args.builds, "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "builds": args.builds,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Bar charts of a GPU benchmark's JSON, one bar per implementation: bench/gpu_check.py's forward or
-bench/gpu_backward.py's backward (TFLOP/s by sequence length, one panel per (head dim, causal), as in
-FlashAttention's README), or bench/decode.py's decode (TB/s of K and V read by (batch, cache length), one panel
-per (query heads / kv heads, head dim)).
+"""Bar charts of a GPU benchmark's JSON, one bar per implementation: bench/gpu_check.py's forward,
+bench/gpu_backward.py's backward or bench/ab_compare.py's forward or backward (--direction; TFLOP/s by sequence
+length, one panel per (head dim, causal), as in FlashAttention's README), or bench/decode.py's decode (TB/s of K
+and V read by (batch, cache length), one panel per (query heads / kv heads, head dim)).
 
-    python bench/plot.py RESULT.json OUT.png [--title TEXT]
+    python bench/plot.py RESULT.json OUT.png [--title TEXT] [--direction fwd|bwd]
 """
 import argparse
 import json
@@ -16,12 +16,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Every column a benchmark may have; a chart shows those its rows carry.
 IMPLEMENTATIONS = [("ours", "FlashAttention-Plus"), ("ours_mma_sync", "FlashAttention-Plus, portable mma.sync kernel"),
                    ("ours_deterministic", "FlashAttention-Plus, deterministic"), ("flaggems", "FlagGems (Triton)"),
-                   ("sdpa_flash", "torch SDPA flash (FA2)"), ("sdpa_cudnn", "torch SDPA cuDNN")]
+                   ("sdpa_flash", "torch SDPA flash (FA2)"), ("sdpa_cudnn", "torch SDPA cuDNN"),
+                   ("fa4", "FlashAttention-4")]
 
 
 # bench/decode.py's columns.
 DECODE_IMPLEMENTATIONS = [("ours_dense", "FlashAttention-Plus"), ("ours_paged16", "FlashAttention-Plus, paged (16)"),
                           ("sdpa_flash", "torch SDPA flash (FA2)"), ("cudnn", "torch SDPA cuDNN")]
+
+
+def chart_title(title, result):
+    torch_version = f", torch {result['torch']}" if result.get("torch") else ""
+    return f"{title} — {result.get('device', '')}{torch_version}"
 
 
 def draw_bars(axis, rows, implementations, value, label_format=None):
@@ -46,9 +52,21 @@ def decode_chart(result, args):
         axis.set_ylabel("TB/s")
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=len(DECODE_IMPLEMENTATIONS), fontsize=8)
-    figure.suptitle(f"{args.title} — {result.get('device', '')}, torch {result.get('torch', '')}", fontsize=10)
+    figure.suptitle(chart_title(args.title, result), fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(args.png, dpi=110)
+
+
+def ab_compare_rows(result, direction):
+    """bench/ab_compare.py's rows of one direction in the other benchmarks' form, and its implementations (the
+    library's builds by their names first)."""
+    builds = [build.split("=", 1)[0] for build in result["builds"]]
+    prefix = direction + "_"
+    rows = [{"d": row["head_dim"], "seqlen": row["seqlen"], "causal": row["causal"],
+             **{key[len(prefix):]: value for key, value in row.items() if key.startswith(prefix)}}
+            for row in result["rows"]]
+    labels = [(build, f"FlashAttention-Plus ({build})") for build in builds]
+    return rows, labels + [entry for entry in IMPLEMENTATIONS if entry[0] not in builds]
 
 
 def main():
@@ -56,14 +74,19 @@ def main():
     parser.add_argument("result")
     parser.add_argument("png")
     parser.add_argument("--title", default="")
+    parser.add_argument("--direction", default="fwd", help="bench/ab_compare.py's results: fwd or bwd")
     args = parser.parse_args()
     with open(args.result) as handle:
         result = json.load(handle)
-    if "benchmark" not in result:
+    if "builds" in result:
+        rows, candidates = ab_compare_rows(result, args.direction)
+        result.setdefault("device", result.get("gpu", ""))
+    elif "benchmark" in result:
+        rows, candidates = result["benchmark"], IMPLEMENTATIONS
+    else:
         decode_chart(result, args)
         return
-    rows = result["benchmark"]
-    implementations = [(key, label) for key, label in IMPLEMENTATIONS if any(row.get(key + "_tflops") for row in rows)]
+    implementations = [(key, label) for key, label in candidates if any(row.get(key + "_tflops") for row in rows)]
     head_dims = sorted({row["d"] for row in rows})
     figure, axes = plt.subplots(2, len(head_dims), figsize=(4.2 * len(head_dims), 6.4), sharey=True, squeeze=False)
     for (column, head_dim), (line, causal) in ((c, l) for c in enumerate(head_dims) for l in enumerate((False, True))):
@@ -77,7 +100,7 @@ def main():
     for line in axes:
         line[0].set_ylabel("TFLOP/s")
     axes[0][0].legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"{args.title} — {result.get('device', '')}, torch {result.get('torch', '')}", fontsize=10)
+    figure.suptitle(chart_title(args.title, result), fontsize=10)
     figure.tight_layout()
     figure.savefig(args.png, dpi=120)
 
