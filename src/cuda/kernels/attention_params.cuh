@@ -18,7 +18,6 @@ struct AttentionParams {
   long long lse_batch_stride, lse_head_stride, lse_row_stride;
   const int* cu_seqlens_q;  // nullptr for dense problems
   const int* cu_seqlens_k;
-  int batch;
   int seqlen_q, seqlen_k;   // dense lengths, or varlen maxima
   int total_q, total_k;     // varlen: the rows of q (out) and of k (v), which bound cu_seqlens' offsets
   int heads_q, group_size;  // query heads, query heads per kv head
@@ -27,6 +26,10 @@ struct AttentionParams {
   float scale;              // softmax scale
   float scale_log2;         // scale * log2(e)
   float softcap;            // 0: off
+  // Sequences (dense batch or varlen count). Here it fills the padding before the next 8-byte field: the fields
+  // after it keep their offsets, which the kernels' register allocation turned out to be sensitive to (Turing's
+  // d = 256 backward spilled when they moved).
+  int batch;
   long long window_left, window_right;  // normalised; both -1: no window
   const float* alibi;       // nullptr: off
   long long alibi_batch_stride;
