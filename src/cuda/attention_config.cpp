@@ -314,14 +314,18 @@ void set_tiles(ForwardConfig& config, int compute_capability) {
 
 // The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
 // 64-column blocks of the 128-byte swizzle. A consumer thread holds d / 2 registers of output and block_n / 2
-// of scores: 128-key tiles up to d = 128 and 64 above; dropout's Philox rounds take registers too, so it
-// gets half as many keys (the compile test checks that nothing spills).
+// of scores: 128-key tiles up to d = 128; at d = 256 80 keys, the most whose two stages fit beside the Q tile
+// (+3-10 % over 64 on an H200), and 64 at d = 192 (80 would leave it 2 stages of 3); dropout's Philox rounds take
+// registers too, so it gets fewer keys (the compile test checks that nothing spills).
 void set_sm90_tiles(ForwardConfig& config, int) {
   config.wgmma = true;
   config.head_dim = (config.head_dim + 63) / 64 * 64;
   config.warps = 12, config.row_tiles = 1, config.min_blocks = 1;
   config.block_m = 128;
-  config.block_n = (config.head_dim <= 128 ? 128 : 64) / (config.dropout ? 2 : 1);
+  if (config.head_dim <= 128)
+    config.block_n = config.dropout ? 64 : 128;
+  else
+    config.block_n = config.dropout ? 32 : config.head_dim == 256 ? 80 : 64;
   // Three stages where they fit in the 227 KB a block may have on sm_90, so that the producer runs ahead.
   config.stages = 3;
   if (config.shared_bytes() > 227 * 1024) config.stages = 2;

@@ -52,11 +52,12 @@ TEST(AttentionConfig, HopperRunsTheWgmmaKernelOnWhole64ColumnBlocks) {
       EXPECT_LT(config.head_dim, d + 64);
       EXPECT_EQ(config.head_dim % 64, 0) << "the 128-byte swizzle takes 64 columns at a time";
       EXPECT_EQ(config.block_m, 16 * (config.warps - 4)) << "a producer warpgroup, and consumers of 4 warps x 16 rows";
-      EXPECT_TRUE(config.block_n == 32 || config.block_n == 64 || config.block_n == 128) << "wgmma_ss widths";
+      EXPECT_TRUE(config.block_n == 32 || config.block_n == 64 || config.block_n == 80 || config.block_n == 128)
+          << "wgmma_ss widths";
       EXPECT_EQ(config.source_file(), "attention_fwd_sm90.cuh");
     }
   EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 90).name(), "attention_fwd_sm90_bf16_d128_m128_n128_w12_s3");
-  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256).features(), 90).name(), "attention_fwd_sm90_bf16_d256_m128_n64_w12_s2");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256).features(), 90).name(), "attention_fwd_sm90_bf16_d256_m128_n80_w12_s2");
 }
 
 TEST(AttentionConfig, FeaturesFollowTheProblem) {

@@ -227,24 +227,22 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
         for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk)
           wgmma_rs<FAP_HEAD_DIM>(&acc[0][0], probabilities[kk], mn_major_descriptor<FAP_BLOCK_N>(v_tile, kk), 1);
       };
-      // After a round's products: softmax of S_index, O rescaled, P kept for the next round.
-      const auto softmax = [&](int index) {
+      // Softmax of S_index: probabilities in s, the correction the output needs before its next product.
+      const auto softmax = [&](int index, float (&correction)[2]) {
         const int key0 = (w.tiles.first + index - tiles_before) * FAP_BLOCK_N;
-        float correction[2];
         softmax_tile(s, p, seq, batch, head, rows, key0,
                      BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0), slope, row_max, row_sum,
                      correction);
-        rescale_rows(acc, correction);
+      };
+      const auto keep_probabilities = [&] {
 #pragma unroll
         for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_a_operand(probabilities[kk], s, kk);
       };
-      // A round's end: its products complete; after the item's last scores, the Q tile goes back to the producer.
-      const auto finish_round = [&](int index) {
-        wgmma_commit();
-        pass_turn();
-        wgmma_wait<0>();
-        fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
+      // After the wait for S_index (its product may still run): K_index, and after the item's last scores the
+      // Q tile, go back to the producer.
+      const auto scores_done = [&](int index) {
         fence_registers<FAP_BLOCK_N / 2>(&s[0][0]);
+        mbarrier_arrive(shared.k_empty(stage_of(index)));
         if (kPersistent && index == last) mbarrier_arrive(shared.q_empty());
       };
 
@@ -253,19 +251,36 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
       wait_for(shared.k_full(stage_of(tiles_before)), tiles_before);
       take_turn();
       issue_scores(tiles_before);
-      finish_round(tiles_before);
-      mbarrier_arrive(shared.k_empty(stage_of(tiles_before)));
-      softmax(tiles_before);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      scores_done(tiles_before);
+      {
+        float correction[2];
+        softmax(tiles_before, correction);  // the output is still zero: nothing to correct
+        keep_probabilities();
+      }
+      // Round index: S_index = Q K_index^T and O += P_{index-1} V_{index-1} issued in that order, then the
+      // softmax of S_index while the product still runs (FlashAttention-3's intra-warpgroup overlap, on top of
+      // the consumers' ping-pong); P_index replaces P_{index-1}, the product's operand, only after it completes.
       for (int index = tiles_before + 1; index <= last; ++index) {
         wait_for(shared.k_full(stage_of(index)), index);
         wait_for(shared.v_full(stage_of(index - 1)), index - 1);
         take_turn();
         issue_scores(index);
+        wgmma_commit();
         issue_product(index - 1);
-        finish_round(index);
-        mbarrier_arrive(shared.k_empty(stage_of(index)));
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<1>();
+        scores_done(index);
+        float correction[2];
+        softmax(index, correction);
+        wgmma_wait<0>();
+        fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
         mbarrier_arrive(shared.v_empty(stage_of(index - 1)));
-        softmax(index);
+        rescale_rows(acc, correction);
+        keep_probabilities();
       }
       wait_for(shared.v_full(stage_of(last)), last);
       take_turn();

@@ -141,7 +141,7 @@ __device__ __forceinline__ void fence_registers(float* registers) {
 }
 
 // D (64 x N fp32, the warpgroup's accumulator fragment) (+)= A (64 x 16) B (16 x N). wgmma_ss reads A and B
-// from shared memory (N = 32, 64, 128): K-major descriptors, or MN-major where `transpose` says so; wgmma_rs
+// from shared memory (N = 32, 64, 80, 128): K-major descriptors, or MN-major where `transpose` says so; wgmma_rs
 // (N = 64 .. 256) takes A from registers (four 32-bit registers per thread in mma.sync's m16n8k16 A layout,
 // each warp its 16 rows) and B MN-major. accumulate = 0 overwrites D.
 enum class Transpose { kNone, kB, kBoth };  // which shared-memory operands are MN-major
@@ -172,6 +172,18 @@ struct WgmmaSS<64, TRANSPOSE_A, TRANSPOSE_B> {
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
         "%32, %33, p, 1, 1, %35, %36;\n}\n"
         : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24)
+        : "l"(a), "l"(b), "r"(accumulate), "n"(TRANSPOSE_A), "n"(TRANSPOSE_B));
+  }
+};
+template <int TRANSPOSE_A, int TRANSPOSE_B>
+struct WgmmaSS<80, TRANSPOSE_A, TRANSPOSE_B> {
+  static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32." FAP_MMA_TYPES " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, "
+        "%40, %41, p, 1, 1, %43, %44;\n}\n"
+        : FAP_ACC8(d, 0), FAP_ACC8(d, 8), FAP_ACC8(d, 16), FAP_ACC8(d, 24), FAP_ACC8(d, 32)
         : "l"(a), "l"(b), "r"(accumulate), "n"(TRANSPOSE_A), "n"(TRANSPOSE_B));
   }
 };
