@@ -81,9 +81,16 @@ __device__ __forceinline__ void online_softmax(float (&s)[N8][4], float fold, fl
   float shift[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float tile_max = -FAP_INFINITY;
+    // The thread's maximum as a tree (log2 of the chain's latency, which the softmax's critical path pays on every
+    // tile); fmaxf skips NaN in any order, so the value is the chain's.
+    float pair_max[N8];
 #pragma unroll
-    for (int j = 0; j < N8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+    for (int j = 0; j < N8; ++j) pair_max[j] = fmaxf(s[j][2 * half], s[j][2 * half + 1]);
+#pragma unroll
+    for (int stride = 1; stride < N8; stride *= 2)
+#pragma unroll
+      for (int j = 0; j + stride < N8; j += 2 * stride) pair_max[j] = fmaxf(pair_max[j], pair_max[j + stride]);
+    float tile_max = pair_max[0];
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     const float new_max = fmaxf(row_max[half], tile_max * fold);

@@ -35,6 +35,21 @@ __device__ __forceinline__ void produce_tile(unsigned char* tile, unsigned int f
                                              long long row_stride, int count, int head_dim, int vector_loads) {
   constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = 128 / kChunksPerRow;
   const int col = threadIdx.x % kChunksPerRow * 8, first_row = threadIdx.x / kChunksPerRow;
+  if (vector_loads && count >= ROWS && head_dim == FAP_HEAD_DIM && kRowsPerPass % 4 == 0) {
+    // A whole tile (most of them): no bounds, and the swizzle's row phase is first_row's in every pass, or in
+    // every other one flipped by 4 rows, so each copy is a pointer step and a constant shared-memory offset.
+    const unsigned int first = shared_address(tile) + swizzled_offset<ROWS>(first_row, col),
+                       flipped = shared_address(tile) + swizzled_offset<ROWS>(first_row + 4, col) - 4 * 128;
+    const storage_t* from = source + first_row * row_stride + col;
+    const long long step = kRowsPerPass * row_stride;
+#pragma unroll
+    for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass, from += step) {
+      const bool odd_phase = kRowsPerPass % 8 == 4 && pass % 2 == 1;
+      cp_async_16_to(( odd_phase ? flipped : first) + pass * kRowsPerPass * 128, from);
+    }
+    mbarrier_arrive_after_copies(full);
+    return;
+  }
   if (vector_loads) {
     if (first_row < kRowsPerPass) {  // 128 % kChunksPerRow threads idle at d = 192
       const storage_t* from = source + first_row * row_stride + col;

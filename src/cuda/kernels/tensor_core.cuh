@@ -74,8 +74,11 @@ __device__ __forceinline__ unsigned int shared_address(const void* pointer) {
 }
 
 #if !FAP_TURING
+__device__ __forceinline__ void cp_async_16_to(unsigned int shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(global));
+}
 __device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global));
+  cp_async_16_to(shared_address(shared), global);
 }
 // 16 bytes when `copy`, else 16 zero bytes (nothing is read).
 __device__ __forceinline__ void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
