@@ -134,8 +134,11 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
     const int col = column_block * 64 + lane * 2;
     for (int r = warp; r < 64 && row0 + r < s.len_q; r += 4) {
       storage_t* dq = dq_row(p, s, batch, row0 + r, head);
-      if (col < p.head_dim) dq[col] = from_float(block[r][lane * 2] * p.scale);
-      if (col + 1 < p.head_dim) dq[col + 1] = from_float(block[r][lane * 2 + 1] * p.scale);
+      if (pairs_aligned(dq, p.head_dim)) {
+        store_pair<true>(dq, col, block[r][lane * 2] * p.scale, block[r][lane * 2 + 1] * p.scale, p.head_dim);
+      } else {
+        store_pair<false>(dq, col, block[r][lane * 2] * p.scale, block[r][lane * 2 + 1] * p.scale, p.head_dim);
+      }
     }
     __syncthreads();
   }
@@ -188,16 +191,17 @@ __device__ __forceinline__ void store_key_gradients(const AttentionBwdParams& p,
                       kv_head * p.dk_head_stride;
   storage_t* dv_row = static_cast<storage_t*>(p.dv) + batch * p.dv_batch_stride + (s.k_start + key) * p.dv_row_stride +
                       kv_head * p.dv_head_stride;
+  const bool paired = pairs_aligned(dk_row, p.head_dim) && pairs_aligned(dv_row, p.head_dim);
 #pragma unroll
   for (int i = 0; i < COLUMNS8; ++i) {
     const int col = col0 + i * 8 + threadIdx.x % 4 * 2;
-    if (col < p.head_dim) {
-      dk_row[col] = from_float(dk[i][2 * half] * p.scale);
-      dv_row[col] = from_float(dv[i][2 * half]);
-    }
-    if (col + 1 < p.head_dim) {
-      dk_row[col + 1] = from_float(dk[i][2 * half + 1] * p.scale);
-      dv_row[col + 1] = from_float(dv[i][2 * half + 1]);
+    const float dk0 = dk[i][2 * half] * p.scale, dk1 = dk[i][2 * half + 1] * p.scale;
+    if (paired) {
+      store_pair<true>(dk_row, col, dk0, dk1, p.head_dim);
+      store_pair<true>(dv_row, col, dv[i][2 * half], dv[i][2 * half + 1], p.head_dim);
+    } else {
+      store_pair<false>(dk_row, col, dk0, dk1, p.head_dim);
+      store_pair<false>(dv_row, col, dv[i][2 * half], dv[i][2 * half + 1], p.head_dim);
     }
   }
 }

@@ -15,6 +15,7 @@ namespace fap {
 template <int ROWS>
 __device__ __forceinline__ void load_swizzled_tile(unsigned char* tile, const storage_t* source, long long row_stride,
                                                    int count, int head_dim, int vector_loads) {
+  if (copy_whole_tile<ROWS, FAP_WARPS * 32>(tile, source, row_stride, count, head_dim, vector_loads)) return;
   constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = FAP_WARPS * 32 / kChunksPerRow;
   const int col = threadIdx.x % kChunksPerRow * 8;
   const storage_t* from = source + threadIdx.x / kChunksPerRow * row_stride + col;

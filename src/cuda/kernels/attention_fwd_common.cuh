@@ -198,21 +198,14 @@ __device__ __forceinline__ void store_rows(const AttentionFwdParams& p, const Fo
     const float inverse = empty ? 0.0f : 1.0f / row_sum[half];
     storage_t* out = static_cast<storage_t*>(p.out) + batch * p.out_batch_stride +
                      (seq.q_start + row) * p.out_row_stride + head * p.out_head_stride;
-    if (p.head_dim % 2 == 0 && reinterpret_cast<unsigned long long>(out) % 4 == 0) {
-      // Each thread's two neighbouring columns in one 4-byte store (half the store instructions).
+    if (pairs_aligned(out, p.head_dim)) {
 #pragma unroll
-      for (int i = 0; i < D8; ++i) {
-        const int col = i * 8 + quad * 2;
-        if (col < p.head_dim)
-          *reinterpret_cast<unsigned int*>(out + col) = pack2(acc[i][2 * half] * inverse, acc[i][2 * half + 1] * inverse);
-      }
+      for (int i = 0; i < D8; ++i)
+        store_pair<true>(out, i * 8 + quad * 2, acc[i][2 * half] * inverse, acc[i][2 * half + 1] * inverse, p.head_dim);
     } else {
 #pragma unroll
-      for (int i = 0; i < D8; ++i) {
-        const int col = i * 8 + quad * 2;
-        if (col < p.head_dim) out[col] = from_float(acc[i][2 * half] * inverse);
-        if (col + 1 < p.head_dim) out[col + 1] = from_float(acc[i][2 * half + 1] * inverse);
-      }
+      for (int i = 0; i < D8; ++i)
+        store_pair<false>(out, i * 8 + quad * 2, acc[i][2 * half] * inverse, acc[i][2 * half + 1] * inverse, p.head_dim);
     }
     if (p.lse && quad == 0) {
       p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (seq.q_start + row) * p.lse_row_stride] =

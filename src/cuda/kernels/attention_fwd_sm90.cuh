@@ -26,27 +26,16 @@ namespace fap {
 #define FAP_CONSUMER_THREADS 256
 
 // The producer's copy of `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x
-// FAP_HEAD_DIM, zero-filling the rest, then its arrival on `full`. With vector_loads (every row starts
-// 16-byte aligned and head_dim % 8 == 0) each producer thread copies one 16-byte column chunk of every
-// kRowsPerPass-th row with cp.async and arrives when its copies land; otherwise element copies and a plain
-// arrival, which releases them. This address arithmetic is the producer's whole cost: keep it lean.
+// FAP_HEAD_DIM, zero-filling the rest, then its arrival on `full`. Whole tiles by copy_whole_tile; otherwise, with
+// vector_loads (every row starts 16-byte aligned and head_dim % 8 == 0) each producer thread copies one 16-byte
+// column chunk of every kRowsPerPass-th row with cp.async, checked, and arrives when its copies land; else element
+// copies and a plain arrival, which releases them. This address arithmetic is the producer's whole cost: keep it lean.
 template <int ROWS>
 __device__ __forceinline__ void produce_tile(unsigned char* tile, unsigned int full, const storage_t* source,
                                              long long row_stride, int count, int head_dim, int vector_loads) {
   constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kRowsPerPass = 128 / kChunksPerRow;
   const int col = threadIdx.x % kChunksPerRow * 8, first_row = threadIdx.x / kChunksPerRow;
-  if (vector_loads && count >= ROWS && head_dim == FAP_HEAD_DIM && kRowsPerPass % 4 == 0) {
-    // A whole tile (most of them): no bounds, and the swizzle's row phase is first_row's in every pass, or in
-    // every other one flipped by 4 rows, so each copy is a pointer step and a constant shared-memory offset.
-    const unsigned int first = shared_address(tile) + swizzled_offset<ROWS>(first_row, col),
-                       flipped = shared_address(tile) + swizzled_offset<ROWS>(first_row + 4, col) - 4 * 128;
-    const storage_t* from = source + first_row * row_stride + col;
-    const long long step = kRowsPerPass * row_stride;
-#pragma unroll
-    for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass, from += step) {
-      const bool odd_phase = kRowsPerPass % 8 == 4 && pass % 2 == 1;
-      cp_async_16_to(( odd_phase ? flipped : first) + pass * kRowsPerPass * 128, from);
-    }
+  if (copy_whole_tile<ROWS, 128>(tile, source, row_stride, count, head_dim, vector_loads)) {
     mbarrier_arrive_after_copies(full);
     return;
   }

