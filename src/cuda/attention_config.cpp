@@ -315,7 +315,7 @@ void set_tiles(ForwardConfig& config, int compute_capability) {
 // The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
 // 64-column blocks of the 128-byte swizzle. A consumer thread holds d / 2 registers of output and block_n / 2
 // of scores: 128-key tiles up to d = 128; at d = 256 80 keys, the most whose two stages fit beside the Q tile
-// (+3-10 % over 64 on an H200), and 64 at d = 192 (80 would leave it 2 stages of 3); dropout's Philox rounds take
+// (+3-7 % over 64 on an H200), and 64 at d = 192 (80 would leave it 2 stages of 3); dropout's Philox rounds take
 // registers too, so it gets fewer keys (the compile test checks that nothing spills).
 void set_sm90_tiles(ForwardConfig& config, int) {
   config.wgmma = true;

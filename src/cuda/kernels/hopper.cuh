@@ -40,7 +40,7 @@ __device__ __forceinline__ void store_chunk_of_elements(void* target, const stor
 // (vector_loads), most tiles of a call. Each thread copies one 16-byte column chunk of every kRowsPerPass-th row,
 // without bounds, and the swizzle's row phase is its first row's in every pass (or flipped by 4 rows every other
 // pass), so each copy is a pointer step and a constant shared-memory offset: about 2 instructions instead of 8 with
-// the checks (+4-11 % for the Hopper forward on an H200). False, nothing copied, for other tiles.
+// the checks (+3-11 % for the Hopper forward on an H200). False, nothing copied, for other tiles.
 template <int ROWS, int THREADS>
 __device__ __forceinline__ bool copy_whole_tile(unsigned char* tile, const storage_t* source, long long row_stride,
                                                 int count, int head_dim, int vector_loads) {

@@ -70,7 +70,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // Elements col and col + 1 (those below head_dim) of an output row, from fp32. PAIRED (the row 4-byte aligned,
-// head_dim even: pairs_aligned) in one 4-byte store, half the store instructions of two 2-byte ones (+11-25 % for
+// head_dim even: pairs_aligned) in one 4-byte store, half the store instructions of two 2-byte ones (+12-27 % for
 // the Hopper forward at 1k tokens on an H200, where the epilogue is a large part of each work item).
 __device__ __forceinline__ bool pairs_aligned(const storage_t* row, int head_dim) {
   return head_dim % 2 == 0 && reinterpret_cast<unsigned long long>(row) % 4 == 0;
