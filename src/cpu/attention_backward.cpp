@@ -217,12 +217,14 @@ size_t backward_with(const AttentionProblem& p, void* workspace) {
 
   std::fill(in.dq_partials, in.dq_partials + partial * static_cast<size_t>(in.chunks), 0.0f);
   compute_row_dots(p, in, workers);
-  const int64_t tasks = p.batch * p.heads_kv * in.chunks;
+  // Sequences without keys have no dK, dV to write and add nothing to dQ (zeroed above).
+  const std::vector<int64_t> with_keys = sequences_with_rows(p, Side::kKey);
+  const int64_t tasks = static_cast<int64_t>(with_keys.size()) * p.heads_kv * in.chunks;
 #pragma omp parallel for num_threads(workers) schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t chunk = task % in.chunks;
     const int64_t kv_head = (task / in.chunks) % p.heads_kv;
-    const int64_t b = task / (in.chunks * p.heads_kv);
+    const int64_t b = with_keys[static_cast<size_t>(task / (in.chunks * p.heads_kv))];
     process_key_chunk(p, in, b, kv_head, chunk, scratch[worker_index()]);
   }
   reduce_dq(p, in, workers);

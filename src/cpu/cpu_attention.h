@@ -92,6 +92,8 @@ RowOperand<T> stage_rows(const AttentionProblem& problem, const Operand& operand
 
 // Which sequences an operand's rows belong to: the query side (q, out, dout) or the key side (k, v).
 enum class Side { kQuery, kKey };
+// The batch entries (sequences) that have rows on the given side, in order.
+std::vector<int64_t> sequences_with_rows(const AttentionProblem& problem, Side side);
 // Copies of operand in the two panel layouts, carved from the workspace (key panels: fp32, or bf16 pairs for
 // bf16 operands).
 HeadDimPanels stage_head_dim_panels(const AttentionProblem& problem, const Operand& operand, int64_t heads, Side side,

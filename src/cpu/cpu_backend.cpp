@@ -61,13 +61,17 @@ StagedOperand<T> plan_staging(const AttentionProblem& p, Side side, WorkspaceCar
   return staged;
 }
 
-// Calls write(head, staged position, source element offset of the row) for every row of every sequence.
+// Calls write(head, staged position, source element offset of the row) for every row of every sequence. Only
+// the sequences that have rows on this side take part: a call may hold very many empty (sequence, head) pairs.
 template <typename Write>
 void for_each_row(const AttentionProblem& p, const Operand& operand, int64_t heads, Side side,
                   const std::vector<int64_t>& sequence_start, Write&& write) {
+  const std::vector<int64_t> filled = sequences_with_rows(p, side);
+  const auto count = static_cast<int64_t>(filled.size());
 #pragma omp parallel for num_threads(worker_count()) schedule(static) collapse(2)
-  for (int64_t b = 0; b < p.batch; ++b)
+  for (int64_t i = 0; i < count; ++i)
     for (int64_t h = 0; h < heads; ++h) {
+      const int64_t b = filled[static_cast<size_t>(i)];
       const SequenceExtent seq = p.sequence(b);
       if (side == Side::kKey) {
         for (int64_t row = 0; row < seq.len_k; ++row)
@@ -92,6 +96,15 @@ int64_t panel_offset(int64_t k, int64_t j) {
 }
 
 }  // namespace
+
+std::vector<int64_t> sequences_with_rows(const AttentionProblem& p, Side side) {
+  std::vector<int64_t> filled;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SequenceExtent seq = p.sequence(b);
+    if ((side == Side::kQuery ? seq.len_q : seq.len_k) > 0) filled.push_back(b);
+  }
+  return filled;
+}
 
 bool bf16_tiles(const AttentionProblem& p) { return p.dtype == FAP_DTYPE_BFLOAT16 && bf16_tile_products(); }
 
