@@ -7,11 +7,18 @@
 //   dV += P^T dO, dK += dS^T Q           (P^T and dS^T from registers; dK, dV stay in registers)
 //   dQ += dS K                           (dS^T through shared memory, both operands transposed) for a
 //                                        64 x 64 part over all 128 keys: at d = 128 half the columns, at
-//                                        d = 64 half the queries; staged in shared memory (two buffers) and
+//                                        d = 64 half the queries; staged in shared memory (FAP_DQ_STAGES) and
 //                                        added to the fp32 accumulator by one bulk reduction of the TMA unit
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
-// reads (hopper.cuh). Every CTA adds to each dQ element once: in no fixed order, except in the deterministic
-// mode (one accumulator slice per CTA). Dropout uses the mma.sync kernel (the dispatch table decides).
+// reads (hopper.cuh), each stage handed over through mbarriers rather than CTA barriers: "full" once every
+// thread's copies of it landed, "empty" once both warpgroups' products read it. A warpgroup ahead of the other
+// thus starts its next step's products while the other finishes its dQ; the one CTA barrier per step is the
+// exchange of dS^T (double-buffered by step, so that a warpgroup a step ahead never overwrites what the other's
+// dQ product reads). This took the profile's largest stall, warps waiting at the top-of-step CTA barrier (18 %
+// of the samples at d = 128), and gave +10-17 % at d = 128, +5-16 % at d = 64 on an H200 (bench/RESULTS.md).
+// At d = 64 with softcap or ALiBi it would spill registers: there a CTA barrier still opens each step.
+// Every CTA adds to each dQ element once: in no fixed order, except in the deterministic mode (one accumulator
+// slice per CTA). Dropout uses the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (64 or 128), FAP_BLOCK_M (8192 / FAP_HEAD_DIM), FAP_BLOCK_N (128),
 // FAP_WARPS (8), FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW.
@@ -20,46 +27,105 @@
 #include "attention_bwd_sm90_common.cuh"
 
 
-#define FAP_DQ_STAGES 2
+// How the Q/dO stages are handed over: through mbarriers (the warpgroups drift apart within a step, so dS^T is
+// double-buffered, which at d = 64 leaves room for one dQ staging buffer per warpgroup); at d = 64 with softcap or
+// ALiBi, whose registers that would spill, by a CTA barrier at the top of each step (one dS^T tile, two dQ
+// staging buffers).
+#define FAP_STAGE_MBARRIERS (FAP_HEAD_DIM == 128 || !(FAP_SOFTCAP || FAP_ALIBI))
+#define FAP_DS_TILES (FAP_STAGE_MBARRIERS ? 2 : 1)
+#define FAP_DQ_STAGES (FAP_HEAD_DIM == 128 || !FAP_STAGE_MBARRIERS ? 2 : 1)
 
 namespace fap {
 
+// The Q/dO stage ring's hand-offs. Uses are counted over the CTA's whole life (every thread counts alike): use u
+// reads stage u % 2, filled by fill u, which may start once use u - 2 released the stage.
+struct StageRing {
+  unsigned int barriers;  // full[2] then empty[2], 8 bytes each
+  unsigned int uses = 0;
+
+  // Fill `index`: waits for its stage to be free, issues the loads and (mbarriers) arrives on full when they land.
+  __device__ __forceinline__ void fill(const QueryStages<FAP_BLOCK_M>& stages, const AttentionBwdParams& p,
+                                       const SequenceRows& s, int batch, QueryStep at, unsigned int index) const {
+#if FAP_STAGE_MBARRIERS
+    const unsigned int full = barriers + 8 * (index % 2), empty = full + 16;
+    mbarrier_wait(empty, ((index / 2) & 1) ^ 1u);  // a fresh barrier: parity 1 returns at once
+    stages.load(p, s, batch, at, index % 2);
+    if (p.vector_loads) {
+      mbarrier_arrive_after_copies(full);
+    } else {  // tiles copied element by element: a plain arrival releases them (and the landed LSE, D copies)
+      cp_async_commit();
+      cp_async_wait_all();
+      mbarrier_arrive(full);
+    }
+#else  // the CTA barrier of use index - 1, which every thread passed, came after use index - 2 ended
+    stages.load(p, s, batch, at, index % 2);
+    cp_async_commit();
+#endif
+  }
+  // Waits for the stage of the next use to be filled; returns it.
+  __device__ __forceinline__ int acquire() const {
+#if FAP_STAGE_MBARRIERS
+    mbarrier_wait(barriers + 8 * (uses % 2), (uses / 2) & 1);
+#else
+    cp_async_wait_all();
+    __syncthreads();
+#endif
+    fence_proxy_async();  // the copies, made through the generic proxy, are read next by wgmma
+    return uses % 2;
+  }
+  // This warp is done with the stage (its warpgroup's products that read it completed).
+  __device__ __forceinline__ void release() {
+#if FAP_STAGE_MBARRIERS
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(barriers + 16 + 8 * (uses % 2));
+#endif
+    ++uses;
+  }
+};
+
 // Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
-  constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
+  constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2, kDsBytes = FAP_BLOCK_N * FAP_BLOCK_M * 2;
   const auto [k_tile, v_tile, q_tiles, do_tiles] = backward_tiles<FAP_BLOCK_M, FAP_BLOCK_N>();
-  unsigned char* ds_tile = do_tiles + 2 * kQBytes;  // dS^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
+  unsigned char* ds_tiles = do_tiles + 2 * kQBytes;  // dS^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
   // dQ = dS K: FAP_DQ_STAGES buffers of both warpgroups' 64 x 64 parts.
   static_assert(FAP_BLOCK_M * FAP_HEAD_DIM == 2 * 64 * 64, "each warpgroup's dQ part is 64 queries x 64 columns");
   constexpr int kDqBytes = 64 * 64 * 4;
-  float* dq_staging = reinterpret_cast<float*>(ds_tile + FAP_BLOCK_N * FAP_BLOCK_M * 2);
+  float* dq_staging = reinterpret_cast<float*>(ds_tiles + FAP_DS_TILES * kDsBytes);
   float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
+  StageRing ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < 2; ++stage) {
+      mbarrier_init(ring.barriers + 8 * stage, FAP_WARPS * 32);   // full: every thread's copies landed
+      mbarrier_init(ring.barriers + 16 + 8 * stage, FAP_WARPS);   // empty: every warp is done with it
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
 
   const auto [batch, kv_head, s, warpgroup, reduces_dq, dq_slice] = backward_cta(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, quad = lane % 4;
   const int key_local[2] = {warpgroup * 64 + warp * 16 + lane / 4, warpgroup * 64 + warp * 16 + lane / 4 + 8};
-  const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
-                     ds_address = shared_address(ds_tile);
+  const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile);
 
   for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-    const KeyBlockSteps steps =
-        start_key_block<FAP_BLOCK_M, FAP_BLOCK_N>(k_tile, v_tile, stages, p, s, batch, kv_head, key0);
+    const KeyBlockSteps steps = key_block_steps<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, kv_head, key0);
     QueryStep current = {kv_head * p.group_size, steps.first_q0};
+    // K and V, then the first step's Q and dO: its fill's arrival covers the key tiles' copies too.
+    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+    if (steps.count > 0) ring.fill(stages, p, s, batch, current, ring.uses);
 
     float dk[FAP_HEAD_DIM / 8][4], dv[FAP_HEAD_DIM / 8][4];
     zero_fragments(dk);
     zero_fragments(dv);
 
     for (int step = 0; step < steps.count; ++step) {
-      const int stage = step & 1, head = current.head, q0 = current.q0;
+      const int head = current.head, q0 = current.q0;
       const QueryStep next = following_step<FAP_BLOCK_M>(current, steps.first_q0, steps.end_q0);
-      if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
-      cp_async_wait_all();
-      fence_proxy_async();
-      __syncthreads();  // this stage's tiles are in; every warpgroup is done with the other stage (and dQ's)
+      const int stage = ring.acquire();
       const unsigned int q_address = shared_address(q_tiles + stage * kQBytes),
                          do_address = shared_address(do_tiles + stage * kQBytes);
       const float* lse_stage = lse_rows + stage * FAP_BLOCK_M;
@@ -80,8 +146,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
       wgmma_commit();
       // The next step's loads while the products run.
-      if (step + 1 < steps.count) stages.load(p, s, batch, next, stage ^ 1);
-      cp_async_commit();
+      if (step + 1 < steps.count) ring.fill(stages, p, s, batch, next, ring.uses + 1);
       wgmma_wait<0>();
       fence_registers<FAP_BLOCK_M / 2>(&st[0][0]);
       fence_registers<FAP_BLOCK_M / 2>(&dpt[0][0]);
@@ -118,7 +183,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       wgmma_commit();
 
       // dS^T of this warpgroup's keys into shared memory, [key][query] swizzled: the A operand of dQ = dS K
-      // read transposed.
+      // read transposed. Its tile alternates with the use's parity, like the Q/dO stage.
+      unsigned char* ds_tile = ds_tiles + stage % FAP_DS_TILES * kDsBytes;
 #pragma unroll
       for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
 #pragma unroll
@@ -129,14 +195,16 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                 ds_frag[kk][2 * n + half];
           }
       fence_proxy_async();
-      __syncthreads();  // both warpgroups' dS^T rows are complete
+      if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
+      __syncthreads();  // both warpgroups' dS^T rows are complete (and the staging buffers free)
       wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
       fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
       fence_registers<FAP_HEAD_DIM / 2>(&dk[0][0]);
+      ring.release();  // nothing reads this step's Q, dO, LSE and D any more
 
       // dQ += dS K for this warpgroup's part: 64 queries (a 64-column block of dS^T) x 64 columns (of K).
       const int dq_query0 = FAP_BLOCK_M == 128 ? warpgroup * 64 : 0, dq_col0 = FAP_HEAD_DIM == 128 ? warpgroup * 64 : 0;
-      const unsigned int ds_part = ds_address + dq_query0 / 64 * FAP_BLOCK_N * 128,
+      const unsigned int ds_part = shared_address(ds_tile) + dq_query0 / 64 * FAP_BLOCK_N * 128,
                          k_part = k_address + dq_col0 / 64 * FAP_BLOCK_N * 128;
       float dq[8][4];
       wgmma_fence();
@@ -149,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       wgmma_wait<0>();
       fence_registers<32>(&dq[0][0]);
       // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
-      float* staging = dq_staging + (step % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
+      float* staging = dq_staging + (stage % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
       stage_fragment<8>(staging, dq);
       fence_proxy_async();
       named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged

@@ -135,15 +135,20 @@ struct KeyBlockSteps {
   int count, first_q0, end_q0;
 };
 
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ KeyBlockSteps key_block_steps(const AttentionBwdParams& p, const SequenceRows& s,
+                                                         int kv_head, int key0) {
+  const BlockRange blocks = BlockInfo<BLOCK_M, BLOCK_N>::query_blocks(p, s, key0);
+  return {(blocks.end - blocks.first) * p.group_size, blocks.first * BLOCK_M, blocks.end * BLOCK_M};
+}
+
 // Starts a key block: the loads of its K and V tiles and of its first step (into stage 0).
 template <int BLOCK_M, int BLOCK_N>
 __device__ __forceinline__ KeyBlockSteps start_key_block(unsigned char* k_tile, unsigned char* v_tile,
                                                          const QueryStages<BLOCK_M>& stages,
                                                          const AttentionBwdParams& p, const SequenceRows& s,
                                                          int batch, int kv_head, int key0) {
-  const BlockRange blocks = BlockInfo<BLOCK_M, BLOCK_N>::query_blocks(p, s, key0);
-  const KeyBlockSteps steps = {(blocks.end - blocks.first) * p.group_size, blocks.first * BLOCK_M,
-                               blocks.end * BLOCK_M};
+  const KeyBlockSteps steps = key_block_steps<BLOCK_M, BLOCK_N>(p, s, kv_head, key0);
   load_key_tiles<BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
   if (steps.count > 0) stages.load(p, s, batch, {kv_head * p.group_size, steps.first_q0}, 0);
   cp_async_commit();
