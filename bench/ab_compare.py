@@ -11,7 +11,8 @@ Shapes: bf16, batch x seqlen = 16k tokens, heads x head_dim = 2048, head dims 64
 not (--quick: 4k and 16k at d = 128). TFLOP/s with FlashAttention's convention (forward 4 b h sq sk d, halved for
 causal; backward 2.5x). Ratios: every build to the first one, to SDPA flash and to FlashAttention-4. The first
 forward and backward call of each shape is recorded for every build (`NAME_first_call_s`: its kernels' run-time
-compile, into an empty kernel cache unless --warm-cache) and for FA4 (`fa4_first_call_s`).
+compile, into an empty kernel cache unless --warm-cache) and for FA4 (`fa4_first_call_s`). --deterministic adds
+every build's deterministic mode (`NAME_det`).
 """
 import argparse
 import ctypes
@@ -29,13 +30,14 @@ import fap_ctypes as fc
 from timing import time_ms
 
 
-def library_calls(lib, q, k, v, dout, causal):
+def library_calls(lib, q, k, v, dout, causal, deterministic=False):
     """(forward, backward) through the C API of one build, each with its own outputs, and the seconds its first
     forward and backward took."""
     out, grads = torch.empty_like(q), [torch.empty_like(x) for x in (q, k, v)]
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device="cuda")
     options = lib.fap_default_options()
     options.causal = int(causal)
+    options.deterministic = int(deterministic)
     fwd = fc.FwdArgs(q=fc.tensor(q), k=fc.tensor(k), v=fc.tensor(v), out=fc.tensor(out), softmax_lse=fc.tensor(lse))
     bwd = fc.BwdArgs(q=fc.tensor(q), k=fc.tensor(k), v=fc.tensor(v), out=fc.tensor(out), dout=fc.tensor(dout),
                      softmax_lse=fc.tensor(lse), dq=fc.tensor(grads[0]), dk=fc.tensor(grads[1]), dv=fc.tensor(grads[2]))
@@ -113,6 +115,8 @@ def main():
     parser.add_argument("--calls", type=int, default=10,
                         help="back-to-back calls per timed interval, so that a call's host time under its GPU time "
                              "does not count (FlashAttention-4's host path is Python)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also time every build in the deterministic mode, as NAME_det")
     parser.add_argument("--out", default="ab_compare.json")
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep the kernel cache (FLASH_ATTENTION_PLUS_CACHE_DIR); by default an empty one")
@@ -134,6 +138,9 @@ def main():
                 calls, first_calls = {}, {}
                 for name, lib in libraries.items():
                     calls[name], first_calls[name] = library_calls(lib, q, k, v, dout, causal)
+                    if args.deterministic:
+                        calls[f"{name}_det"], first_calls[f"{name}_det"] = library_calls(lib, q, k, v, dout, causal,
+                                                                                      deterministic=True)
                 for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                                       ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
                     try:
@@ -166,9 +173,10 @@ def main():
                         if "fa4" in calls:
                             row[f"{kind}_{name}_over_fa4"] = row[f"{kind}_{name}_tflops"] / row[f"{kind}_fa4_tflops"]
                         text += f" {name} {row[f'{kind}_{name}_tflops']:6.1f}"
-                        if name in libraries and "sdpa_flash" in calls:
+                        ours = name in libraries or name.removesuffix("_det") in libraries
+                        if ours and "sdpa_flash" in calls:
                             text += f" ({row[f'{kind}_{name}_over_fa2']:.2f}x FA2)"
-                        if name in libraries and "fa4" in calls:
+                        if ours and "fa4" in calls:
                             text += f" ({row[f'{kind}_{name}_over_fa4']:.2f}x FA4)"
                 text += "  first call " + " ".join(f"{name} {seconds:.2f} s" for name, seconds in first_calls.items())
                 rows.append(row)

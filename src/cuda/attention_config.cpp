@@ -61,15 +61,15 @@ std::vector<std::string> BackwardConfig::defines() const {
 
 int BackwardConfig::shared_bytes() const {
   // wgmma: K and V tiles, two stages of Q and dO tiles (all swizzled, 1024 bytes to align them), two stages
-  // of two floats per query row; up to d = 128 one or two dS^T tiles, one or two stages of dQ staging (both
-  // warpgroups' 64 x 64 parts in fp32) and the stages' four mbarriers, as attention_bwd_sm90.cuh chooses; at
-  // d = 256 the P^T and dS^T tiles (dQ is staged in the Q and dO tiles).
+  // of two floats per query row and the stages' four mbarriers; up to d = 128 one or two dS^T tiles, one or two
+  // stages of dQ staging (both warpgroups' 64 x 64 parts in fp32), as attention_bwd_sm90.cuh chooses; at d = 256
+  // two P^T and two dS^T tiles (dQ is staged in the Q and dO tiles).
   if (wgmma) {
-    const int tiles = (2 * block_n + 4 * block_m) * head_dim * 2 + 4 * block_m * 4 + 1024;
-    if (head_dim == 256) return tiles + 2 * block_n * block_m * 2;
+    const int tiles = (2 * block_n + 4 * block_m) * head_dim * 2 + 4 * block_m * 4 + 4 * 8 + 1024;
+    if (head_dim == 256) return tiles + 4 * block_n * block_m * 2;
     const bool stage_mbarriers = head_dim == 128 || !(softcap || alibi);
     const int ds_tiles = stage_mbarriers ? 2 : 1, dq_stages = head_dim == 128 || !stage_mbarriers ? 2 : 1;
-    return tiles + ds_tiles * block_n * block_m * 2 + dq_stages * 2 * 64 * 64 * 4 + 4 * 8;
+    return tiles + ds_tiles * block_n * block_m * 2 + dq_stages * 2 * 64 * 64 * 4;
   }
   // K and V tiles, q_stages of Q and dO tiles (rows padded by 8 halves), the dS^T tile (and the P^T tile where
   // warps share keys), and q_stages of two floats per query row.

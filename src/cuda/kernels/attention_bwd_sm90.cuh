@@ -37,52 +37,6 @@
 
 namespace fap {
 
-// The Q/dO stage ring's hand-offs. Uses are counted over the CTA's whole life (every thread counts alike): use u
-// reads stage u % 2, filled by fill u, which may start once use u - 2 released the stage.
-struct StageRing {
-  unsigned int barriers;  // full[2] then empty[2], 8 bytes each
-  unsigned int uses = 0;
-
-  // Fill `index`: waits for its stage to be free, issues the loads and (mbarriers) arrives on full when they land.
-  __device__ __forceinline__ void fill(const QueryStages<FAP_BLOCK_M>& stages, const AttentionBwdParams& p,
-                                       const SequenceRows& s, int batch, QueryStep at, unsigned int index) const {
-#if FAP_STAGE_MBARRIERS
-    const unsigned int full = barriers + 8 * (index % 2), empty = full + 16;
-    mbarrier_wait(empty, ((index / 2) & 1) ^ 1u);  // a fresh barrier: parity 1 returns at once
-    stages.load(p, s, batch, at, index % 2);
-    if (p.vector_loads) {
-      mbarrier_arrive_after_copies(full);
-    } else {  // tiles copied element by element: a plain arrival releases them (and the landed LSE, D copies)
-      cp_async_commit();
-      cp_async_wait_all();
-      mbarrier_arrive(full);
-    }
-#else  // the CTA barrier of use index - 1, which every thread passed, came after use index - 2 ended
-    stages.load(p, s, batch, at, index % 2);
-    cp_async_commit();
-#endif
-  }
-  // Waits for the stage of the next use to be filled; returns it.
-  __device__ __forceinline__ int acquire() const {
-#if FAP_STAGE_MBARRIERS
-    mbarrier_wait(barriers + 8 * (uses % 2), (uses / 2) & 1);
-#else
-    cp_async_wait_all();
-    __syncthreads();
-#endif
-    fence_proxy_async();  // the copies, made through the generic proxy, are read next by wgmma
-    return uses % 2;
-  }
-  // This warp is done with the stage (its warpgroup's products that read it completed).
-  __device__ __forceinline__ void release() {
-#if FAP_STAGE_MBARRIERS
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(barriers + 16 + 8 * (uses % 2));
-#endif
-    ++uses;
-  }
-};
-
 // Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2, kDsBytes = FAP_BLOCK_N * FAP_BLOCK_M * 2;
@@ -95,15 +49,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
-  StageRing ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
-  if (threadIdx.x == 0) {
-    for (int stage = 0; stage < 2; ++stage) {
-      mbarrier_init(ring.barriers + 8 * stage, FAP_WARPS * 32);   // full: every thread's copies landed
-      mbarrier_init(ring.barriers + 16 + 8 * stage, FAP_WARPS);   // empty: every warp is done with it
-    }
-    mbarrier_init_fence();
-  }
-  __syncthreads();
+  StageRing<FAP_STAGE_MBARRIERS, FAP_STAGE_MBARRIERS> ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
+  ring.init();
 
   const auto [batch, kv_head, s, warpgroup, reduces_dq, dq_slice] = backward_cta(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, quad = lane % 4;

@@ -129,6 +129,66 @@ struct QueryStages {
   }
 };
 
+// The Q/dO stage ring's hand-offs. Uses are counted over the CTA's whole life (every thread counts alike): use u
+// reads stage u % 2, filled by fill u, which may start once use u - 2 released the stage. FULL_MBARRIER: a fill
+// lands for every thread once every thread's copies landed (an mbarrier), else at a CTA barrier that opens the
+// use. EMPTY_MBARRIER: a fill waits until all warps released the stage's use before (an mbarrier), else the
+// kernel orders it after that use by its own CTA barriers.
+template <bool FULL_MBARRIER, bool EMPTY_MBARRIER>
+struct StageRing {
+  unsigned int barriers;  // full[2] then empty[2], 8 bytes each
+  unsigned int uses = 0;
+
+  // Every thread of the CTA; thread 0 initialises the barriers.
+  __device__ __forceinline__ void init() const {
+    if (threadIdx.x == 0) {
+      for (int stage = 0; stage < 2; ++stage) {
+        mbarrier_init(barriers + 8 * stage, FAP_WARPS * 32);  // full: every thread's copies landed
+        mbarrier_init(barriers + 16 + 8 * stage, FAP_WARPS);  // empty: every warp is done with it
+      }
+      mbarrier_init_fence();
+    }
+    __syncthreads();
+  }
+
+  // Fill `index`: waits for its stage to be free, issues the loads and (full mbarrier) arrives when they land.
+  template <int BLOCK_M>
+  __device__ __forceinline__ void fill(const QueryStages<BLOCK_M>& stages, const AttentionBwdParams& p,
+                                       const SequenceRows& s, int batch, QueryStep at, unsigned int index) const {
+    const unsigned int full = barriers + 8 * (index % 2), empty = full + 16;
+    if constexpr (EMPTY_MBARRIER) mbarrier_wait(empty, ((index / 2) & 1) ^ 1u);  // a fresh barrier: parity 1 returns at once
+    stages.load(p, s, batch, at, index % 2);
+    if constexpr (!FULL_MBARRIER) {
+      cp_async_commit();
+    } else if (p.vector_loads) {
+      mbarrier_arrive_after_copies(full);
+    } else {  // tiles copied element by element: a plain arrival releases them (and the landed LSE, D copies)
+      cp_async_commit();
+      cp_async_wait_all();
+      mbarrier_arrive(full);
+    }
+  }
+  // Waits for the stage of the next use to be filled; returns it.
+  __device__ __forceinline__ int acquire() const {
+    if constexpr (FULL_MBARRIER) {
+      mbarrier_wait(barriers + 8 * (uses % 2), (uses / 2) & 1);
+    } else {
+      cp_async_wait_all();
+      __syncthreads();
+    }
+    fence_proxy_async();  // the copies, made through the generic proxy, are read next by wgmma
+    return uses % 2;
+  }
+  // This warp is done with the stage (its warpgroup's products that read it completed).
+  __device__ __forceinline__ void release() {
+    if constexpr (EMPTY_MBARRIER) {
+      __syncwarp();
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(barriers + 16 + 8 * (uses % 2));
+    }
+    ++uses;
+  }
+};
+
 // A key block's steps: `count` (query head of the group, query block) pairs, the blocks from first_q0 to
 // end_q0 of each head.
 struct KeyBlockSteps {
@@ -140,19 +200,6 @@ __device__ __forceinline__ KeyBlockSteps key_block_steps(const AttentionBwdParam
                                                          int kv_head, int key0) {
   const BlockRange blocks = BlockInfo<BLOCK_M, BLOCK_N>::query_blocks(p, s, key0);
   return {(blocks.end - blocks.first) * p.group_size, blocks.first * BLOCK_M, blocks.end * BLOCK_M};
-}
-
-// Starts a key block: the loads of its K and V tiles and of its first step (into stage 0).
-template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ KeyBlockSteps start_key_block(unsigned char* k_tile, unsigned char* v_tile,
-                                                         const QueryStages<BLOCK_M>& stages,
-                                                         const AttentionBwdParams& p, const SequenceRows& s,
-                                                         int batch, int kv_head, int key0) {
-  const KeyBlockSteps steps = key_block_steps<BLOCK_M, BLOCK_N>(p, s, kv_head, key0);
-  load_key_tiles<BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-  if (steps.count > 0) stages.load(p, s, batch, {kv_head * p.group_size, steps.first_q0}, 0);
-  cp_async_commit();
-  return steps;
 }
 
 // Ends a key block's steps: its loads landed (a key block no query sees still has them in flight) and, for

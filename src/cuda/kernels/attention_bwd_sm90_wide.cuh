@@ -9,10 +9,13 @@
 //   dQ = dS K                            (its 128 columns, over the 64 keys), staged where its halves of this
 //                                        stage's Q and dO tiles were (nothing reads them any more) and added
 //                                        to the fp32 accumulator by two bulk reductions of the TMA unit
-// Q and dO tiles (with LSE and D) are double-buffered with cp.async; the next step's loads start once both
-// warpgroups are done with S^T, dP^T and the reductions have read the stage. Every CTA adds to each dQ
-// element: in no fixed order, except in the deterministic mode (one accumulator slice per CTA). Dropout uses
-// the mma.sync kernel (the dispatch table decides).
+// Q and dO tiles (with LSE and D) are double-buffered with cp.async, each fill landing through an mbarrier
+// ("full" once every thread's copies landed), and P^T, dS^T double-buffered by step: the one CTA barrier of a
+// step is the exchange of P^T and dS^T, so a warpgroup done with its dQ starts the next step's S^T and dP^T
+// while the other finishes. The next step's loads start after that barrier: both warpgroups are then done with
+// the stage's last use (its products, and the reads of the dQ staged in it by the bulk reductions). Every CTA
+// adds to each dQ element: in no fixed order, except in the deterministic mode (one accumulator slice per CTA).
+// Dropout uses the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (256), FAP_BLOCK_M (64), FAP_BLOCK_N (64), FAP_WARPS (8),
 // FAP_DQ_TILES (1), FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW.
@@ -44,35 +47,39 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   constexpr int kHalfBytes = kQBytes / 2;  // a warpgroup's 128 columns of a Q or dO tile: two column blocks
   constexpr int kScoreBytes = FAP_BLOCK_N * FAP_BLOCK_M * 2;
   const auto [k_tile, v_tile, q_tiles, do_tiles] = backward_tiles<FAP_BLOCK_M, FAP_BLOCK_N>();
-  unsigned char* pt_tile = do_tiles + 2 * kQBytes;  // P^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
-  unsigned char* dst_tile = pt_tile + kScoreBytes;  // dS^T, likewise
-  float* lse_rows = reinterpret_cast<float*>(dst_tile + kScoreBytes);  // 2 stages, base 2
+  // P^T then dS^T (each FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled), two of each: by the use's parity.
+  unsigned char* score_tiles = do_tiles + 2 * kQBytes;
+  float* lse_rows = reinterpret_cast<float*>(score_tiles + 4 * kScoreBytes);  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
+  StageRing<true, false> ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
+  ring.init();
 
   const auto [batch, kv_head, s, warpgroup, reduces_dq, dq_slice] = backward_cta(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const int query_offset = warpgroup * 32, col0 = warpgroup * 128;
-  const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile),
-                     pt_address = shared_address(pt_tile), dst_address = shared_address(dst_tile);
+  const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile);
 
   for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
     const int key0 = key_block * FAP_BLOCK_N;
-    const KeyBlockSteps steps =
-        start_key_block<FAP_BLOCK_M, FAP_BLOCK_N>(k_tile, v_tile, stages, p, s, batch, kv_head, key0);
+    const KeyBlockSteps steps = key_block_steps<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, kv_head, key0);
     QueryStep current = {kv_head * p.group_size, steps.first_q0};
+    // K and V, then the first step's Q and dO: its fill's arrival covers the key tiles' copies too.
+    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+    if (steps.count > 0) ring.fill(stages, p, s, batch, current, ring.uses);
 
     float dk[16][4], dv[16][4];  // this warpgroup's 128 columns
     zero_fragments(dk);
     zero_fragments(dv);
 
     for (int step = 0; step < steps.count; ++step) {
-      const int stage = step & 1, head = current.head, q0 = current.q0;
+      const int head = current.head, q0 = current.q0;
       const QueryStep next = following_step<FAP_BLOCK_M>(current, steps.first_q0, steps.end_q0);
-      cp_async_wait_all();
-      fence_proxy_async();
-      __syncthreads();  // this stage's tiles are in; both warpgroups are done with P^T and dS^T
+      const int stage = ring.acquire();
+      unsigned char* pt_tile = score_tiles + stage * 2 * kScoreBytes;
+      unsigned char* dst_tile = pt_tile + kScoreBytes;
+      const unsigned int pt_address = shared_address(pt_tile), dst_address = shared_address(dst_tile);
       unsigned char* q_tile = q_tiles + stage * kQBytes;
       unsigned char* do_tile = do_tiles + stage * kQBytes;
       const unsigned int q_address = shared_address(q_tile), do_address = shared_address(do_tile);
@@ -109,11 +116,12 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       store_transposed_scores(dst_tile, dpt, key_local, query_offset);
       fence_proxy_async();
       if (reduces_dq) bulk_wait_read<0>();  // the last step's dQ reductions have read the other stage
-      __syncthreads();  // P^T, dS^T complete; both warpgroups are done reading S^T's and dP^T's operands
+      // P^T, dS^T complete; both warpgroups are done reading S^T's and dP^T's operands, and done with the last
+      // step (its products, and its P^T, dS^T tiles, which the next step overwrites).
+      __syncthreads();
 
       // The next step's loads, into the other stage, while this one's products run.
-      if (step + 1 < steps.count) stages.load(p, s, batch, next, stage ^ 1);
-      cp_async_commit();
+      if (step + 1 < steps.count) ring.fill(stages, p, s, batch, next, ring.uses + 1);
 
       // dV += P^T dO, dK += dS^T Q (this warpgroup's columns of dO and Q, MN-major), dQ = dS K (dS^T read
       // transposed, K's columns MN-major).
@@ -157,6 +165,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
         }
         bulk_commit();
       }
+      ring.release();
       current = next;
     }
     finish_key_block(reduces_dq);
