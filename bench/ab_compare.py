@@ -111,6 +111,8 @@ def main():
     parser.add_argument("builds", nargs="+", help="NAME=path of a libflash_attn_plus.so; the first is the reference")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="d = 128 at 4k and 16k only")
+    parser.add_argument("--head-dims", type=int, nargs="+", help="instead of 64, 128, 256")
+    parser.add_argument("--seqlens", type=int, nargs="+", help="instead of 1k, 4k, 16k")
     parser.add_argument("--directions", default="fwd,bwd", help="fwd, bwd or both (comma-separated)")
     parser.add_argument("--calls", type=int, default=10,
                         help="back-to-back calls per timed interval, so that a call's host time under its GPU time "
@@ -128,6 +130,7 @@ def main():
     first = next(iter(libraries))
     with_fa4 = fa4_importable()
     head_dims, seqlens = ((128,), (4096, 16384)) if args.quick else ((64, 128, 256), (1024, 4096, 16384))
+    head_dims, seqlens = args.head_dims or head_dims, args.seqlens or seqlens
     rows = []
     for head_dim in head_dims:
         for seqlen in seqlens:

@@ -223,19 +223,23 @@ AttentionParams attention_params(const AttentionProblem& p, bool vector_loads) {
 }
 
 // The backward's workspace: rowsum(dout * out) and the LSE in base-2 units per (head, row), then the fp32
-// dQ accumulator, one slice per split. Deterministic mode gives each (batch, kv head) `splits` CTAs that own
-// a slice each (about 256 CTAs in all, so the GPU stays busy without a slice per key block); otherwise one
-// slice takes every CTA's additions. Rows are "padded rows" (attention_bwd_common.cuh): every sequence
-// starts at a multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows
-// (batch * seqlen_q, varlen: total_q) fill.
+// dQ accumulator, then (the d = 256 wgmma kernel's deterministic mode) the counters of each (head, block of 64
+// padded rows) that order the additions to it (DqOrder in attention_bwd_sm90_common.cuh; the preprocess sets
+// them). The other kernels' deterministic mode instead gives each (batch, kv head) `splits` CTAs that own an
+// accumulator slice each (about 256 CTAs in all, so the GPU stays busy without a slice per key block); otherwise one slice
+// takes every CTA's additions. Rows are "padded rows" (attention_bwd_common.cuh): every sequence starts at a
+// multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows (batch *
+// seqlen_q, varlen: total_q) fill.
 struct BackwardWorkspace {
-  int64_t padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset;
+  int64_t padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset, order_counters = 0;
 
   BackwardWorkspace(const AttentionProblem& p, const BackwardConfig& config)
       : padded_rows(((p.varlen ? p.total_q : p.batch * p.total_q) / 128 + p.batch + 1) * 128),
         heads_q(p.heads_q),
         head_dim(config.head_dim) {
-    if (p.deterministic) {
+    if (p.deterministic && config.wgmma && config.head_dim == 256) {
+      order_counters = heads_q * padded_rows / 64;
+    } else if (p.deterministic) {
       const int64_t block_n = config.block_n;
       const int64_t key_blocks = std::max<int64_t>(1, (p.seqlen_k + block_n - 1) / block_n);
       const int64_t ctas = std::max<int64_t>(1, p.batch * p.heads_kv);
@@ -245,7 +249,7 @@ struct BackwardWorkspace {
     accum_offset = 2 * softmax_bytes;
   }
   int64_t accum_floats() const { return splits * padded_rows * heads_q * head_dim; }
-  size_t bytes() const { return static_cast<size_t>(accum_offset + accum_floats() * 4); }
+  size_t bytes() const { return static_cast<size_t>(accum_offset + (accum_floats() + order_counters) * 4); }
 };
 
 AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWorkspace& layout, void* workspace) {
@@ -261,6 +265,7 @@ AttentionBwdParams backward_params(const AttentionProblem& p, const BackwardWork
   strides(p.dq, params.dq_batch_stride, params.dq_row_stride, params.dq_head_stride);
   strides(p.dk, params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride);
   strides(p.dv, params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride);
+  if (layout.order_counters > 0) params.dq_order = reinterpret_cast<int*>(params.dq_accum + layout.accum_floats());
   params.splits = static_cast<int>(layout.splits);
   params.deterministic = p.deterministic ? 1 : 0;
   return params;
@@ -369,8 +374,13 @@ class BackwardCall final : public CudaCall {
     const auto preprocess_blocks = static_cast<unsigned int>((p.seqlen_q + 127) / 128 * 32);
     launch(api_, kernels[1], preprocess_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((p.seqlen_k + config_.block_n - 1) / config_.block_n);
-    launch(api_, kernels[0], p.deterministic ? static_cast<unsigned int>(layout_.splits) : key_blocks, p.batch,
-           p.heads_kv, config_.warps * 32, kernels_->shared_bytes, stream, &params);
+    const int threads = config_.warps * 32, shared = kernels_->shared_bytes;
+    if (layout_.order_counters > 0) {  // ordered dQ additions: key blocks last (backward_cta)
+      launch(api_, kernels[0], static_cast<unsigned int>(p.heads_kv), p.batch, key_blocks, threads, shared, stream, &params);
+    } else {
+      launch(api_, kernels[0], p.deterministic ? static_cast<unsigned int>(layout_.splits) : key_blocks, p.batch,
+             p.heads_kv, threads, shared, stream, &params);
+    }
     // The conversion: a 16-row (mma.sync) or 64-row (wgmma) tile of the accumulator per CTA.
     const int64_t convert_rows = config_.wgmma ? 64 : 16;
     const auto convert_blocks = static_cast<unsigned int>((p.seqlen_q + convert_rows - 1) / convert_rows);

@@ -52,12 +52,13 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   StageRing<FAP_STAGE_MBARRIERS, FAP_STAGE_MBARRIERS> ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
   ring.init();
 
-  const auto [batch, kv_head, s, warpgroup, reduces_dq, dq_slice] = backward_cta(p);
+  const auto [batch, kv_head, first_key_block, key_block_stride, s, warpgroup, reduces_dq, dq_slice] =
+      backward_cta<false>(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, quad = lane % 4;
   const int key_local[2] = {warpgroup * 64 + warp * 16 + lane / 4, warpgroup * 64 + warp * 16 + lane / 4 + 8};
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile);
 
-  for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
+  for (int key_block = first_key_block; key_block * FAP_BLOCK_N < s.len_k; key_block += key_block_stride) {
     const int key0 = key_block * FAP_BLOCK_N;
     const KeyBlockSteps steps = key_block_steps<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, kv_head, key0);
     QueryStep current = {kv_head * p.group_size, steps.first_q0};

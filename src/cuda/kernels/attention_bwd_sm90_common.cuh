@@ -80,24 +80,31 @@ __device__ __forceinline__ BackwardTiles backward_tiles() {
   return {k, v, q_stages, q_stages + 2 * kQBytes};
 }
 
-// A CTA's place in the grid (deterministic ? splits : key blocks, batch, kv heads) and its thread's roles. The
-// CTA takes key block blockIdx.x, or in the deterministic mode every gridDim.x-th one, adding into a dQ
-// accumulator slice of its own one key block after the other (a fixed order of the additions).
+// A CTA's place in the grid and its thread's roles. The grid is (key blocks, batch, kv heads); in the
+// deterministic mode either (splits, batch, kv heads), each CTA adding into an accumulator slice of its own one
+// key block after the other (a fixed order of the additions), or, where the kernel orders its additions
+// (ORDERED: DqOrder), (kv heads, batch, key blocks): CTAs start in the order of their linear index, so there
+// the key block that waits for the one before it starts one kv head x batch round later, not next to it. The
+// CTA takes the key blocks from first_key_block, every key_block_stride-th (the grid's extent on that axis).
 struct BackwardCta {
-  int batch, kv_head;
+  int batch, kv_head, first_key_block, key_block_stride;
   SequenceRows s;
   int warpgroup;    // broadcast from lane 0, so that the compiler knows it is uniform in each warp
   bool reduces_dq;  // the thread of each warpgroup that issues its dQ reductions
   float* dq_slice;  // where this CTA adds its dQ
 };
+template <bool ORDERED>
 __device__ __forceinline__ BackwardCta backward_cta(const AttentionBwdParams& p) {
   const int batch = blockIdx.y;
+  const bool ordered = ORDERED && p.dq_order != nullptr;
   return {batch,
-          (int)blockIdx.z,
+          (int)(ordered ? blockIdx.x : blockIdx.z),
+          (int)(ordered ? blockIdx.z : blockIdx.x),
+          (int)(ordered ? gridDim.z : gridDim.x),
           sequence_rows(p, batch),
           __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0),
           threadIdx.x % 128 == 0,
-          p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0)};
+          p.dq_accum + (p.deterministic && !ordered ? blockIdx.x * p.dq_accum_split_stride : 0)};
 }
 
 // A CTA's steps: the query blocks of [first_q0, end_q0) of one query head in order, then the next head of
@@ -202,9 +209,42 @@ __device__ __forceinline__ KeyBlockSteps key_block_steps(const AttentionBwdParam
   return {(blocks.end - blocks.first) * p.group_size, blocks.first * BLOCK_M, blocks.end * BLOCK_M};
 }
 
+// The d = 256 kernel's deterministic mode: its dQ additions into the one fp32 accumulator in a fixed order. For
+// every (query head, block of 64 rows) a counter in the workspace of the additions to it that completed, two per
+// CTA (one per warpgroup), which the preprocess starts at twice the first key block that sees the rows. The CTA
+// of key block n adds once the counter reached 2 n (all key blocks before it that see the rows added), and
+// counts its own once it completed, which its reducing thread checks a step later (after the next addition is
+// issued), so that no warp waits for a reduction's round trip. The CTAs are started in key-block order
+// (backward_cta): the one waited for is running or done. A wait longer than about a second, which that order
+// rules out, ends anyway: the sum stays right, only its order is no longer fixed; a kernel never hangs. Nothing
+// is kept across steps (the step counted is found again from the current one). Against accumulator slices
+// (which the d <= 128 kernel keeps) the additions land on lines other CTAs just added to, in L2, instead of
+// missing: on an H200 the deterministic d = 256 backward went from 0.52-0.67x to 0.62-0.82x the default mode's
+// speed; at d <= 128 the reducing thread's poll, once a step, held its warpgroup back more than that gained
+// (bench/RESULTS.md).
+template <int BLOCK_M, int BLOCK_N>
+struct DqOrder {
+  // Before the reducing thread adds to step `at`'s query block from key block key0.
+  static __device__ __forceinline__ void wait_turn(const AttentionBwdParams& p, const SequenceRows& s, QueryStep at,
+                                                  int key0) {
+    const int* made = dq_order_counter(p, s, at.head, at.q0);
+    for (int polls = 0; load_acquire(made) < 2 * (key0 / BLOCK_N) && polls < (1 << 22); ++polls) __nanosleep(256);
+    fence_proxy_async_global();  // the additions waited for come before this thread's (async proxy)
+  }
+  // Counts the addition of the step before `at` once at most PENDING of the thread's later ones are incomplete.
+  template <int PENDING>
+  static __device__ __forceinline__ void count_before(const AttentionBwdParams& p, const SequenceRows& s, QueryStep at,
+                                                     const KeyBlockSteps& steps) {
+    const QueryStep before = at.q0 == steps.first_q0 ? QueryStep{at.head - 1, steps.end_q0 - BLOCK_M}
+                                                     : QueryStep{at.head, at.q0 - BLOCK_M};
+    bulk_wait<PENDING>();
+    fence_proxy_async_global();
+    add_release(dq_order_counter(p, s, before.head, before.q0), 1);
+  }
+};
+
 // Ends a key block's steps: its loads landed (a key block no query sees still has them in flight) and, for
-// the threads that issued them, its dQ reductions complete, so that the staging buffers may be reused and
-// in the deterministic mode the next key block's additions come after these.
+// the threads that issued them, its dQ reductions complete, so that the staging buffers may be reused.
 __device__ __forceinline__ void finish_key_block(bool reduces_dq) {
   cp_async_wait_all();
   if (reduces_dq) bulk_wait<0>();

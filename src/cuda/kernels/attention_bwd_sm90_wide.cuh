@@ -14,7 +14,7 @@
 // step is the exchange of P^T and dS^T, so a warpgroup done with its dQ starts the next step's S^T and dP^T
 // while the other finishes. The next step's loads start after that barrier: both warpgroups are then done with
 // the stage's last use (its products, and the reads of the dQ staged in it by the bulk reductions). Every CTA
-// adds to each dQ element: in no fixed order, except in the deterministic mode (one accumulator slice per CTA).
+// adds to each dQ element: in no fixed order, except in the deterministic mode (DqOrder).
 // Dropout uses the mma.sync kernel (the dispatch table decides).
 //
 // Compile-time configuration: FAP_HEAD_DIM (256), FAP_BLOCK_M (64), FAP_BLOCK_N (64), FAP_WARPS (8),
@@ -40,7 +40,7 @@ __device__ __forceinline__ void store_transposed_scores(unsigned char* tile, con
     }
 }
 
-// Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
+// Grid: backward_cta; 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   static_assert(FAP_HEAD_DIM == 256 && FAP_BLOCK_M == 64 && FAP_BLOCK_N == 64, "the tile shape this kernel is for");
   constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
@@ -55,13 +55,14 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   StageRing<true, false> ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
   ring.init();
 
-  const auto [batch, kv_head, s, warpgroup, reduces_dq, dq_slice] = backward_cta(p);
+  const auto [batch, kv_head, first_key_block, key_block_stride, s, warpgroup, reduces_dq, dq_slice] =
+      backward_cta<true>(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const int query_offset = warpgroup * 32, col0 = warpgroup * 128;
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile);
 
-  for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
+  for (int key_block = first_key_block; key_block * FAP_BLOCK_N < s.len_k; key_block += key_block_stride) {
     const int key0 = key_block * FAP_BLOCK_N;
     const KeyBlockSteps steps = key_block_steps<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, kv_head, key0);
     QueryStep current = {kv_head * p.group_size, steps.first_q0};
@@ -159,16 +160,21 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       fence_proxy_async();
       named_barrier_sync(1 + warpgroup, 128);  // the warpgroup's dQ is staged
       if (reduces_dq) {
+        if (p.dq_order) DqOrder<FAP_BLOCK_M, FAP_BLOCK_N>::wait_turn(p, s, current, key0);
         for (int half = 0; half < 2; ++half) {
           bulk_reduce_add(dq_slice + dq_accum_offset(p, s, batch, q0, head, col0 + half * 64),
                           shared_address(staging[half]), kHalfBytes);
         }
         bulk_commit();
+        if (p.dq_order && step > 0) DqOrder<FAP_BLOCK_M, FAP_BLOCK_N>::count_before<1>(p, s, current, steps);
       }
       ring.release();
       current = next;
     }
     finish_key_block(reduces_dq);
+    if (reduces_dq && p.dq_order && steps.count > 0) {
+      DqOrder<FAP_BLOCK_M, FAP_BLOCK_N>::count_before<0>(p, s, current, steps);
+    }
 
     // dK and dV for the 64 keys, this warpgroup's columns.
 #pragma unroll

@@ -56,8 +56,9 @@ struct AttentionBwdParams : AttentionParams {
   long long dq_batch_stride, dq_row_stride, dq_head_stride;
   long long dk_batch_stride, dk_row_stride, dk_head_stride;
   long long dv_batch_stride, dv_row_stride, dv_head_stride;
+  int* dq_order;     // d = 256 wgmma kernel's deterministic mode: [head][padded row / 64] dQ additions (DqOrder)
   int splits;        // dq_accum slices: 1, or the deterministic mode's CTAs per (batch, kv head)
-  int deterministic; // 1: each CTA adds into its own slice, in a fixed order
+  int deterministic; // 1: dQ's additions in a fixed order (each CTA into its own slice, or DqOrder)
 };
 
 // The S_dmask kernel (attention_probs.cuh): the forward's arguments and the probs tensor (batch, head, rows, cols),
