@@ -100,25 +100,30 @@ def test_softmax_scale_and_noncontiguous_views(device, dtype):
     assert torch.equal(out, transposed)
 
 
+def check_deterministic_gradients(q, k, v, runs, **options):
+    """The deterministic mode's gradients: bitwise equal over `runs` calls and equal, up to the order of the fp32
+    sums, to the default mode's."""
+    dout = torch.randn_like(q)
+    default = torch.autograd.grad(fap.flash_attn_func(q, k, v, **options), (q, k, v), dout)
+    first, *others = [torch.autograd.grad(fap.flash_attn_func(q, k, v, deterministic=True, **options), (q, k, v), dout)
+                      for _ in range(runs)]
+    for run in others:
+        for a, b in zip(first, run):
+            assert torch.equal(a, b)
+    for a, b in zip(first, default):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("head_dim,seqlen", [(64, 700), (256, 350)])
 def test_deterministic_backward_with_several_key_blocks_per_cta(device, head_dim, seqlen):
     """The CUDA kernels' deterministic mode gives each CTA an accumulator slice and several key blocks in turn
     (8 x 8 (batch, head) pairs take 4 slices; these lengths make 6 key blocks), except Hopper's at d = 256,
-    which orders its additions into one accumulator: gradients bitwise equal over 10 runs and equal, up to the
-    order of the fp32 sums, to the default mode's."""
+    which orders its additions into one accumulator: check_deterministic_gradients over 10 runs."""
     if device.type != "cuda":
         pytest.skip("the CUDA kernels' slices; the CPU backend sums in one order anyway (test below)")
     q, k, v = (torch.randn(8, seqlen, 8, head_dim, dtype=torch.bfloat16, device=device, requires_grad=True)
                for _ in range(3))
-    dout = torch.randn_like(q)
-    default = torch.autograd.grad(fap.flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
-    runs = [torch.autograd.grad(fap.flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
-            for _ in range(10)]
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert torch.equal(a, b)
-    for a, b in zip(runs[0], default):
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    check_deterministic_gradients(q, k, v, 10, causal=True)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -126,23 +131,14 @@ def test_deterministic_backward_with_several_key_blocks_per_cta(device, head_dim
 def test_deterministic_backward_orders_dq_additions(device, head_dim, mask):
     """Many CTAs of one (batch, head) in flight at once (2k keys: 16-32 key blocks), GQA, causal with fewer queries
     than keys and a sliding window (whose query blocks are first seen by a key block past the first, where the
-    ordered additions of Hopper's d = 256 kernel start their count): gradients bitwise equal over 5 runs and, up
-    to the order of the fp32 sums, to the default mode's."""
+    ordered additions of Hopper's d = 256 kernel start their count): check_deterministic_gradients over 5 runs."""
     if device.type != "cuda":
         pytest.skip("the CUDA kernels' order of additions; the CPU backend sums in one order anyway")
     q = torch.randn(2, 1500, 8, head_dim, dtype=torch.bfloat16, device=device, requires_grad=True)
     k, v = (torch.randn(2, 2100, 2, head_dim, dtype=torch.bfloat16, device=device, requires_grad=True)
             for _ in range(2))
-    dout = torch.randn_like(q)
     options = {"none": {}, "causal": {"causal": True}, "window": {"window_size": (300, 40)}}[mask]
-    default = torch.autograd.grad(fap.flash_attn_func(q, k, v, **options), (q, k, v), dout)
-    runs = [torch.autograd.grad(fap.flash_attn_func(q, k, v, deterministic=True, **options), (q, k, v), dout)
-            for _ in range(5)]
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert torch.equal(a, b)
-    for a, b in zip(runs[0], default):
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    check_deterministic_gradients(q, k, v, 5, **options)
 
 
 def test_deterministic_backward_is_bitwise_reproducible(device):

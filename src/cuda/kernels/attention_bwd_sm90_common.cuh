@@ -219,7 +219,7 @@ __device__ __forceinline__ KeyBlockSteps key_block_steps(const AttentionBwdParam
 // rules out, ends anyway: the sum stays right, only its order is no longer fixed; a kernel never hangs. Nothing
 // is kept across steps (the step counted is found again from the current one). Against accumulator slices
 // (which the d <= 128 kernel keeps) the additions land on lines other CTAs just added to, in L2, instead of
-// missing: on an H200 the deterministic d = 256 backward went from 0.52-0.67x to 0.62-0.82x the default mode's
+// missing: on an H200 the deterministic d = 256 backward went from 0.52-0.67x to 0.63-0.82x the default mode's
 // speed; at d <= 128 the reducing thread's poll, once a step, held its warpgroup back more than that gained
 // (bench/RESULTS.md).
 template <int BLOCK_M, int BLOCK_N>
