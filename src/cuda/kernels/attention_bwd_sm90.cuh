@@ -49,8 +49,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
-  StageRing<FAP_STAGE_MBARRIERS, FAP_STAGE_MBARRIERS> ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
-  ring.init();
+  auto ring = StageRing<FAP_STAGE_MBARRIERS, FAP_STAGE_MBARRIERS>::at(dsum_rows + 2 * FAP_BLOCK_M);
 
   const auto [batch, kv_head, first_key_block, key_block_stride, s, warpgroup, reduces_dq, dq_slice] =
       backward_cta<false>(p);
@@ -62,9 +61,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     const int key0 = key_block * FAP_BLOCK_N;
     const KeyBlockSteps steps = key_block_steps<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, kv_head, key0);
     QueryStep current = {kv_head * p.group_size, steps.first_q0};
-    // K and V, then the first step's Q and dO: its fill's arrival covers the key tiles' copies too.
-    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-    if (steps.count > 0) ring.fill(stages, p, s, batch, current, ring.uses);
+    load_key_block<FAP_BLOCK_M, FAP_BLOCK_N>(k_tile, v_tile, stages, ring, p, s, batch, kv_head, key0, steps, current);
 
     float dk[FAP_HEAD_DIM / 8][4], dv[FAP_HEAD_DIM / 8][4];
     zero_fragments(dk);

@@ -146,16 +146,19 @@ struct StageRing {
   unsigned int barriers;  // full[2] then empty[2], 8 bytes each
   unsigned int uses = 0;
 
-  // Every thread of the CTA; thread 0 initialises the barriers.
-  __device__ __forceinline__ void init() const {
+  // The ring whose barriers are the 32 bytes at `where` in shared memory, by every thread of the CTA (thread 0
+  // initialises the barriers).
+  static __device__ __forceinline__ StageRing at(const void* where) {
+    const StageRing ring = {shared_address(where)};
     if (threadIdx.x == 0) {
       for (int stage = 0; stage < 2; ++stage) {
-        mbarrier_init(barriers + 8 * stage, FAP_WARPS * 32);  // full: every thread's copies landed
-        mbarrier_init(barriers + 16 + 8 * stage, FAP_WARPS);  // empty: every warp is done with it
+        mbarrier_init(ring.barriers + 8 * stage, FAP_WARPS * 32);  // full: every thread's copies landed
+        mbarrier_init(ring.barriers + 16 + 8 * stage, FAP_WARPS);  // empty: every warp is done with it
       }
       mbarrier_init_fence();
     }
     __syncthreads();
+    return ring;
   }
 
   // Fill `index`: waits for its stage to be free, issues the loads and (full mbarrier) arrives when they land.
@@ -207,6 +210,17 @@ __device__ __forceinline__ KeyBlockSteps key_block_steps(const AttentionBwdParam
                                                          int kv_head, int key0) {
   const BlockRange blocks = BlockInfo<BLOCK_M, BLOCK_N>::query_blocks(p, s, key0);
   return {(blocks.end - blocks.first) * p.group_size, blocks.first * BLOCK_M, blocks.end * BLOCK_M};
+}
+
+// Starts a key block's loads: its K and V tiles, then its first step's into the ring (that fill's arrival covers
+// the key tiles' copies too).
+template <int BLOCK_M, int BLOCK_N, typename Ring>
+__device__ __forceinline__ void load_key_block(unsigned char* k_tile, unsigned char* v_tile,
+                                               const QueryStages<BLOCK_M>& stages, const Ring& ring,
+                                               const AttentionBwdParams& p, const SequenceRows& s, int batch,
+                                               int kv_head, int key0, const KeyBlockSteps& steps, QueryStep first) {
+  load_key_tiles<BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
+  if (steps.count > 0) ring.fill(stages, p, s, batch, first, ring.uses);
 }
 
 // The d = 256 kernel's deterministic mode: its dQ additions into the one fp32 accumulator in a fixed order. For

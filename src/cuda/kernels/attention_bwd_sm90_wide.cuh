@@ -52,23 +52,20 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   float* lse_rows = reinterpret_cast<float*>(score_tiles + 4 * kScoreBytes);  // 2 stages, base 2
   float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
-  StageRing<true, false> ring = {shared_address(dsum_rows + 2 * FAP_BLOCK_M)};
-  ring.init();
+  auto ring = StageRing<true, false>::at(dsum_rows + 2 * FAP_BLOCK_M);
 
   const auto [batch, kv_head, first_key_block, key_block_stride, s, warpgroup, reduces_dq, dq_slice] =
       backward_cta<true>(p);
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
-  const int query_offset = warpgroup * 32, col0 = warpgroup * 128;
   const unsigned int k_address = shared_address(k_tile), v_address = shared_address(v_tile);
+  const int query_offset = warpgroup * 32, col0 = warpgroup * 128;  // this warpgroup's queries and columns
 
   for (int key_block = first_key_block; key_block * FAP_BLOCK_N < s.len_k; key_block += key_block_stride) {
     const int key0 = key_block * FAP_BLOCK_N;
     const KeyBlockSteps steps = key_block_steps<FAP_BLOCK_M, FAP_BLOCK_N>(p, s, kv_head, key0);
     QueryStep current = {kv_head * p.group_size, steps.first_q0};
-    // K and V, then the first step's Q and dO: its fill's arrival covers the key tiles' copies too.
-    load_key_tiles<FAP_BLOCK_N>(k_tile, v_tile, p, s, batch, kv_head, key0);
-    if (steps.count > 0) ring.fill(stages, p, s, batch, current, ring.uses);
+    load_key_block<FAP_BLOCK_M, FAP_BLOCK_N>(k_tile, v_tile, stages, ring, p, s, batch, kv_head, key0, steps, current);
 
     float dk[16][4], dv[16][4];  // this warpgroup's 128 columns
     zero_fragments(dk);
