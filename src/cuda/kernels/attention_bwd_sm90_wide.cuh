@@ -72,9 +72,9 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     zero_fragments(dv);
 
     for (int step = 0; step < steps.count; ++step) {
+      const int stage = ring.acquire();  // this step's Q, dO, LSE and D have landed
       const int head = current.head, q0 = current.q0;
       const QueryStep next = following_step<FAP_BLOCK_M>(current, steps.first_q0, steps.end_q0);
-      const int stage = ring.acquire();
       unsigned char* pt_tile = score_tiles + stage * 2 * kScoreBytes;
       unsigned char* dst_tile = pt_tile + kScoreBytes;
       const unsigned int pt_address = shared_address(pt_tile), dst_address = shared_address(dst_tile);
