@@ -226,10 +226,10 @@ AttentionParams attention_params(const AttentionProblem& p, bool vector_loads) {
 // dQ accumulator, then (the d = 256 wgmma kernel's deterministic mode) the counters of each (head, block of 64
 // padded rows) that order the additions to it (DqOrder in attention_bwd_sm90_common.cuh; the preprocess sets
 // them). The other kernels' deterministic mode instead gives each (batch, kv head) `splits` CTAs that own an
-// accumulator slice each (about 256 CTAs in all, so the GPU stays busy without a slice per key block); otherwise one slice
-// takes every CTA's additions. Rows are "padded rows" (attention_bwd_common.cuh): every sequence starts at a
-// multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the rows (batch *
-// seqlen_q, varlen: total_q) fill.
+// accumulator slice each (about 256 CTAs in all, so the GPU stays busy without a slice per key block);
+// otherwise one slice takes every CTA's additions. Rows are "padded rows" (attention_bwd_common.cuh): every
+// sequence starts at a multiple of 128 rows of its own, which needs at most batch + 1 such blocks more than the
+// rows (batch * seqlen_q, varlen: total_q) fill.
 struct BackwardWorkspace {
   int64_t padded_rows, heads_q, splits = 1, head_dim, softmax_bytes, accum_offset, order_counters = 0;
 
@@ -374,13 +374,12 @@ class BackwardCall final : public CudaCall {
     const auto preprocess_blocks = static_cast<unsigned int>((p.seqlen_q + 127) / 128 * 32);
     launch(api_, kernels[1], preprocess_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((p.seqlen_k + config_.block_n - 1) / config_.block_n);
-    const int threads = config_.warps * 32, shared = kernels_->shared_bytes;
-    if (layout_.order_counters > 0) {  // ordered dQ additions: key blocks last (backward_cta)
-      launch(api_, kernels[0], static_cast<unsigned int>(p.heads_kv), p.batch, key_blocks, threads, shared, stream, &params);
-    } else {
-      launch(api_, kernels[0], p.deterministic ? static_cast<unsigned int>(layout_.splits) : key_blocks, p.batch,
-             p.heads_kv, threads, shared, stream, &params);
-    }
+    // The grid of backward_cta: (key blocks or the deterministic slices, batch, kv heads), with ordered dQ
+    // additions (key blocks, batch, kv heads) with its first and last axes swapped.
+    int64_t grid_x = p.deterministic ? layout_.splits : key_blocks, grid_z = p.heads_kv;
+    if (layout_.order_counters > 0) grid_x = p.heads_kv, grid_z = key_blocks;
+    launch(api_, kernels[0], static_cast<unsigned int>(grid_x), p.batch, grid_z, config_.warps * 32,
+           kernels_->shared_bytes, stream, &params);
     // The conversion: a 16-row (mma.sync) or 64-row (wgmma) tile of the accumulator per CTA.
     const int64_t convert_rows = config_.wgmma ? 64 : 16;
     const auto convert_blocks = static_cast<unsigned int>((p.seqlen_q + convert_rows - 1) / convert_rows);

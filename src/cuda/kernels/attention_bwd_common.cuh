@@ -51,7 +51,8 @@ __device__ __forceinline__ long long softmax_row_offset(const AttentionBwdParams
 
 // The d = 256 wgmma kernel's deterministic mode (DqOrder, attention_bwd_sm90_common.cuh): the counter of the dQ
 // additions to the 64 rows from `row` (a multiple of 64) of `head`.
-__device__ __forceinline__ int* dq_order_counter(const AttentionBwdParams& p, const SequenceRows& s, int head, int row) {
+__device__ __forceinline__ int* dq_order_counter(const AttentionBwdParams& p, const SequenceRows& s, int head,
+                                                 int row) {
   return p.dq_order + head * (p.softmax_head_stride / 64) + (s.padded_row0 + row) / 64;
 }
 
@@ -78,7 +79,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const
   for (int d = lane; d < p.head_dim; d += 32) sum += to_float(out[d]) * to_float(dout[d]);
   for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
   if (lane == 0) {
-    if (p.dq_order && row % 64 == 0) *dq_order_counter(p, s, head, row) = 2 * key_blocks_of_rows<FAP_BLOCK_N>(p, s, row, row).first;
+    if (p.dq_order && row % 64 == 0) {
+      *dq_order_counter(p, s, head, row) = 2 * key_blocks_of_rows<FAP_BLOCK_N>(p, s, row, row).first;
+    }
     p.dsum[slot] = sum;
     const float lse = p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + (s.q_start + row) * p.lse_row_stride];
     // FlashAttention-2 shifts by 0 where the lse is -inf (its exponential's rule for a row max of -inf); NaN

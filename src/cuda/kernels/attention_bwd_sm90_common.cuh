@@ -166,7 +166,8 @@ struct StageRing {
   __device__ __forceinline__ void fill(const QueryStages<BLOCK_M>& stages, const AttentionBwdParams& p,
                                        const SequenceRows& s, int batch, QueryStep at, unsigned int index) const {
     const unsigned int full = barriers + 8 * (index % 2), empty = full + 16;
-    if constexpr (EMPTY_MBARRIER) mbarrier_wait(empty, ((index / 2) & 1) ^ 1u);  // a fresh barrier: parity 1 returns at once
+    // A fresh barrier is in phase 0: waiting for parity 1 returns at once.
+    if constexpr (EMPTY_MBARRIER) mbarrier_wait(empty, ((index / 2) & 1) ^ 1u);
     stages.load(p, s, batch, at, index % 2);
     if constexpr (!FULL_MBARRIER) {
       cp_async_commit();
