@@ -11,7 +11,7 @@ namespace fap::cuda {
 std::string ForwardConfig::name() const {
   std::string text = concat(wgmma ? "attention_fwd_sm90_" : "attention_fwd_", bf16 ? "bf16" : "fp16", "_d", head_dim,
                             "_m", block_m, "_n", block_n, "_w", warps);
-  if (wgmma) text += concat("_s", stages);
+  if (wgmma || stages != 2) text += concat("_s", stages);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
   if (alibi) text += "_alibi";
@@ -27,16 +27,17 @@ std::vector<std::string> ForwardConfig::defines() const {
           concat("-DFAP_MIN_BLOCKS=", min_blocks),       concat("-DFAP_BF16=", int{bf16}),   concat("-DFAP_SOFTCAP=", int{softcap}),
           concat("-DFAP_ALIBI=", int{alibi}),  concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window}),
           concat("-DFAP_STAGES=", stages),    concat("-DFAP_INDEXED_KEYS=", int{indexed_keys}),
-          concat("-DFAP_PERSISTENT=", int{persistent})};
+          concat("-DFAP_PERSISTENT=", int{persistent}), concat("-DFAP_CTA_KEYS_BYTES=", kCtaKeysBytes)};
 }
 
 std::string ForwardConfig::source_file() const { return wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"; }
 
 int ForwardConfig::shared_bytes() const {
-  // Q tile plus two (wgmma: `stages`) stages of K and V tiles: mma.sync rows padded by 8 elements of 2
-  // bytes; wgmma tiles unpadded (swizzled), 1024 bytes to align them and 128 for the mbarriers.
+  // Q tile plus `stages` stages of K and V tiles: mma.sync rows padded by 8 elements of 2
+  // bytes, then the CTA's keys; wgmma tiles unpadded (swizzled), 1024 bytes to align them and 128 for the
+  // mbarriers.
   return wgmma ? (block_m + 2 * stages * block_n) * head_dim * 2 + 1024 + 128
-               : (block_m + 4 * block_n) * (head_dim + 8) * 2;
+               : (block_m + 2 * stages * block_n) * (head_dim + 8) * 2 + kCtaKeysBytes;
 }
 
 std::string BackwardConfig::name() const {
@@ -271,16 +272,15 @@ void set_sm90_backward_tiles(BackwardConfig& config, int) {
   }
 }
 
-// Tile shape per head dim, from measurements on the H100 (bench/RESULTS.md) and ptxas's register
-// reports (tests/cuda/test_attention_config.cpp fails on spills). By default one warp per 16 rows, 8
-// warps, 64-key tiles. Without any score feature and for 64 < d <= 128, a warp takes two 16-row tiles
-// (each K/V fragment read from shared memory feeds two MMAs) with 32-key tiles, the widest that fits the
-// registers: +7% at d=128 non-causal. Masks, softcap, ALiBi and dropout need registers of their own: two
-// tiles spill or, with a mask, run slower. Above d = 128, 8 warps (1.5x 4 warps' speed at d = 256 on the H200
-// with the mma.sync kernels: bench/RESULTS.md) and 32-key tiles. Where the block's shared memory does not hold
-// that (sm_86/sm_89's 99 KB at the largest head dims, sm_75's 64 KB), smaller tiles.
-void set_tiles(ForwardConfig& config, int compute_capability) {
+// The mma.sync forward's tile shapes where FlashAttention-2's do not apply (tests/cuda/test_attention_config.cpp
+// fails on spills; measured on the H100 and H200: bench/RESULTS.md): by default one warp per 16 rows, 8 warps,
+// 64-key tiles, K and V double-buffered. Without any score feature and for 64 < d <= 128, a warp takes two
+// 16-row tiles with 32-key tiles. Softcap, ALiBi and dropout need registers of their own. Above d = 128, 8 warps
+// and 32-key tiles. Where the block's shared memory does not hold that (sm_86/sm_89's 99 KB at the largest head
+// dims, sm_75's 64 KB), smaller tiles.
+void set_compact_tiles(ForwardConfig& config, int compute_capability) {
   const bool plain_scores = !config.window && !config.softcap && !config.alibi && !config.dropout;
+  config.stages = 2;
   if (config.dropout) {
     // Philox rounds for every score: all registers to one CTA (else ptxas spills at some head dims), and
     // above d = 64 the 4-warp, 32-key shape.
@@ -313,6 +313,28 @@ void set_tiles(ForwardConfig& config, int compute_capability) {
   if (!fits() && config.warps == 8) config.warps = 4;
   while (!fits() && config.block_n > 16) config.block_n /= 2;
   while (!fits() && config.warps > 2) config.warps /= 2;
+}
+
+// Tile shapes per head dim. On GPUs with sm_80's shared memory (A100, and Hopper running these kernels) and
+// without softcap, ALiBi or dropout, FlashAttention-2's: 128 rows of 4 warps with two 16-row tiles each (every
+// K/V fragment read from shared memory feeds two MMAs) and 128 keys up to d = 64, 64 keys up to d = 128; above,
+// 8 warps of one row tile and 64 keys. K and V double-buffered where two CTAs still fit an SM, else
+// FlashAttention-2's single-buffered pipeline (an H200 running the sm_80 shapes, bf16, 16k tokens, against
+// FlashAttention-2's kernels: d = 64 0.91-0.96x, d = 128 0.88-0.93x, d = 256 0.72-0.88x, before 0.64-0.84x;
+// bench/RESULTS.md). Elsewhere set_compact_tiles.
+void set_tiles(ForwardConfig& config, int compute_capability) {
+  const int budget = shared_memory_budget(compute_capability);
+  if (budget < 163 * 1024 || config.softcap || config.alibi || config.dropout) {
+    set_compact_tiles(config, compute_capability);
+    return;
+  }
+  config.min_blocks = config.head_dim > 128;
+  config.warps = config.head_dim > 128 ? 8 : 4;
+  config.row_tiles = config.head_dim > 128 ? 1 : 2;
+  config.block_n = config.head_dim <= 64 ? 128 : 64;
+  config.block_m = 16 * config.row_tiles * config.warps;
+  config.stages = 2;
+  if (2 * (config.shared_bytes() + 1024) > budget + 1024) config.stages = 1;  // per SM: budget + 1 KB
 }
 
 // The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
@@ -411,6 +433,7 @@ ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int 
   mma_sync.dropout = false;
   ForwardConfig config = choose_forward_config(mma_sync, mma_sync_capability(compute_capability));
   config.indexed_keys = true;
+  set_compact_tiles(config, mma_sync_capability(compute_capability));  // K and V rows are looked up together
   // Every register to one CTA: the per-row cache addressing spilled a few bytes at d <= 64 with 8 warps otherwise.
   config.min_blocks = 1;
   return config;

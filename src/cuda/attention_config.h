@@ -24,6 +24,8 @@ struct ForwardConfig {
   bool softcap = false, alibi = false, dropout = false, window = false;
   bool indexed_keys = false;  // mma.sync: keys through device-resident indices (paged caches, used key counts)
   bool persistent = false;    // wgmma: a grid of at most one CTA per SM, each taking row blocks in turn
+  // mma.sync: shared-memory bytes after the tiles for the CTA's keys and sequence (FAP_CTA_KEYS_BYTES).
+  static constexpr int kCtaKeysBytes = 64;
 
   std::string name() const;  // e.g. attention_fwd_bf16_d128_m128_n64_w4_window, attention_fwd_sm90_bf16_d128_...
   std::vector<std::string> defines() const;

@@ -62,8 +62,8 @@ TEST(AttentionConfig, HopperRunsTheWgmmaKernelOnWhole64ColumnBlocks) {
 
 TEST(AttentionConfig, FeaturesFollowTheProblem) {
   AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
-  EXPECT_EQ(choose_forward_config(p.features(), 80).name(), "attention_fwd_fp16_d128_m128_n32_w4");
-  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 80).name(), "attention_fwd_bf16_d64_m128_n64_w8");
+  EXPECT_EQ(choose_forward_config(p.features(), 80).name(), "attention_fwd_fp16_d128_m128_n64_w4_s1");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 80).name(), "attention_fwd_bf16_d64_m128_n128_w4_s1");
   p.window = normalize_window(-1, -1, true, 100);
   p.softcap = 30.0f;
   p.dropout_p = 0.1f;
@@ -164,15 +164,37 @@ TEST(AttentionConfig, SmallerSharedMemoryGetsSmallerTilesOnlyWhereNeeded) {
       if (d == 64) {
         EXPECT_EQ(backward.name(), "attention_bwd_bf16_d64_m64_n128_w8_s1_q2");  // 64 queries per step
       }
-      if (d <= 128) {
-        EXPECT_EQ(forward.name(), choose_forward_config(features, 80).name());
-      }
     }
   }
+  // sm_86/sm_89 keep the compact shapes: FlashAttention-2's 128 x 128 tiles at d = 64 would leave one CTA per SM.
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 86).name(), "attention_fwd_bf16_d64_m128_n64_w8");
+  EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 89).name(), "attention_fwd_bf16_d128_m128_n32_w4");
   EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 80).name(),
             "attention_bwd_bf16_d128_m64_n128_w8_s1_q2");
   EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 86).name(),
             "attention_bwd_bf16_d128_m32_n64_w8_s2_q2");
+}
+
+// With sm_80's shared memory (what Hopper runs when the mma.sync kernels are forced), FlashAttention-2's tile
+// shapes, K and V double-buffered only where two CTAs still fit the SM's 164 KB: up to d = 128 two CTAs always
+// fit (single-buffered, the key tiles take half the room).
+TEST(AttentionConfig, LargeSharedMemoryTakesFlashAttention2TilesTwoCtasPerSm) {
+  for (int64_t d = 16; d <= 256; d += 16)
+    for (bool causal : {false, true}) {
+      AttentionProblem p = problem(FAP_DTYPE_BFLOAT16, d);
+      if (causal) p.window = normalize_window(-1, -1, true, 100);
+      const ForwardConfig config = choose_forward_config(p.features(), 80);
+      EXPECT_EQ(config.block_m, 128) << config.name();
+      EXPECT_EQ(config.block_n, d <= 64 ? 128 : 64) << config.name();
+      EXPECT_EQ(config.row_tiles, d <= 128 ? 2 : 1) << config.name();
+      const auto fits_twice = [](const ForwardConfig& c) { return 2 * (c.shared_bytes() + 1024) <= 164 * 1024; };
+      ForwardConfig double_buffered = config;
+      double_buffered.stages = 2;
+      EXPECT_EQ(config.stages == 2, fits_twice(double_buffered)) << config.name();
+      if (d <= 128) {
+        EXPECT_TRUE(fits_twice(config)) << config.name();
+      }
+    }
 }
 
 TEST(AttentionConfig, HopperBackwardPadsTheHeadDimAndLeavesDropoutToMmaSync) {

@@ -1,14 +1,16 @@
 // Attention forward for sm_80+ (FlashAttention-2's algorithm on tensor cores): one CTA per (block of
 // BLOCK_M query rows, batch, head), one warp per 16 * ROW_TILES rows (each K/V fragment read from shared
-// memory serves ROW_TILES row tiles). Key/value tiles of BLOCK_N rows are brought into
-// shared memory with cp.async (two stages, the next tile loading while this one is computed); S = Q K^T and
-// O += P V run on mma.sync.m16n8k16 with fp32 accumulation; the online softmax works in the base-2 domain
-// on the accumulator registers.
+// memory serves ROW_TILES row tiles). Key/value tiles of BLOCK_N rows are brought into shared memory with
+// cp.async, in one of two pipelines (FAP_STAGES): 2, K and V tiles double-buffered, the next pair loading while
+// this one is computed; 1, FlashAttention-2's, one K and one V tile, V's copies running under S and the
+// softmax and the next K's under P V (half the shared memory, so two CTAs fit an sm_80 SM with larger tiles).
+// S = Q K^T and O += P V run on mma.sync.m16n8k16 with fp32 accumulation; the online softmax works in the
+// base-2 domain on the accumulator registers.
 //
 // Compile-time configuration (defines, set by the host's KernelConfig):
 //   FAP_HEAD_DIM  head dim rounded up to a multiple of 16     FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS, FAP_ROW_TILES
 //   FAP_BF16      1: bfloat16, 0: float16                      FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW
-//   FAP_MIN_BLOCKS  0 or 1 (see the launch bounds below)
+//   FAP_MIN_BLOCKS  0 or 1 (see the launch bounds below)       FAP_STAGES  1 or 2 (above)
 //   FAP_INDEXED_KEYS  1: keys found through device-resident indices (a paged cache's block table, used key
 //                  counts, a KV cache's entries and left padding: cache_keys.cuh); the arguments are then a
 //                  DecodeParams. For prefill chunks over a cache, which the decode kernel serves 16 rows at a time.
@@ -28,17 +30,53 @@ namespace fap {
 #define FAP_FWD_LAUNCH_BOUNDS __launch_bounds__(FAP_WARPS * 32)
 #endif
 
+// The contiguous keys of one (batch entry, kv head) and its sequence.
+struct ContiguousKeys {
+  ForwardSequence seq;
+  const storage_t* k;
+  const storage_t* v;
+};
+
 #if FAP_INDEXED_KEYS
 typedef DecodeParams ForwardKernelParams;
+typedef CacheSequence ForwardKeys;
 #else
 typedef AttentionFwdParams ForwardKernelParams;
+typedef ContiguousKeys ForwardKeys;
+#endif
+
+// Where the S and O fragments of a warp take 176 registers or more (FlashAttention-2's tile shapes), the CTA's
+// keys and sequence live in shared memory: in registers, ptxas spilled the key pointers and the sequence start
+// that the loop keeps for its end; with fewer, registers (2-5 % faster at d = 128 and 256 on the H200).
+#define FAP_KEYS_IN_SHARED (FAP_ROW_TILES * (FAP_HEAD_DIM + FAP_BLOCK_N) / 2 >= 176)
+
+// What the CTA works on: its sequence and where its keys lie.
+__device__ __forceinline__ ForwardKeys forward_keys(const ForwardKernelParams& p, int batch, int kv_head) {
+#if FAP_INDEXED_KEYS
+  return cache_sequence(p, batch, kv_head);
+#else
+  const ForwardSequence seq = sequence_info<long long>(p, batch);
+  return {seq,
+          static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride,
+          static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride};
+#endif
+}
+
+#if FAP_STAGES == 1
+#if FAP_INDEXED_KEYS
+#error "keys found through indices load K and V rows together: two stages"
+#endif
+// One tile of BLOCK_N K or V rows (rows: the sequence's first) from key0, zeros past the sequence's keys.
+__device__ __forceinline__ void load_key_rows(storage_t* tile, const storage_t* rows, long long row_stride,
+                                              const ForwardKernelParams& p, const ForwardKeys& keys, int key0) {
+  load_tile<FAP_BLOCK_N>(tile, rows + key0 * row_stride, row_stride, keys.seq.len_k - key0, p.head_dim, p.vector_loads);
+}
 #endif
 
 // Loads the K and V tiles of BLOCK_N keys from key0 (zeros past the sequence's keys): from contiguous rows, or
 // with FAP_INDEXED_KEYS row by row through the cache's indices.
-template <typename Keys>
 __device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_tile, const ForwardKernelParams& p,
-                                              const Keys& keys, int batch, int key0) {
+                                              const ForwardKeys& keys, int batch, int key0) {
 #if FAP_INDEXED_KEYS
   const int chunks_per_row = FAP_HEAD_DIM / 8;
   for (int chunk = threadIdx.x; chunk < FAP_BLOCK_N * chunks_per_row; chunk += FAP_WARPS * 32) {
@@ -49,49 +87,51 @@ __device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_ti
     copy_key_chunk(k_tile + row * FAP_STRIDE + col, v_tile + row * FAP_STRIDE + col, p, rows, col, valid);
   }
 #else
-  const int count = (int)(keys.len_k - key0);
+  const int count = keys.seq.len_k - key0;
   load_tile<FAP_BLOCK_N>(k_tile, keys.k + key0 * p.k_row_stride, p.k_row_stride, count, p.head_dim, p.vector_loads);
   load_tile<FAP_BLOCK_N>(v_tile, keys.v + key0 * p.v_row_stride, p.v_row_stride, count, p.head_dim, p.vector_loads);
 #endif
 }
 
-// The contiguous keys of one (batch entry, kv head).
-struct ContiguousKeys {
-  const storage_t* k;
-  const storage_t* v;
-  int len_k;
-};
-
 extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
-  storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;         // 2 stages
-  storage_t* v_tiles = k_tiles + 2 * FAP_BLOCK_N * FAP_STRIDE;    // 2 stages
+  storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;                // FAP_STAGES stages: key tile t in stage
+  storage_t* v_tiles = k_tiles + FAP_STAGES * FAP_BLOCK_N * FAP_STRIDE;  // t % FAP_STAGES
+#if FAP_KEYS_IN_SHARED
+  // The CTA's keys and sequence, computed by one thread and read from shared memory where needed
+  // (FAP_CTA_KEYS_BYTES: the host's share of the layout).
+  ForwardKeys& cta_keys = *reinterpret_cast<ForwardKeys*>(v_tiles + FAP_STAGES * FAP_BLOCK_N * FAP_STRIDE);
+  static_assert(sizeof(ForwardKeys) <= FAP_CTA_KEYS_BYTES, "the CTA's keys outgrow their shared-memory slot");
+#endif
 
   // The last row blocks first: under a causal mask they see the most keys, and the GPU starts blocks in the order
   // of their index, so the short ones fill the tail.
   const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
-  const int kv_head = head / p.group_size;
-#if FAP_INDEXED_KEYS
-  const CacheSequence keys = cache_sequence(p, batch, kv_head);
-  const ForwardSequence& seq = keys.seq;
+#if FAP_KEYS_IN_SHARED
+  if (threadIdx.x == 0) cta_keys = forward_keys(p, batch, head / p.group_size);
+  __syncthreads();
+  const ForwardKeys& keys = cta_keys;
 #else
-  const ForwardSequence seq = sequence_info<long long>(p, batch);
+  const ForwardKeys keys = forward_keys(p, batch, head / p.group_size);
 #endif
+  const ForwardSequence& seq = keys.seq;
   const int row_begin = block * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
 
   const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
-#if !FAP_INDEXED_KEYS
-  const ContiguousKeys keys{
-      static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride,
-      static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride,
-      seq.len_k};
-#endif
   const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
 
   load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, seq.len_q - row_begin, p.head_dim, p.vector_loads);
-  if (tiles.first < tiles.end) load_kv_tiles(k_tiles, v_tiles, p, keys, batch, tiles.first * FAP_BLOCK_N);
+#if FAP_STAGES == 1
+  if (tiles.first < tiles.end) load_key_rows(k_tiles, keys.k, p.k_row_stride, p, keys, tiles.first * FAP_BLOCK_N);
+#else
+  if (tiles.first < tiles.end) {
+    const int first_stage = tiles.first & 1;
+    load_kv_tiles(k_tiles + first_stage * FAP_BLOCK_N * FAP_STRIDE, v_tiles + first_stage * FAP_BLOCK_N * FAP_STRIDE,
+                  p, keys, batch, tiles.first * FAP_BLOCK_N);
+  }
+#endif
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -117,16 +157,27 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
 
   for (int tile = tiles.first; tile < tiles.end; ++tile) {
-    const int stage = (tile - tiles.first) & 1;
+    const int key0 = tile * FAP_BLOCK_N;
+#if FAP_STAGES == 1
+    // The K tile landed and every warp is done with the last V tile: V's copies run under S and the softmax.
+    cp_async_wait_all();
+    __syncthreads();
+    load_key_rows(v_tiles, keys.v, p.v_row_stride, p, keys, key0);
+    cp_async_commit();
+    const storage_t* k_tile = k_tiles;
+    const storage_t* v_tile = v_tiles;
+#else
+    const int stage = tile & 1;
     cp_async_wait_all();
     __syncthreads();
     if (tile + 1 < tiles.end) {  // prefetch the next tile into the other stage
       load_kv_tiles(k_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, v_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE,
-                    p, keys, batch, (tile + 1) * FAP_BLOCK_N);
+                    p, keys, batch, key0 + FAP_BLOCK_N);
     }
     cp_async_commit();
     const storage_t* k_tile = k_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
     const storage_t* v_tile = v_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
+#endif
     const int m = lane / 8, r = lane % 8;  // ldmatrix: this lane addresses row r of matrix m
 
     // S = Q K^T: BLOCK_N / 8 accumulator tiles of 16x8 per row tile.
@@ -151,7 +202,6 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
       }
     }
 
-    const int key0 = tile * FAP_BLOCK_N;
     const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0);
 #pragma unroll
     for (int t = 0; t < FAP_ROW_TILES; ++t) {
@@ -159,21 +209,32 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
       softmax_tile(s[t], p, seq, batch, head, rows[t], key0, needs_mask, slope, row_max[t], row_sum[t], correction);
       rescale_rows(acc[t], correction);
     }
+    // P rounded to the A operands of P V (16 keys per k-step) at once: packed, it holds half the registers of the
+    // fp32 scores while the next K tile's copies are issued.
+    unsigned int p_operands[FAP_ROW_TILES][FAP_BLOCK_N / 16][4];
+#pragma unroll
+    for (int t = 0; t < FAP_ROW_TILES; ++t)
+#pragma unroll
+      for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_a_operand(p_operands[t][kk], s[t], kk);
 
-    // O += P V: P from the accumulators (16 keys per k-step), V through ldmatrix.trans.
+#if FAP_STAGES == 1
+    // The V tile landed and every warp is done with K: the next K tile's copies run under P V.
+    cp_async_wait_all();
+    __syncthreads();
+    if (tile + 1 < tiles.end) load_key_rows(k_tiles, keys.k, p.k_row_stride, p, keys, key0 + FAP_BLOCK_N);
+    cp_async_commit();
+#endif
+    // O += P V, V through ldmatrix.trans.
 #pragma unroll
     for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
-      unsigned int a[FAP_ROW_TILES][4];
-#pragma unroll
-      for (int t = 0; t < FAP_ROW_TILES; ++t) pack_a_operand(a[t], s[t], kk);
 #pragma unroll
       for (int i = 0; i < FAP_HEAD_DIM / 16; ++i) {
         unsigned int b[4];
         ldmatrix_x4_trans(b, v_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + i * 16 + (m / 2) * 8);
 #pragma unroll
         for (int t = 0; t < FAP_ROW_TILES; ++t) {
-          mma_16816(acc[t][2 * i], a[t], b[0], b[1]);
-          mma_16816(acc[t][2 * i + 1], a[t], b[2], b[3]);
+          mma_16816(acc[t][2 * i], p_operands[t][kk], b[0], b[1]);
+          mma_16816(acc[t][2 * i + 1], p_operands[t][kk], b[2], b[3]);
         }
       }
     }
