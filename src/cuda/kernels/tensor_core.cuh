@@ -199,21 +199,26 @@ __device__ __forceinline__ void pack_a_operand(unsigned int (&a)[4], const float
 // Copies the first `count` rows x head_dim of a (row, dim) operand into a shared tile of ROWS rows (row
 // stride FAP_STRIDE), zero-filling rows beyond count and columns beyond head_dim. vector_loads: every row
 // starts 16-byte aligned and head_dim % 8 == 0 (then cp.async, else element copies). A whole tile of vector
-// rows (the common case) takes a loop of copies by pointer increments, without per-chunk tests.
+// rows (the common case) takes unrolled copies by pointer increments, without per-chunk tests.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(storage_t* tile, const storage_t* base, long long row_stride, int count,
                                           int head_dim, int vector_loads) {
   constexpr int kChunksPerRow = FAP_HEAD_DIM / 8, kThreads = FAP_WARPS * 32;
   if (kThreads % kChunksPerRow == 0 && vector_loads && count >= ROWS && head_dim == FAP_HEAD_DIM) {
-    // Each thread copies the same column of every kRowsPerPass-th row: two pointer increments per copy.
+    // Each thread copies the same column of every kRowsPerPass-th row, unrolled: each copy's addresses are two
+    // adds into registers of their own (in a loop, the next copy's pointer increment waited until the previous
+    // cp.async had read the register: 5-7 % of the mma.sync forward's stall samples on an H200).
     constexpr int kRowsPerPass = kThreads / kChunksPerRow;
     const int first_row = threadIdx.x / kChunksPerRow, col = threadIdx.x % kChunksPerRow * 8;
     storage_t* target = tile + first_row * FAP_STRIDE + col;
     const storage_t* source = base + first_row * row_stride + col;
     const long long source_step = kRowsPerPass * row_stride;
-#pragma unroll 1
-    for (int row = first_row; row < ROWS; row += kRowsPerPass) {
-      cp_async_16(target, source);
+    // Below 4 warps a thread's copies are many (16 at d = 256 with 2 warps on sm_75): 8 at a time, which ptxas
+    // keeps in registers.
+    constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass, kUnroll = kThreads >= 128 ? kPasses : 8;
+#pragma unroll kUnroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      if (ROWS % kRowsPerPass == 0 || first_row + pass * kRowsPerPass < ROWS) cp_async_16(target, source);
       target += kRowsPerPass * FAP_STRIDE;
       source += source_step;
     }
