@@ -213,9 +213,9 @@ __device__ __forceinline__ void load_tile(storage_t* tile, const storage_t* base
     storage_t* target = tile + first_row * FAP_STRIDE + col;
     const storage_t* source = base + first_row * row_stride + col;
     const long long source_step = kRowsPerPass * row_stride;
-    // Below 4 warps a thread's copies are many (16 at d = 256 with 2 warps on sm_75): 8 at a time, which ptxas
-    // keeps in registers.
-    constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass, kUnroll = kThreads >= 128 ? kPasses : 8;
+    // Below 4 warps a thread's copies are many (16 at d = 256 with 2 warps on sm_75), and unrolled their
+    // addresses spilled registers: a loop there.
+    constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass, kUnroll = kThreads >= 128 ? kPasses : 1;
 #pragma unroll kUnroll
     for (int pass = 0; pass < kPasses; ++pass) {
       if (ROWS % kRowsPerPass == 0 || first_row + pass * kRowsPerPass < ROWS) cp_async_16(target, source);
