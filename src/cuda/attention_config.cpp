@@ -127,6 +127,12 @@ int shared_memory_budget(int compute_capability) {
   }
 }
 
+// Whether two CTAs of `shared_bytes` fit one SM, whose shared memory is the block budget plus 1 KB, of which
+// each CTA reserves 1 KB.
+bool fits_twice_per_sm(int shared_bytes, int compute_capability) {
+  return 2 * (shared_bytes + 1024) <= shared_memory_budget(compute_capability) + 1024;
+}
+
 [[noreturn]] void no_kernel_for(int compute_capability) {
   fail(FAP_ERROR_UNSUPPORTED, "backend 'cuda': no kernel runs on compute capability ", compute_capability / 10, ".",
        compute_capability % 10);
@@ -172,7 +178,7 @@ DecodeConfig choose_decode_config(const KernelFeatures& features, int compute_ca
   // tiles, 8 warps of 3 stages each where the device's shared memory per block holds them, else 2 stages, else
   // fewer warps (measured on the H200: bench/RESULTS.md).
   const int budget = shared_memory_budget(compute_capability);
-  const auto fits_twice = [&] { return 2 * (config.shared_bytes() + 1024) <= budget + 1024; };  // per SM: +1 KB
+  const auto fits_twice = [&] { return fits_twice_per_sm(config.shared_bytes(), compute_capability); };
   config.block_n = 16, config.warps = 8, config.stages = 3;
   // With a CTA for every SM before any key split, two CTAs of 4 warps per SM beat one of 8 (one's start and end
   // pass while the other streams keys), where two fit.
@@ -334,7 +340,7 @@ void set_tiles(ForwardConfig& config, int compute_capability) {
   config.block_n = config.head_dim <= 64 ? 128 : 64;
   config.block_m = 16 * config.row_tiles * config.warps;
   config.stages = 2;
-  if (2 * (config.shared_bytes() + 1024) > budget + 1024) config.stages = 1;  // per SM: budget + 1 KB
+  if (!fits_twice_per_sm(config.shared_bytes(), compute_capability)) config.stages = 1;
 }
 
 // The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole

@@ -62,11 +62,12 @@ __device__ __forceinline__ ForwardKeys forward_keys(const ForwardKernelParams& p
 #endif
 }
 
-#if FAP_STAGES == 1
 #if FAP_INDEXED_KEYS
+#if FAP_STAGES == 1
 #error "keys found through indices load K and V rows together: two stages"
 #endif
-// One tile of BLOCK_N K or V rows (rows: the sequence's first) from key0, zeros past the sequence's keys.
+#else
+// One tile of BLOCK_N contiguous K or V rows (rows: the sequence's first) from key0, zeros past the sequence's keys.
 __device__ __forceinline__ void load_key_rows(storage_t* tile, const storage_t* rows, long long row_stride,
                                               const ForwardKernelParams& p, const ForwardKeys& keys, int key0) {
   load_tile<FAP_BLOCK_N>(tile, rows + key0 * row_stride, row_stride, keys.seq.len_k - key0, p.head_dim, p.vector_loads);
@@ -87,9 +88,8 @@ __device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_ti
     copy_key_chunk(k_tile + row * FAP_STRIDE + col, v_tile + row * FAP_STRIDE + col, p, rows, col, valid);
   }
 #else
-  const int count = keys.seq.len_k - key0;
-  load_tile<FAP_BLOCK_N>(k_tile, keys.k + key0 * p.k_row_stride, p.k_row_stride, count, p.head_dim, p.vector_loads);
-  load_tile<FAP_BLOCK_N>(v_tile, keys.v + key0 * p.v_row_stride, p.v_row_stride, count, p.head_dim, p.vector_loads);
+  load_key_rows(k_tile, keys.k, p.k_row_stride, p, keys, key0);
+  load_key_rows(v_tile, keys.v, p.v_row_stride, p, keys, key0);
 #endif
 }
 
