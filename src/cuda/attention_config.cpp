@@ -43,6 +43,8 @@ int ForwardConfig::shared_bytes() const {
 std::string BackwardConfig::name() const {
   std::string text = concat(wgmma ? "attention_bwd_sm90_" : "attention_bwd_", bf16 ? "bf16" : "fp16", "_d", head_dim,
                             "_m", block_m, "_n", block_n, "_w", warps, "_s", dkv_split, "_q", q_stages);
+  if (do_stages != q_stages) text += concat("_do", do_stages);
+  if (key_tile != 16) text += concat("_k", key_tile);
   if (window) text += "_window";
   if (softcap) text += "_softcap";
   if (alibi) text += "_alibi";
@@ -53,7 +55,8 @@ std::string BackwardConfig::name() const {
 std::vector<std::string> BackwardConfig::defines() const {
   return {concat("-DFAP_HEAD_DIM=", head_dim),   concat("-DFAP_BLOCK_M=", block_m),
           concat("-DFAP_BLOCK_N=", block_n),     concat("-DFAP_WARPS=", warps),
-          concat("-DFAP_DKV_SPLIT=", dkv_split), concat("-DFAP_Q_STAGES=", q_stages),
+          concat("-DFAP_DKV_SPLIT=", dkv_split), concat("-DFAP_KEY_TILE=", key_tile),
+          concat("-DFAP_Q_STAGES=", q_stages),   concat("-DFAP_DO_STAGES=", do_stages),
           concat("-DFAP_BF16=", int{bf16}),
           concat("-DFAP_SOFTCAP=", int{softcap}), concat("-DFAP_ALIBI=", int{alibi}),
           concat("-DFAP_DROPOUT=", int{dropout}), concat("-DFAP_WINDOW=", int{window}),
@@ -72,10 +75,10 @@ int BackwardConfig::shared_bytes() const {
     const int ds_tiles = stage_mbarriers ? 2 : 1, dq_stages = head_dim == 128 || !stage_mbarriers ? 2 : 1;
     return tiles + ds_tiles * block_n * block_m * 2 + dq_stages * 2 * 64 * 64 * 4;
   }
-  // K and V tiles, q_stages of Q and dO tiles (rows padded by 8 halves), the dS^T tile (and the P^T tile where
-  // warps share keys), and q_stages of two floats per query row.
-  return (2 * block_n + 2 * q_stages * block_m) * (head_dim + 8) * 2 +
-         (dkv_split == 1 ? 1 : 2) * block_n * (block_m + 8) * 2 + 2 * q_stages * block_m * 4;
+  // K and V tiles, q_stages of Q and do_stages of dO tiles (rows padded by 8 halves), the dS^T tile (and the P^T
+  // tile where warps share keys), and a float per query row for each Q (LSE) and dO (D) stage.
+  return (2 * block_n + (q_stages + do_stages) * block_m) * (head_dim + 8) * 2 +
+         (dkv_split == 1 ? 1 : 2) * block_n * (block_m + 8) * 2 + (q_stages + do_stages) * block_m * 4;
 }
 
 std::string DecodeConfig::name() const {
@@ -229,6 +232,11 @@ namespace {
 
 // Backward tiles: the first of these shapes that fits the block's shared memory (the compile test checks that
 // none spills and that each fits its architecture's shared memory):
+// - sm_80's 164 KB: FlashAttention-2's tiles, 128 keys x 64 queries per step up to d = 128 (128 queries at d <= 64
+//   with the dO tile single-buffered, Q double: +2-4 %; except with dropout, which spills there) and 64 x 64 at
+//   d = 192 and 256, 32 keys per group of 2 (4 at d = 192/256) warps sharing them (1.03-1.18x the 16-key tiles
+//   below on an H200; bench/RESULTS.md). With dropout above d = 64 they spill on sm_80, and d = 160/224 would pad
+//   to 192/256. Above d = 64 the Q and dO tiles are single-buffered (Q double-buffered was 1-4 % slower at d = 128).
 // - Up to d = 128, 8 warps, one warp per 16 keys (dkv_split = 1: P^T and dS^T stay in its registers for dV and
 //   dK), 128 keys per CTA and 128 queries per step at d <= 64, 64 above (dK and dV take the registers the wider
 //   step would need), the Q/dO tiles double-buffered.
@@ -240,21 +248,33 @@ namespace {
 //   spill at d = 112, 128), double- then single-buffered; then fewer warps (fewer keys per CTA).
 void set_backward_tiles(BackwardConfig& config, int compute_capability) {
   struct Shape {
-    int warps, dkv_split, block_m, q_stages;
+    int warps, dkv_split, key_tile, block_m, q_stages, do_stages;
   };
   const int head_dim = config.head_dim;
-  const std::vector<Shape> shapes =
-      head_dim <= 128 ? std::vector<Shape>{{8, 1, head_dim <= 64 ? 128 : 64, 2},
-                                           {8, 1, 64, 2},
-                                           {8, 2, head_dim <= 64 ? 64 : 32, 2},
-                                           {8, 2, head_dim <= 64 ? 64 : 32, 1},
-                                           {4, 2, 32, 1},
-                                           {2, 2, 32, 1}}
-                      : std::vector<Shape>{{8, 2, config.dropout ? 32 : 64, 1}, {8, 4, 64, 1}, {4, 2, 32, 1}, {2, 2, 32, 1}};
+  std::vector<Shape> shapes;
+  if (head_dim <= 128) {
+    if (head_dim <= 64 && !config.dropout) shapes.push_back({8, 2, 32, 128, 2, 1});
+    if (!(config.dropout && head_dim > 64)) {
+      const int stages = head_dim <= 64 ? 2 : 1;
+      shapes.push_back({8, 2, 32, 64, stages, stages});
+    }
+    shapes.insert(shapes.end(), {{8, 1, 16, head_dim <= 64 ? 128 : 64, 2, 2},
+                                 {8, 1, 16, 64, 2, 2},
+                                 {8, 2, 16, head_dim <= 64 ? 64 : 32, 2, 2},
+                                 {8, 2, 16, head_dim <= 64 ? 64 : 32, 1, 1},
+                                 {4, 2, 16, 32, 1, 1},
+                                 {2, 2, 16, 32, 1, 1}});
+  } else {
+    if (!config.dropout && head_dim % 64 == 0) shapes.push_back({8, 4, 32, 64, 1, 1});
+    shapes.insert(shapes.end(), {{8, 2, 16, config.dropout ? 32 : 64, 1, 1},
+                                 {8, 4, 16, 64, 1, 1},
+                                 {4, 2, 16, 32, 1, 1},
+                                 {2, 2, 16, 32, 1, 1}});
+  }
   for (const Shape& shape : shapes) {
-    config.warps = shape.warps, config.dkv_split = shape.dkv_split;
-    config.block_m = shape.block_m, config.q_stages = shape.q_stages;
-    config.block_n = 16 * shape.warps / shape.dkv_split;
+    config.warps = shape.warps, config.dkv_split = shape.dkv_split, config.key_tile = shape.key_tile;
+    config.block_m = shape.block_m, config.q_stages = shape.q_stages, config.do_stages = shape.do_stages;
+    config.block_n = shape.key_tile * shape.warps / shape.dkv_split;
     // Head dims padded (with zero columns) to multiples of 32, FlashAttention-2's, and so that each warp's dK/dV
     // columns are whole 16-column MMA tiles.
     const int multiple = std::max(32, 16 * shape.dkv_split);
@@ -270,7 +290,7 @@ void set_backward_tiles(BackwardConfig& config, int compute_capability) {
 void set_sm90_backward_tiles(BackwardConfig& config, int) {
   config.wgmma = true;
   config.head_dim = config.head_dim <= 64 ? 64 : config.head_dim <= 128 ? 128 : 256;
-  config.warps = 8, config.dkv_split = 1, config.q_stages = 2;
+  config.warps = 8, config.dkv_split = 1, config.q_stages = 2, config.do_stages = 2;
   if (config.head_dim == 256) {
     config.block_m = 64, config.block_n = 64;
   } else {

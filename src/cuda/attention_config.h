@@ -40,8 +40,8 @@ struct ForwardConfig {
   bool operator<(const ForwardConfig& other) const { return fields() < other.fields(); }
 };
 
-// The backward kernels: attention_bwd.cuh (mma.sync, sm_80+): one CTA per block_n keys, warps of 16 keys
-// (times head_dim / dkv_split columns of dK and dV), block_m queries per step; on sm_90 without dropout,
+// The backward kernels: attention_bwd.cuh (mma.sync, sm_80+): one CTA per block_n keys, groups of dkv_split warps
+// sharing key_tile keys (each warp head_dim / dkv_split columns of their dK and dV), block_m queries per step; on sm_90 without dropout,
 // attention_bwd_sm90.cuh (wgmma, d padded to 64 or 128: two warpgroups of 64 keys) and
 // attention_bwd_sm90_wide.cuh (d padded to 256: two warpgroups of 128 columns). All share
 // attention_bwd_common.cuh's preprocess and conversion kernels.
@@ -49,8 +49,9 @@ struct BackwardConfig {
   bool wgmma = false;
   bool bf16 = false;
   int head_dim = 64;  // the problem's, padded (mma.sync: to a multiple of 32 and of 16 * dkv_split; wgmma: to 64, 128, 256)
-  int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = 16 * warps / dkv_split
-  int q_stages = 2;                                           // 2: Q/dO tiles double-buffered
+  int block_m = 64, block_n = 64, warps = 8, dkv_split = 2;  // block_n = key_tile * warps / dkv_split
+  int key_tile = 16;                                          // mma.sync: keys per group of dkv_split warps (16, 32)
+  int q_stages = 2, do_stages = 2;                            // mma.sync: Q and dO tiles single- or double-buffered
   bool softcap = false, alibi = false, dropout = false, window = false;  // deterministic mode is a run-time flag
 
   std::string name() const;  // e.g. attention_bwd_bf16_d128_m64_n64_w8_s2_q2_window
@@ -62,8 +63,8 @@ struct BackwardConfig {
   int shared_bytes() const;
 
   auto fields() const {
-    return std::tie(wgmma, bf16, head_dim, block_m, block_n, warps, dkv_split, q_stages, softcap, alibi, dropout,
-                    window);
+    return std::tie(wgmma, bf16, head_dim, block_m, block_n, warps, dkv_split, key_tile, q_stages, do_stages, softcap,
+                    alibi, dropout, window);
   }
   bool operator<(const BackwardConfig& other) const { return fields() < other.fields(); }
 };

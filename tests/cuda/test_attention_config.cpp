@@ -140,7 +140,8 @@ TEST(AttentionConfig, EveryConfigurationFitsItsArchitecturesSharedMemory) {
   // without dropout and mma.sync with it.
   EXPECT_EQ(all_backward_configs(80).size(), 2u * 8u * 16u);
   for (const BackwardConfig& config : all_backward_configs(80)) {
-    EXPECT_EQ(config.block_n * config.dkv_split, 16 * config.warps) << config.name();
+    EXPECT_EQ(config.block_n * config.dkv_split, config.key_tile * config.warps) << config.name();
+    EXPECT_TRUE(config.key_tile == 16 || (config.key_tile == 32 && config.dkv_split > 1)) << config.name();
     EXPECT_EQ(config.head_dim % (16 * config.dkv_split), 0) << config.name();  // whole MMA tiles per warp
     EXPECT_EQ(config.head_dim % 32, 0) << config.name();
   }
@@ -150,6 +151,34 @@ TEST(AttentionConfig, EveryConfigurationFitsItsArchitecturesSharedMemory) {
     wgmma += config.wgmma;
   }
   EXPECT_EQ(wgmma, 2u * 3u * 8u);
+}
+
+// sm_80's shared memory takes FlashAttention-2's backward tiles, groups of warps sharing 32 keys, except where they
+// spill (dropout above d = 64) or would pad the head dim further (d = 160, 224); sm_86/sm_89's 99 KB do not hold them.
+// At d <= 64 without dropout, 128 queries per step with the dO tile single-buffered (the Q tile double).
+TEST(AttentionConfig, BackwardKeyTilesOf32WhereSharedMemoryHoldsThem) {
+  const auto backward = [](int64_t d, int compute_capability, bool dropout = false) {
+    AttentionProblem p = problem(FAP_DTYPE_BFLOAT16, d);
+    if (dropout) p.dropout_p = 0.1f;
+    return choose_backward_config(p.features(), compute_capability);
+  };
+  for (int64_t d : {64, 128, 192, 256}) {
+    const BackwardConfig config = backward(d, 80);
+    EXPECT_EQ(config.key_tile, 32) << config.name();
+    EXPECT_EQ(config.block_n, d <= 128 ? 128 : 64) << config.name();
+    EXPECT_EQ(config.block_m, d <= 64 ? 128 : 64) << config.name();
+    EXPECT_EQ(config.q_stages, d <= 64 ? 2 : 1) << config.name();
+    EXPECT_EQ(config.do_stages, 1) << config.name();
+    EXPECT_EQ(config.head_dim, d) << config.name();  // no padding beyond the problem's
+  }
+  EXPECT_EQ(backward(64, 80, true).key_tile, 32);
+  EXPECT_EQ(backward(64, 80, true).block_m, 64);
+  EXPECT_EQ(backward(64, 80, true).do_stages, 2);
+  EXPECT_EQ(backward(128, 80, true).key_tile, 16);
+  EXPECT_EQ(backward(256, 80, true).key_tile, 16);
+  EXPECT_EQ(backward(160, 80).key_tile, 16);
+  EXPECT_EQ(backward(160, 80).head_dim, 160);
+  for (int64_t d : {64, 128, 256}) EXPECT_EQ(backward(d, 86).key_tile, 16);
 }
 
 // sm_86 and sm_89 (99 KB per block) get the sm_80 tiles where they fit and smaller ones where they do not.
@@ -169,8 +198,9 @@ TEST(AttentionConfig, SmallerSharedMemoryGetsSmallerTilesOnlyWhereNeeded) {
   // sm_86/sm_89 keep the compact shapes: FlashAttention-2's 128 x 128 tiles at d = 64 would leave one CTA per SM.
   EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 86).name(), "attention_fwd_bf16_d64_m128_n64_w8");
   EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 89).name(), "attention_fwd_bf16_d128_m128_n32_w4");
+  // sm_80's 164 KB: FlashAttention-2's 64 x 128 backward tile, 32 keys per pair of warps.
   EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 80).name(),
-            "attention_bwd_bf16_d128_m64_n128_w8_s1_q2");
+            "attention_bwd_bf16_d128_m64_n128_w8_s2_q1_k32");
   EXPECT_EQ(choose_backward_config(problem(FAP_DTYPE_BFLOAT16, 128).features(), 86).name(),
             "attention_bwd_bf16_d128_m32_n64_w8_s2_q2");
 }

@@ -175,12 +175,24 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
 }
 #endif
 
-// Starts copying LSE (base-2 units) and D of the BLOCK_M query rows from q0 (a multiple of BLOCK_M, which
-// divides 128) into shared memory with cp.async: whole padded rows (rows past the sequence have P = 0).
+// Starts copying BLOCK_M floats of a per-query-row array (LSE in base-2 units, or D) from row q0 (a multiple of
+// BLOCK_M, which divides 128) into shared memory with cp.async, 16 bytes by each of the threads `first_thread` to
+// first_thread + BLOCK_M / 4 - 1: whole padded rows (rows past the sequence have P = 0).
+template <int BLOCK_M>
+__device__ __forceinline__ void load_query_rows(float* rows, const float* source, const AttentionBwdParams& p,
+                                                const SequenceRows& s, int head, int q0, int first_thread) {
+  constexpr int kChunks = BLOCK_M / 4;
+  static_assert(2 * kChunks <= FAP_WARPS * 32, "LSE and D rows take a chunk per thread");
+  const int i = static_cast<int>(threadIdx.x) - first_thread;
+  if (i >= 0 && i < kChunks) cp_async_16(rows + i * 4, source + softmax_row_offset(p, s, head, q0) + i * 4);
+}
+
+// LSE and D of the step's rows, by different threads, a copy each (written as two load_query_rows calls, the
+// wgmma kernels' fp16 d = 64 window configuration spilled a register).
 template <int BLOCK_M>
 __device__ __forceinline__ void load_softmax_rows(float* lse_rows, float* dsum_rows, const AttentionBwdParams& p,
                                                   const SequenceRows& s, int head, int q0) {
-  constexpr int kChunks = BLOCK_M / 4;  // 16 bytes each, one per thread
+  constexpr int kChunks = BLOCK_M / 4;
   static_assert(2 * kChunks <= FAP_WARPS * 32, "a chunk per thread");
   const int i = threadIdx.x;
   if (i < 2 * kChunks) {
