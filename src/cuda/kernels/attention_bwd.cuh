@@ -205,44 +205,60 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
         }
 
         // P^T after dropout and dS^T (the derivative with respect to the scaled, capped score) in place of S^T and
-        // dP^T; dS^T (and, for warps sharing keys, P^T) into shared memory.
+        // dP^T; dS^T (and, for warps sharing keys, P^T) into shared memory. Inlined once per value of `masked`,
+        // chosen per step: a choice per element cost a branch and its convergence barrier each (ncu at d = 64).
+        auto softmax_gradients = [&](bool masked) {
 #pragma unroll
-        for (int f = 0; f < kKeyFragments; ++f)
+          for (int j = 0; j < kPassColumns / 8; ++j) {
+            // This thread's two query columns of the 8-column tile j: their LSE and D, read once for every key.
+            const int query_local = query_col0 + j * 8 + quad * 2;
+            const float lse[2] = {lse_stage[query_local], lse_stage[query_local + 1]};
+            const float dsum[2] = {dsum_stage[query_local], dsum_stage[query_local + 1]};
 #pragma unroll
-        for (int j = 0; j < kPassColumns / 8; ++j)
+            for (int f = 0; f < kKeyFragments; ++f)
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int key_row = key_row0 + f * 16 + group + 8 * half;
+              for (int half = 0; half < 2; ++half) {
+                const int key_row = key_row0 + f * 16 + group + 8 * half;
+                const int key = key0 + key_row;
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int query_local = query_col0 + j * 8 + quad * 2 + c;
-              const int key = key0 + key_row;
-              const int row = q0 + query_local;
-              float cap_derivative;
-              const float prob =
-                  needs_mask ? backward_probability<true>(st[f][j][2 * half + c], p, s, slope, row, key,
-                                                          lse_stage[query_local], &cap_derivative)
-                             : backward_probability<false>(st[f][j][2 * half + c], p, s, slope, row, key,
-                                                           lse_stage[query_local], &cap_derivative);
-              float dp = dpt[f][j][2 * half + c];
+                for (int c = 0; c < 2; ++c) {
+                  const int row = q0 + query_local + c;
+                  float cap_derivative;
+                  const float prob =
+                      masked ? backward_probability<true>(st[f][j][2 * half + c], p, s, slope, row, key, lse[c],
+                                                          &cap_derivative)
+                             : backward_probability<false>(st[f][j][2 * half + c], p, s, slope, row, key, lse[c],
+                                                           &cap_derivative);
+                  float dp = dpt[f][j][2 * half + c];
 #if FAP_DROPOUT
-              const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset,
-                                                  (unsigned int)(batch * p.heads_q + head), (unsigned int)row,
-                                                  (unsigned int)key / 4);
-              const float kept =
-                  philox_word(words, (unsigned int)key % 4) >= p.dropout_threshold ? p.dropout_scale : 0.0f;
-              dp *= kept;
-              st[f][j][2 * half + c] = prob * kept;
+                  const Philox4 words = dropout_words(p.dropout_seed, p.dropout_offset,
+                                                      (unsigned int)(batch * p.heads_q + head), (unsigned int)row,
+                                                      (unsigned int)key / 4);
+                  const float kept =
+                      philox_word(words, (unsigned int)key % 4) >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+                  dp *= kept;
+                  st[f][j][2 * half + c] = prob * kept;
 #else
-              st[f][j][2 * half + c] = prob;
+                  st[f][j][2 * half + c] = prob;
 #endif
-              dpt[f][j][2 * half + c] = prob * (dp - dsum_stage[query_local]) * cap_derivative;
-            }
-            const int element = key_row * FAP_DS_STRIDE + query_col0 + j * 8 + quad * 2;
-            *reinterpret_cast<unsigned int*>(ds_tile + element) = pack2(dpt[f][j][2 * half], dpt[f][j][2 * half + 1]);
-            if (!FAP_PT_IN_REGISTERS)
-              *reinterpret_cast<unsigned int*>(p_tile + element) = pack2(st[f][j][2 * half], st[f][j][2 * half + 1]);
+                  dpt[f][j][2 * half + c] = prob * (dp - dsum[c]) * cap_derivative;
+                }
+                const int element = key_row * FAP_DS_STRIDE + query_local;
+                *reinterpret_cast<unsigned int*>(ds_tile + element) = pack2(dpt[f][j][2 * half], dpt[f][j][2 * half + 1]);
+                if (!FAP_PT_IN_REGISTERS)
+                  *reinterpret_cast<unsigned int*>(p_tile + element) = pack2(st[f][j][2 * half], st[f][j][2 * half + 1]);
+              }
           }
+        };
+        if (FAP_DROPOUT || (FAP_SOFTCAP && FAP_ALIBI && kKeyFragments == 2)) {
+          // One copy where a second spills: beside dropout's Philox rounds, and the softcap's and ALiBi's
+          // arithmetic with 32-key tiles.
+          softmax_gradients(needs_mask);
+        } else if (needs_mask) {
+          softmax_gradients(true);
+        } else {
+          softmax_gradients(false);
+        }
 
 #if FAP_PT_IN_REGISTERS
 #pragma unroll
