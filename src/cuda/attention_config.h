@@ -41,8 +41,8 @@ struct ForwardConfig {
 };
 
 // The backward kernels: attention_bwd.cuh (mma.sync, sm_80+): one CTA per block_n keys, groups of dkv_split warps
-// sharing key_tile keys (each warp head_dim / dkv_split columns of their dK and dV), block_m queries per step; on sm_90 without dropout,
-// attention_bwd_sm90.cuh (wgmma, d padded to 64 or 128: two warpgroups of 64 keys) and
+// sharing key_tile keys (each warp head_dim / dkv_split columns of their dK and dV), block_m queries per step; on
+// sm_90 without dropout, attention_bwd_sm90.cuh (wgmma, d padded to 64 or 128: two warpgroups of 64 keys) and
 // attention_bwd_sm90_wide.cuh (d padded to 256: two warpgroups of 128 columns). All share
 // attention_bwd_common.cuh's preprocess and conversion kernels.
 struct BackwardConfig {

@@ -22,7 +22,8 @@
 // so every sum is taken in the same order, without the stall of a read-add-write.
 //
 // Compile-time configuration: FAP_HEAD_DIM, FAP_BLOCK_M (queries per step), FAP_BLOCK_N (keys per CTA),
-// FAP_WARPS, FAP_DKV_SPLIT, FAP_KEY_TILE, FAP_Q_STAGES, FAP_DO_STAGES, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW.
+// FAP_WARPS, FAP_DKV_SPLIT, FAP_KEY_TILE, FAP_Q_STAGES, FAP_DO_STAGES, FAP_BF16, FAP_SOFTCAP, FAP_ALIBI,
+// FAP_DROPOUT, FAP_WINDOW.
 #pragma once
 
 #include "attention_bwd_common.cuh"
@@ -114,7 +115,10 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                            static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride +
                                (s.k_start + key0) * p.v_row_stride + kv_head * p.v_head_stride,
                            p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
-    if (steps > 0) load_queries(0, 0), load_output_grads(0, 0);
+    if (steps > 0) {
+      load_queries(0, 0);
+      load_output_grads(0, 0);
+    }
     cp_async_commit();
 
     float dk[kKeyFragments][FAP_DKV_COLS / 8][4], dv[kKeyFragments][FAP_DKV_COLS / 8][4];
