@@ -87,23 +87,24 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 
     auto step_head = [&](int step) { return kv_head * p.group_size + step / query_blocks; };
     auto step_q0 = [&](int step) { return (first_block + step % query_blocks) * FAP_BLOCK_M; };
-    // Issue, by cp.async, the loads of step `step` into stage `stage`: the Q tile with the LSE rows, the dO tile with
-    // the D rows.
-    auto load_queries = [&](int step, int stage) {
+    // Issue, by cp.async, the loads of step `step` into one stage of a query-side tensor: its tile (Q or dO) with its
+    // per-row values (LSE or D), these by the threads from first_thread on.
+    auto load_query_side = [&](int step, storage_t* tile, float* rows, const void* tensor, long long batch_stride,
+                               long long row_stride, long long head_stride, const float* row_values, int first_thread) {
       const int head = step_head(step), q0 = step_q0(step);
-      load_tile<FAP_BLOCK_M>(q_tiles + stage * FAP_BLOCK_M * FAP_STRIDE,
-                             static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride +
-                                 (s.q_start + q0) * p.q_row_stride + head * p.q_head_stride,
-                             p.q_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-      load_query_rows<FAP_BLOCK_M>(lse_rows + stage * FAP_BLOCK_M, p.lse_log2, p, s, head, q0, 0);
+      load_tile<FAP_BLOCK_M>(tile,
+                             static_cast<const storage_t*>(tensor) + batch * batch_stride +
+                                 (s.q_start + q0) * row_stride + head * head_stride,
+                             row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
+      load_query_rows<FAP_BLOCK_M>(rows, row_values, p, s, head, q0, first_thread);
+    };
+    auto load_queries = [&](int step, int stage) {
+      load_query_side(step, q_tiles + stage * FAP_BLOCK_M * FAP_STRIDE, lse_rows + stage * FAP_BLOCK_M, p.q,
+                      p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.lse_log2, 0);
     };
     auto load_output_grads = [&](int step, int stage) {
-      const int head = step_head(step), q0 = step_q0(step);
-      load_tile<FAP_BLOCK_M>(do_tiles + stage * FAP_BLOCK_M * FAP_STRIDE,
-                             static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
-                                 (s.q_start + q0) * p.dout_row_stride + head * p.dout_head_stride,
-                             p.dout_row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
-      load_query_rows<FAP_BLOCK_M>(dsum_rows + stage * FAP_BLOCK_M, p.dsum, p, s, head, q0, FAP_BLOCK_M / 4);
+      load_query_side(step, do_tiles + stage * FAP_BLOCK_M * FAP_STRIDE, dsum_rows + stage * FAP_BLOCK_M, p.dout,
+                      p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride, p.dsum, FAP_BLOCK_M / 4);
     };
 
     __syncthreads();  // the previous key block's readers are done with every tile
@@ -306,23 +307,12 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
         float acc[kDqRowTiles][kDqItemColumns / 8][4];
 #pragma unroll
         for (int t = 0; t < kDqRowTiles; ++t) zero_fragments(acc[t]);
-#pragma unroll
-        for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) {
-          unsigned int a[kDqRowTiles][4];
-#pragma unroll
-          for (int t = 0; t < kDqRowTiles; ++t)
-            ldmatrix_x4_trans(a[t], ds_tile + (kk * 16 + (m / 2) * 8 + r) * FAP_DS_STRIDE + row0 + t * 16 + (m % 2) * 8);
-#pragma unroll
-          for (int i = 0; i < kDqItemColumns / 16; ++i) {
-            unsigned int b[4];
-            ldmatrix_x4_trans(b, k_tile + (kk * 16 + (m % 2) * 8 + r) * FAP_STRIDE + col0 + i * 16 + (m / 2) * 8);
-#pragma unroll
-            for (int t = 0; t < kDqRowTiles; ++t) {
-              mma_16816(acc[t][2 * i], a[t], b[0], b[1]);
-              mma_16816(acc[t][2 * i + 1], a[t], b[2], b[3]);
-            }
-          }
-        }
+        warp_mma_shared<FAP_BLOCK_N / 16>(
+            acc,
+            SharedFragments<true, 32, 16 * FAP_DS_STRIDE * sizeof(storage_t)>{
+                shared_address(ds_tile + ((m / 2) * 8 + r) * FAP_DS_STRIDE + row0 + (m % 2) * 8)},
+            SharedFragments<true, 32, 16 * FAP_STRIDE * sizeof(storage_t)>{
+                shared_address(k_tile + ((m % 2) * 8 + r) * FAP_STRIDE + col0 + (m / 2) * 8)});
         // Rows past the sequence add zeros (their P is 0) into its padded rows, which the conversion skips.
 #pragma unroll
         for (int t = 0; t < kDqRowTiles; ++t) {

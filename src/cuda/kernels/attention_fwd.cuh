@@ -184,23 +184,12 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
     float s[FAP_ROW_TILES][FAP_BLOCK_N / 8][4];
 #pragma unroll
     for (int t = 0; t < FAP_ROW_TILES; ++t) zero_fragments(s[t]);
-#pragma unroll
-    for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
-      unsigned int a[FAP_ROW_TILES][4];
-#pragma unroll
-      for (int t = 0; t < FAP_ROW_TILES; ++t)
-        ldmatrix_x4(a[t], q_tile + (warp_row + 16 * t + (m % 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m / 2) * 8);
-#pragma unroll
-      for (int j = 0; j < FAP_BLOCK_N / 16; ++j) {
-        unsigned int b[4];
-        ldmatrix_x4(b, k_tile + (j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
-#pragma unroll
-        for (int t = 0; t < FAP_ROW_TILES; ++t) {
-          mma_16816(s[t][2 * j], a[t], b[0], b[1]);
-          mma_16816(s[t][2 * j + 1], a[t], b[2], b[3]);
-        }
-      }
-    }
+    constexpr int kRowBytes = FAP_STRIDE * sizeof(storage_t);
+    warp_mma_shared<FAP_HEAD_DIM / 16>(
+        s,
+        SharedFragments<false, 16 * kRowBytes, 32>{
+            shared_address(q_tile + (warp_row + (m % 2) * 8 + r) * FAP_STRIDE + (m / 2) * 8)},
+        SharedFragments<false, 16 * kRowBytes, 32>{shared_address(k_tile + ((m / 2) * 8 + r) * FAP_STRIDE + (m % 2) * 8)});
 
     const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0);
 #pragma unroll

@@ -185,6 +185,45 @@ __device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, unsig
 #endif
 }
 
+// 16x16 fragments of a tile in shared memory, read by ldmatrix_x4 (.trans when TRANSPOSED): fragment `index` of
+// k-step kk lies at this lane's address of fragment 0, k-step 0, plus index * INDEX_BYTES + kk * STEP_BYTES.
+template <bool TRANSPOSED, int INDEX_BYTES, int STEP_BYTES>
+struct SharedFragments {
+  unsigned int lane_address;  // shared_address() of this lane's ldmatrix row in fragment 0, k-step 0
+  __device__ __forceinline__ void operator()(unsigned int* fragment, int index, int kk) const {
+    const unsigned int address = lane_address + index * INDEX_BYTES + kk * STEP_BYTES;
+    if (TRANSPOSED)
+      ldmatrix_x4_trans(fragment, address);
+    else
+      ldmatrix_x4(fragment, address);
+  }
+};
+
+// acc (ROW_TILES tiles of 16 rows x 8 COLUMNS8 columns) += A (16 ROW_TILES x 16 K_STEPS) * B, both operands
+// from shared memory: load_a(a, t, kk) loads row tile t's 16x16 A fragment of k-step kk, load_b(b, j, kk) the
+// two k16 x n8 B fragments of columns 16 j .. 16 j + 15 (one ldmatrix_x4 each). Every B fragment feeds all row
+// tiles, so a B read from shared memory serves ROW_TILES products.
+template <int K_STEPS, int ROW_TILES, int COLUMNS8, typename LoadA, typename LoadB>
+__device__ __forceinline__ void warp_mma_shared(float (&acc)[ROW_TILES][COLUMNS8][4], LoadA load_a, LoadB load_b) {
+  static_assert(COLUMNS8 % 2 == 0, "B fragments come in pairs of 8 columns");
+#pragma unroll
+  for (int kk = 0; kk < K_STEPS; ++kk) {
+    unsigned int a[ROW_TILES][4];
+#pragma unroll
+    for (int t = 0; t < ROW_TILES; ++t) load_a(a[t], t, kk);
+#pragma unroll
+    for (int j = 0; j < COLUMNS8 / 2; ++j) {
+      unsigned int b[4];
+      load_b(b, j, kk);
+#pragma unroll
+      for (int t = 0; t < ROW_TILES; ++t) {
+        mma_16816(acc[t][2 * j], a[t], b[0], b[1]);
+        mma_16816(acc[t][2 * j + 1], a[t], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Columns 16 kk .. 16 kk + 15 of an fp32 accumulator (fragments 2 kk and 2 kk + 1) rounded to the A operand of
 // a following product: an m16n8 accumulator's lanes hold what m16n8k16's A operand wants in the same lanes, so
 // scores become the probabilities of P V (or P^T of P^T dO) without going through shared memory.
