@@ -13,7 +13,7 @@ trap 'rm -rf "$source_dir"' EXIT
 if [ -n "$revision" ]; then
   git archive "$revision" | tar xf - -C "$source_dir"
 else
-  git ls-files -co --exclude-standard | grep -v '^offline/' | tar cf - -T - | tar xf - -C "$source_dir"
+  git ls-files -co --exclude-standard | tar cf - -T - | tar xf - -C "$source_dir"  # offline/ is ignored
 fi
 launcher=(); command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 CCACHE_BASEDIR=$source_dir cmake -S "$source_dir" -B "$source_dir/build" -G Ninja "${launcher[@]}" \

@@ -403,8 +403,8 @@ TEST(AttentionKernelCompile, DecodeConfigurationsCompileWithoutSpills) {
   add_small_shared_memory_targets(targets, all_decode_configs(80), all_decode_configs(86));
   for (const DecodeConfig& config : all_decode_configs(90)) targets.emplace_back(config, "sm_90a");
   const size_t compiled = compile_all(targets);
-  std::printf("NVRTC compiled %zu of %zu decode kernels (sm_80, sm_86/sm_89 where their configuration differs, sm_90a)\n",
-              compiled, targets.size());
+  std::printf("NVRTC compiled %zu of %zu decode kernels (sm_80, sm_86/sm_89 where their configuration differs, "
+              "sm_90a)\n", compiled, targets.size());
 }
 
 TEST(AttentionKernelCompile, ProbsConfigurationsCompileWithoutSpills) {
