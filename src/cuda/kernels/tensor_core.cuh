@@ -192,7 +192,7 @@ struct SharedFragments {
   unsigned int lane_address;  // shared_address() of this lane's ldmatrix row in fragment 0, k-step 0
   __device__ __forceinline__ void operator()(unsigned int* fragment, int index, int kk) const {
     const unsigned int address = lane_address + index * INDEX_BYTES + kk * STEP_BYTES;
-    if (TRANSPOSED)
+    if constexpr (TRANSPOSED)
       ldmatrix_x4_trans(fragment, address);
     else
       ldmatrix_x4(fragment, address);
