@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "src/cuda/kernel_sources.h"
+#include "src/cuda/kernels/tile_layouts.h"
 
 namespace fap::cuda {
 
@@ -33,11 +34,10 @@ std::vector<std::string> ForwardConfig::defines() const {
 std::string ForwardConfig::source_file() const { return wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"; }
 
 int ForwardConfig::shared_bytes() const {
-  // Q tile plus `stages` stages of K and V tiles: mma.sync rows padded by 8 elements of 2
-  // bytes, then the CTA's keys; wgmma tiles unpadded (swizzled), 1024 bytes to align them and 128 for the
-  // mbarriers.
+  // wgmma: Q tile plus `stages` stages of K and V tiles, unpadded (swizzled), 1024 bytes to align them and 128 for
+  // the mbarriers.
   return wgmma ? (block_m + 2 * stages * block_n) * head_dim * 2 + 1024 + 128
-               : (block_m + 2 * stages * block_n) * (head_dim + 8) * 2 + kCtaKeysBytes;
+               : ForwardSharedLayout{block_m, block_n, head_dim, stages, kCtaKeysBytes}.bytes();
 }
 
 std::string BackwardConfig::name() const {
@@ -75,10 +75,7 @@ int BackwardConfig::shared_bytes() const {
     const int ds_tiles = stage_mbarriers ? 2 : 1, dq_stages = head_dim == 128 || !stage_mbarriers ? 2 : 1;
     return tiles + ds_tiles * block_n * block_m * 2 + dq_stages * 2 * 64 * 64 * 4;
   }
-  // K and V tiles, q_stages of Q and do_stages of dO tiles (rows padded by 8 halves), the dS^T tile (and the P^T
-  // tile where warps share keys), and a float per query row for each Q (LSE) and dO (D) stage.
-  return (2 * block_n + (q_stages + do_stages) * block_m) * (head_dim + 8) * 2 +
-         (dkv_split == 1 ? 1 : 2) * block_n * (block_m + 8) * 2 + (q_stages + do_stages) * block_m * 4;
+  return BackwardSharedLayout{block_m, block_n, head_dim, q_stages, do_stages, dkv_split == 1}.bytes();
 }
 
 std::string DecodeConfig::name() const {
@@ -96,11 +93,7 @@ std::vector<std::string> DecodeConfig::defines() const {
           concat("-DFAP_ALIBI=", int{alibi}),   std::string("-DFAP_DROPOUT=0"),    concat("-DFAP_WINDOW=", int{window})};
 }
 
-int DecodeConfig::shared_bytes() const {
-  // The 16-row query tile and each warp's stages of K and V tiles (rows padded by 8 elements of 2 bytes); after
-  // the keys the stages hold the warps' fp32 outputs and row statistics for the merge, which is smaller.
-  return 16 * (head_dim + 8) * 2 + warps * stages * 2 * block_n * (head_dim + 8) * 2;
-}
+int DecodeConfig::shared_bytes() const { return DecodeSharedLayout{head_dim, block_n, stages, warps}.bytes(); }
 
 std::string ProbsConfig::name() const {
   std::string text = concat("attention_probs_", bf16 ? "bf16" : "fp16");

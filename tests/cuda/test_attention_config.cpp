@@ -155,6 +155,35 @@ TEST(AttentionConfig, EveryConfigurationFitsItsArchitecturesSharedMemory) {
   EXPECT_EQ(wgmma, 2u * 3u * 8u);
 }
 
+// The mma.sync kernels' shared memory, from kernels/tile_layouts.h, against the sum of its parts written out: the Q
+// tile and the stages of K and V tiles (rows padded by 8 elements of 2 bytes) and the CTA's keys (forward); K, V,
+// the Q and dO stages, dS^T (and P^T where warps share keys) and a float per staged query row (backward); the 16
+// packed query rows and each warp's stages of K and V tiles (decode; its merge buffers are smaller). The decode
+// kernel at d = 128 with 4 warps of 3 stages asks for 108800 bytes, as ncu reported for it on the H200.
+TEST(AttentionConfig, SharedMemoryIsTheSumOfTheLayoutsTiles) {
+  for (int compute_capability : {75, 80, 86, 89, 90}) {
+    for (const ForwardConfig& c : all_forward_configs(compute_capability)) {
+      if (c.wgmma) continue;
+      EXPECT_EQ(c.shared_bytes(), (c.block_m + 2 * c.stages * c.block_n) * (c.head_dim + 8) * 2 +
+                                      ForwardConfig::kCtaKeysBytes) << c.name();
+    }
+    for (const BackwardConfig& c : all_backward_configs(compute_capability)) {
+      if (c.wgmma) continue;
+      const int staged_rows = (c.q_stages + c.do_stages) * c.block_m;
+      EXPECT_EQ(c.shared_bytes(), (2 * c.block_n + staged_rows) * (c.head_dim + 8) * 2 +
+                                      (c.dkv_split == 1 ? 1 : 2) * c.block_n * (c.block_m + 8) * 2 + staged_rows * 4)
+          << c.name();
+    }
+    for (const DecodeConfig& c : all_decode_configs(compute_capability)) {
+      EXPECT_EQ(c.shared_bytes(), 16 * (c.head_dim + 8) * 2 + c.warps * c.stages * 2 * c.block_n * (c.head_dim + 8) * 2)
+          << c.name();
+    }
+  }
+  DecodeConfig decode;
+  decode.head_dim = 128, decode.block_n = 16, decode.stages = 3, decode.warps = 4;
+  EXPECT_EQ(decode.shared_bytes(), 108800);
+}
+
 // sm_80's shared memory takes FlashAttention-2's backward tiles, groups of warps sharing 32 keys, except where they
 // spill (dropout above d = 64) or would pad the head dim further (d = 160, 224); sm_86/sm_89's 99 KB do not hold them.
 // At d <= 64 without dropout, 128 queries per step with the dO tile single-buffered (the Q tile double).

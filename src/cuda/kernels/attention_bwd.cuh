@@ -27,6 +27,7 @@
 #pragma once
 
 #include "attention_bwd_common.cuh"
+#include "tile_layouts.h"
 
 
 #define FAP_DS_STRIDE (FAP_BLOCK_M + 8)              // dS^T tile row stride (halves): conflict-free ldmatrix
@@ -63,14 +64,18 @@ constexpr int kDqItemColumns = FAP_HEAD_DIM % 64 == 0 && kDqMaxColumns >= 64   ?
 // Grid (deterministic ? splits : key blocks, batch, kv heads).
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  constexpr BackwardSharedLayout kLayout{FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_Q_STAGES, FAP_DO_STAGES,
+                                         FAP_PT_IN_REGISTERS};
+  static_assert(padded_row(FAP_HEAD_DIM) == FAP_STRIDE && padded_row(FAP_BLOCK_M) == FAP_DS_STRIDE,
+                "tiles are laid out with the kernel's row strides");
   storage_t* k_tile = reinterpret_cast<storage_t*>(shared_bytes);
-  storage_t* v_tile = k_tile + FAP_BLOCK_N * FAP_STRIDE;
-  storage_t* q_tiles = v_tile + FAP_BLOCK_N * FAP_STRIDE;                    // FAP_Q_STAGES stages
-  storage_t* do_tiles = q_tiles + FAP_Q_STAGES * FAP_BLOCK_M * FAP_STRIDE;    // FAP_DO_STAGES stages
-  storage_t* ds_tile = do_tiles + FAP_DO_STAGES * FAP_BLOCK_M * FAP_STRIDE;  // dS^T, [key][query]
-  storage_t* p_tile = ds_tile + FAP_BLOCK_N * FAP_DS_STRIDE;  // P^T after dropout, [key][query]: shared warps only
-  float* lse_rows = reinterpret_cast<float*>(p_tile + (FAP_PT_IN_REGISTERS ? 0 : FAP_BLOCK_N * FAP_DS_STRIDE));
-  float* dsum_rows = lse_rows + FAP_Q_STAGES * FAP_BLOCK_M;                  // FAP_DO_STAGES stages
+  storage_t* v_tile = k_tile + kLayout.v_tile();
+  storage_t* q_tiles = k_tile + kLayout.q_tiles();    // FAP_Q_STAGES stages
+  storage_t* do_tiles = k_tile + kLayout.do_tiles();  // FAP_DO_STAGES stages
+  storage_t* ds_tile = k_tile + kLayout.ds_tile();    // dS^T, [key][query]
+  storage_t* p_tile = k_tile + kLayout.p_tile();      // P^T after dropout, [key][query]: shared warps only
+  float* lse_rows = reinterpret_cast<float*>(shared_bytes + kLayout.row_floats_offset_bytes());
+  float* dsum_rows = lse_rows + FAP_Q_STAGES * FAP_BLOCK_M;  // FAP_DO_STAGES stages
 
   const int batch = blockIdx.y, kv_head = blockIdx.z;
   const SequenceRows s = sequence_rows(p, batch);

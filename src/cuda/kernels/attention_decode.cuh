@@ -22,12 +22,12 @@
 
 #include "cache_keys.cuh"
 #include "kv_cache_append.cuh"
+#include "tile_layouts.h"
 
 namespace fap {
 
-constexpr int kDecodeRows = 16;       // packed rows per CTA: one mma row tile
-constexpr int kDecodeMaxSplits = 128;  // attention_decode_combine's bound (the host's too)
-#define FAP_KV_TILE (FAP_BLOCK_N * FAP_STRIDE)  // elements of one K or V tile
+constexpr int kDecodeRows = DecodeSharedLayout::kRows;  // packed rows per CTA
+constexpr int kDecodeMaxSplits = 128;                    // attention_decode_combine's bound (the host's too)
 
 // The block-table entry (paged caches) of key key0 + lane, for load_kv_tile: the loop loads it one step ahead of
 // the copies, so that its latency passes under a tile's products instead of stalling the warp before its copies.
@@ -92,10 +92,13 @@ __device__ __forceinline__ PackedRow packed_row(const DecodeParams& p, int row_b
 // (d <= 64), ptxas stays near 110 registers, within two CTAs' share.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  constexpr DecodeSharedLayout kLayout{FAP_HEAD_DIM, FAP_BLOCK_N, FAP_STAGES, FAP_WARPS};
+  static_assert(padded_row(FAP_HEAD_DIM) == FAP_STRIDE, "tiles are laid out with the kernel's row stride");
+  constexpr int kKvTile = kLayout.kv_tile();  // elements of one K or V tile
   storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // This warp's stages: K then V tile per stage.
-  storage_t* warp_tiles = q_tile + kDecodeRows * FAP_STRIDE + warp * FAP_STAGES * 2 * FAP_KV_TILE;
+  storage_t* warp_tiles = q_tile + kLayout.stages_offset() + warp * kLayout.warp_stages();
 
   launch_dependents();  // the combine's CTAs may be scheduled while these run: they wait for this grid's end
   const int split = blockIdx.x, row_block = blockIdx.z;
@@ -138,8 +141,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
 #pragma unroll
   for (int stage = 0; stage < FAP_STAGES - 1; ++stage) {
     const int ahead = tile + stage * FAP_WARPS;
-    storage_t* k_tile = warp_tiles + stage * 2 * FAP_KV_TILE;
-    if (ahead < tiles_end) load_kv_tile(k_tile, k_tile + FAP_KV_TILE, p, d, ahead * FAP_BLOCK_N, blocks[stage], lane);
+    storage_t* k_tile = warp_tiles + stage * 2 * kKvTile;
+    if (ahead < tiles_end) load_kv_tile(k_tile, k_tile + kKvTile, p, d, ahead * FAP_BLOCK_N, blocks[stage], lane);
     cp_async_commit();
   }
   cp_async_wait<FAP_STAGES - 1>();  // the query tile's group (the oldest) has landed
@@ -161,15 +164,15 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
   for (int step = 0; tile < tiles_end; ++step, tile += FAP_WARPS) {
     const int ahead = tile + (FAP_STAGES - 1) * FAP_WARPS;
     if (ahead < tiles_end) {
-      storage_t* k_next = warp_tiles + (step + FAP_STAGES - 1) % FAP_STAGES * 2 * FAP_KV_TILE;
-      load_kv_tile(k_next, k_next + FAP_KV_TILE, p, d, ahead * FAP_BLOCK_N, ahead_block, lane);
+      storage_t* k_next = warp_tiles + (step + FAP_STAGES - 1) % FAP_STAGES * 2 * kKvTile;
+      load_kv_tile(k_next, k_next + kKvTile, p, d, ahead * FAP_BLOCK_N, ahead_block, lane);
     }
     ahead_block = lane_key_block(p, d, batch, (ahead + FAP_WARPS) * FAP_BLOCK_N, lane);
     cp_async_commit();
     cp_async_wait<FAP_STAGES - 1>();
     __syncwarp();
-    const storage_t* k_tile = warp_tiles + step % FAP_STAGES * 2 * FAP_KV_TILE;
-    const storage_t* v_tile = k_tile + FAP_KV_TILE;
+    const storage_t* k_tile = warp_tiles + step % FAP_STAGES * 2 * kKvTile;
+    const storage_t* v_tile = k_tile + kKvTile;
 
     float s[FAP_BLOCK_N / 8][4];
     zero_fragments(s);
@@ -215,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_decode
   __syncthreads();  // the stages become the merge buffer
 
   // Each warp's unnormalised output and its rows' (max, sum), then one merged row per 8 threads.
-  float* merged_out = reinterpret_cast<float*>(q_tile + kDecodeRows * FAP_STRIDE);  // [warp][row][FAP_HEAD_DIM]
+  float* merged_out = reinterpret_cast<float*>(q_tile + kLayout.stages_offset());  // [warp][row][FAP_HEAD_DIM]
   float* merged_max = merged_out + FAP_WARPS * kDecodeRows * FAP_HEAD_DIM;          // [warp][row]
   float* merged_sum = merged_max + FAP_WARPS * kDecodeRows;                          // [warp][row]
   const int quad = lane % 4;

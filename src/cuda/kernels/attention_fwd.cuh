@@ -18,6 +18,7 @@
 
 #include "attention_fwd_common.cuh"
 #include "cache_keys.cuh"
+#include "tile_layouts.h"
 
 
 namespace fap {
@@ -95,13 +96,14 @@ __device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_ti
 
 extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  constexpr ForwardSharedLayout kLayout{FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_STAGES, FAP_CTA_KEYS_BYTES};
+  static_assert(padded_row(FAP_HEAD_DIM) == FAP_STRIDE, "tiles are laid out with the kernel's row stride");
   storage_t* q_tile = reinterpret_cast<storage_t*>(shared_bytes);
-  storage_t* k_tiles = q_tile + FAP_BLOCK_M * FAP_STRIDE;                // FAP_STAGES stages: key tile t in stage
-  storage_t* v_tiles = k_tiles + FAP_STAGES * FAP_BLOCK_N * FAP_STRIDE;  // t % FAP_STAGES
+  storage_t* k_tiles = q_tile + kLayout.k_tiles();  // FAP_STAGES stages: key tile t in stage t % FAP_STAGES
+  storage_t* v_tiles = q_tile + kLayout.v_tiles();
 #if FAP_KEYS_IN_SHARED
-  // The CTA's keys and sequence, computed by one thread and read from shared memory where needed
-  // (FAP_CTA_KEYS_BYTES: the host's share of the layout).
-  ForwardKeys& cta_keys = *reinterpret_cast<ForwardKeys*>(v_tiles + FAP_STAGES * FAP_BLOCK_N * FAP_STRIDE);
+  // The CTA's keys and sequence, computed by one thread and read from shared memory where needed.
+  ForwardKeys& cta_keys = *reinterpret_cast<ForwardKeys*>(shared_bytes + kLayout.cta_keys_offset_bytes());
   static_assert(sizeof(ForwardKeys) <= FAP_CTA_KEYS_BYTES, "the CTA's keys outgrow their shared-memory slot");
 #endif
 
