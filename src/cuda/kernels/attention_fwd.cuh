@@ -3,7 +3,7 @@
 // memory serves ROW_TILES row tiles). Key/value tiles of BLOCK_N rows are brought into shared memory with
 // cp.async, in one of two pipelines (FAP_STAGES): 2, K and V tiles double-buffered, the next pair loading while
 // this one is computed; 1, FlashAttention-2's, one K and one V tile, V's copies running under S and the
-// softmax and the next K's under P V (half the shared memory, so two CTAs fit an sm_80 SM with larger tiles).
+// next K's under the softmax and P V (half the shared memory, so two CTAs fit an sm_80 SM with larger tiles).
 // S = Q K^T and O += P V run on mma.sync.m16n8k16 with fp32 accumulation; the online softmax works in the
 // base-2 domain on the accumulator registers.
 //
@@ -93,6 +93,24 @@ __device__ __forceinline__ void load_kv_tiles(storage_t* k_tile, storage_t* v_ti
   load_key_rows(v_tile, keys.v, p.v_row_stride, p, keys, key0);
 #endif
 }
+
+#if FAP_STAGES == 1
+// The single-buffered pipeline's second barrier: waits until this tile's V landed and every warp is done with its K,
+// then starts the next K tile's copies (if there is a next tile) into the one K buffer.
+__device__ __forceinline__ void start_next_key_tile(storage_t* k_tile, const ForwardKernelParams& p,
+                                                    const ForwardKeys& keys, int tile, int end) {
+  cp_async_wait_all();
+  __syncthreads();
+  if (tile + 1 < end) load_key_rows(k_tile, keys.k, p.k_row_stride, p, keys, (tile + 1) * FAP_BLOCK_N);
+  cp_async_commit();
+}
+
+// Where that barrier goes: before the softmax, as in FlashAttention-2, so that no barrier separates the softmax from
+// P V and ptxas interleaves the exponentials and the output's rescaling with P V's products (an H200 running the
+// sm_80 tiles, bf16: d = 256 +8-17 %, d = 64 up to +9 %); after it for 64 < d <= 128, whose two row tiles per warp
+// leave ptxas no registers for that overlap (there it measured 3-5 % slower at 4k-16k tokens; bench/RESULTS.md).
+#define FAP_NEXT_KEYS_BEFORE_SOFTMAX (FAP_HEAD_DIM <= 64 || FAP_HEAD_DIM > 128)
+#endif
 
 extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -197,6 +215,9 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
           ldmatrix_x4(b, k_tile + (j * 16 + (m / 2) * 8 + r) * FAP_STRIDE + kk * 16 + (m % 2) * 8);
         });
 
+#if FAP_STAGES == 1 && FAP_NEXT_KEYS_BEFORE_SOFTMAX
+    start_next_key_tile(k_tiles, p, keys, tile, tiles.end);
+#endif
     const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, seq, row_begin, key0);
 #pragma unroll
     for (int t = 0; t < FAP_ROW_TILES; ++t) {
@@ -212,12 +233,8 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
 #pragma unroll
       for (int kk = 0; kk < FAP_BLOCK_N / 16; ++kk) pack_a_operand(p_operands[t][kk], s[t], kk);
 
-#if FAP_STAGES == 1
-    // The V tile landed and every warp is done with K: the next K tile's copies run under P V.
-    cp_async_wait_all();
-    __syncthreads();
-    if (tile + 1 < tiles.end) load_key_rows(k_tiles, keys.k, p.k_row_stride, p, keys, key0 + FAP_BLOCK_N);
-    cp_async_commit();
+#if FAP_STAGES == 1 && !FAP_NEXT_KEYS_BEFORE_SOFTMAX
+    start_next_key_tile(k_tiles, p, keys, tile, tiles.end);
 #endif
     // O += P V, V through ldmatrix.trans.
 #pragma unroll
