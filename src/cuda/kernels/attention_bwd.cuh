@@ -90,25 +90,34 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
     const int first_block = blocks.first, query_blocks = blocks.end - blocks.first;
     const int steps = query_blocks * p.group_size;  // (query head of the group, query block) pairs
 
-    auto step_head = [&](int step) { return kv_head * p.group_size + step / query_blocks; };
-    auto step_q0 = [&](int step) { return (first_block + step % query_blocks) * FAP_BLOCK_M; };
-    // Issue, by cp.async, the loads of step `step` into one stage of a query-side tensor: its tile (Q or dO) with its
+    // A step's query head and first query row, advanced from the previous step's (a division per step cost ~25
+    // integer instructions per warp: ncu at d = 128).
+    struct StepPosition {
+      int head, q0;
+    };
+    const StepPosition first_position{kv_head * p.group_size, first_block * FAP_BLOCK_M};
+    auto next_position = [&](StepPosition at) {
+      at.q0 += FAP_BLOCK_M;
+      if (at.q0 == blocks.end * FAP_BLOCK_M) at.q0 = first_position.q0, ++at.head;
+      return at;
+    };
+    // Issue, by cp.async, the loads of a step into one stage of a query-side tensor: its tile (Q or dO) with its
     // per-row values (LSE or D), these by the threads from first_thread on.
-    auto load_query_side = [&](int step, storage_t* tile, float* rows, const void* tensor, long long batch_stride,
+    auto load_query_side = [&](StepPosition at, storage_t* tile, float* rows, const void* tensor, long long batch_stride,
                                long long row_stride, long long head_stride, const float* row_values, int first_thread) {
-      const int head = step_head(step), q0 = step_q0(step);
+      const int head = at.head, q0 = at.q0;
       load_tile<FAP_BLOCK_M>(tile,
                              static_cast<const storage_t*>(tensor) + batch * batch_stride +
                                  (s.q_start + q0) * row_stride + head * head_stride,
                              row_stride, s.len_q - q0, p.head_dim, p.vector_loads);
       load_query_rows<FAP_BLOCK_M>(rows, row_values, p, s, head, q0, first_thread);
     };
-    auto load_queries = [&](int step, int stage) {
-      load_query_side(step, q_tiles + stage * FAP_BLOCK_M * FAP_STRIDE, lse_rows + stage * FAP_BLOCK_M, p.q,
+    auto load_queries = [&](StepPosition at, int stage) {
+      load_query_side(at, q_tiles + stage * FAP_BLOCK_M * FAP_STRIDE, lse_rows + stage * FAP_BLOCK_M, p.q,
                       p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.lse_log2, 0);
     };
-    auto load_output_grads = [&](int step, int stage) {
-      load_query_side(step, do_tiles + stage * FAP_BLOCK_M * FAP_STRIDE, dsum_rows + stage * FAP_BLOCK_M, p.dout,
+    auto load_output_grads = [&](StepPosition at, int stage) {
+      load_query_side(at, do_tiles + stage * FAP_BLOCK_M * FAP_STRIDE, dsum_rows + stage * FAP_BLOCK_M, p.dout,
                       p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride, p.dsum, FAP_BLOCK_M / 4);
     };
 
@@ -122,8 +131,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                                (s.k_start + key0) * p.v_row_stride + kv_head * p.v_head_stride,
                            p.v_row_stride, s.len_k - key0, p.head_dim, p.vector_loads);
     if (steps > 0) {
-      load_queries(0, 0);
-      load_output_grads(0, 0);
+      load_queries(first_position, 0);
+      load_output_grads(first_position, 0);
     }
     cp_async_commit();
 
@@ -131,9 +140,11 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 #pragma unroll
     for (int f = 0; f < kKeyFragments; ++f) zero_fragments(dk[f]), zero_fragments(dv[f]);
 
+    StepPosition at = first_position;
     for (int step = 0; step < steps; ++step) {
       const int q_stage = FAP_Q_STAGES == 2 ? step & 1 : 0, do_stage = FAP_DO_STAGES == 2 ? step & 1 : 0;
-      const int head = step_head(step), q0 = step_q0(step);
+      const int head = at.head, q0 = at.q0;
+      const StepPosition next = next_position(at);
       const storage_t* q_tile = q_tiles + q_stage * FAP_BLOCK_M * FAP_STRIDE;
       const storage_t* do_tile = do_tiles + do_stage * FAP_BLOCK_M * FAP_STRIDE;
       const float* lse_stage = lse_rows + q_stage * FAP_BLOCK_M;
@@ -141,8 +152,8 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       cp_async_wait_all();
       __syncthreads();  // this step's tiles are in; the previous step is finished with the other stages
       if (step + 1 < steps) {
-        if (FAP_Q_STAGES == 2) load_queries(step + 1, q_stage ^ 1);
-        if (FAP_DO_STAGES == 2) load_output_grads(step + 1, do_stage ^ 1);
+        if (FAP_Q_STAGES == 2) load_queries(next, q_stage ^ 1);
+        if (FAP_DO_STAGES == 2) load_output_grads(next, do_stage ^ 1);
       }
       cp_async_commit();
       const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
@@ -150,19 +161,25 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       const bool needs_mask = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::needs_mask(p, s, q0, key0);
 
       // dV += P^T dO and dK += dS^T Q for 16 queries from row query_row of the step, over this warp's keys and
-      // columns.
+      // columns. The B fragments are addressed from this lane's ldmatrix row of each tile (query 0, column
+      // dkv_col0) plus byte offsets known at compile time: a pointer per load cost an IMAD before each ldmatrix
+      // (ptxas rematerialised them at 255 registers; ncu at d = 128).
+      const unsigned int do_rows_t = shared_address(do_tile + ((m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + (m / 2) * 8);
+      const unsigned int q_rows_t = shared_address(q_tile + ((m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + (m / 2) * 8);
       auto accumulate_key_gradients = [&](const unsigned int (&a_p)[kKeyFragments][4],
                                           const unsigned int (&a_ds)[kKeyFragments][4], int query_row) {
+        const unsigned int row_bytes = query_row * FAP_STRIDE * sizeof(storage_t);
 #pragma unroll
         for (int i = 0; i < FAP_DKV_COLS / 16; ++i) {
+          const unsigned int column_bytes = i * 16 * sizeof(storage_t);
           unsigned int b[4];
-          ldmatrix_x4_trans(b, do_tile + (query_row + (m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + i * 16 + (m / 2) * 8);
+          ldmatrix_x4_trans(b, do_rows_t + row_bytes + column_bytes);
 #pragma unroll
           for (int f = 0; f < kKeyFragments; ++f) {
             mma_16816(dv[f][2 * i], a_p[f], b[0], b[1]);
             mma_16816(dv[f][2 * i + 1], a_p[f], b[2], b[3]);
           }
-          ldmatrix_x4_trans(b, q_tile + (query_row + (m % 2) * 8 + r) * FAP_STRIDE + dkv_col0 + i * 16 + (m / 2) * 8);
+          ldmatrix_x4_trans(b, q_rows_t + row_bytes + column_bytes);
 #pragma unroll
           for (int f = 0; f < kKeyFragments; ++f) {
             mma_16816(dk[f][2 * i], a_ds[f], b[0], b[1]);
@@ -282,14 +299,17 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       }
       __syncthreads();  // dS^T (and P^T) are complete
 #if !FAP_PT_IN_REGISTERS
+      // This lane's ldmatrix row of dS^T (P^T lies a constant distance further) at this warp's keys, query 0.
+      const unsigned int ds_rows = shared_address(ds_tile + (key_row0 + (m % 2) * 8 + r) * FAP_DS_STRIDE + (m / 2) * 8);
+      constexpr unsigned int kPFromDs = (kLayout.p_tile() - kLayout.ds_tile()) * sizeof(storage_t);
 #pragma unroll
       for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk) {
         unsigned int a_p[kKeyFragments][4], a_ds[kKeyFragments][4];
 #pragma unroll
         for (int f = 0; f < kKeyFragments; ++f) {
-          const int element = (key_row0 + f * 16 + (m % 2) * 8 + r) * FAP_DS_STRIDE + kk * 16 + (m / 2) * 8;
-          ldmatrix_x4(a_p[f], p_tile + element);
-          ldmatrix_x4(a_ds[f], ds_tile + element);
+          const unsigned int offset = (f * 16 * FAP_DS_STRIDE + kk * 16) * sizeof(storage_t);
+          ldmatrix_x4(a_p[f], ds_rows + kPFromDs + offset);
+          ldmatrix_x4(a_ds[f], ds_rows + offset);
         }
         accumulate_key_gradients(a_p, a_ds, kk * 16);
       }
@@ -298,14 +318,16 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       // Single-buffered query tiles: the next step's load runs under dQ's MMAs and atomics (the last reads of Q and
       // dO were dV's and dK's, before the barrier above).
       if ((FAP_Q_STAGES == 1 || FAP_DO_STAGES == 1) && step + 1 < steps) {
-        if (FAP_Q_STAGES == 1) load_queries(step + 1, 0);
-        if (FAP_DO_STAGES == 1) load_output_grads(step + 1, 0);
+        if (FAP_Q_STAGES == 1) load_queries(next, 0);
+        if (FAP_DO_STAGES == 1) load_output_grads(next, 0);
         cp_async_commit();
       }
 
       // dQ += dS K: work items of kDqItemRows query rows x kDqItemColumns spread over the warps (one at a time:
       // unrolled, their accumulators would compete with dK and dV for registers).
       constexpr int kColumnItems = FAP_HEAD_DIM / kDqItemColumns;
+      float* const dq_step = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0) +
+                             dq_accum_offset(p, s, batch, q0, head, 0);
 #pragma unroll 1
       for (int item = warp; item < (FAP_BLOCK_M / kDqItemRows) * kColumnItems; item += FAP_WARPS) {
         const int row0 = item / kColumnItems * kDqItemRows, col0 = item % kColumnItems * kDqItemColumns;
@@ -321,14 +343,14 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
         // Rows past the sequence add zeros (their P is 0) into its padded rows, which the conversion skips.
 #pragma unroll
         for (int t = 0; t < kDqRowTiles; ++t) {
-          float* tile = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0) +
-                        dq_accum_offset(p, s, batch, q0 + row0 + t * 16, head, col0);
+          float* tile = dq_step + dq_accum_offset_in_rows(p, row0 + t * 16, col0);
 #pragma unroll
           for (int n = 0; n < kDqItemColumns / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) atomicAdd(tile + n * 128 + e * 32 + lane, acc[t][n][e]);
         }
       }
+      at = next;
     }
     cp_async_wait_all();  // a key block no query sees still has its tile loads in flight
 

@@ -113,6 +113,15 @@ __device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p
 #endif
 }
 
+#if !FAP_DQ_TILES
+// dq_accum_offset(.., row + rows, .., col) - dq_accum_offset(.., row, .., 0) for a row, a number of rows and a
+// column that are multiples of 16, 16 and 8 (the layout is linear in whole tiles): the mma.sync backward computes
+// the sequence's and head's part once per step and each work item's from it.
+__device__ __forceinline__ long long dq_accum_offset_in_rows(const AttentionBwdParams& p, int rows, int col) {
+  return ((long long)(rows / 16) * p.heads_q * (FAP_HEAD_DIM / 8) + col / 8) * 128;
+}
+#endif
+
 // Row `row` of the sequence, head `head` of dq.
 __device__ __forceinline__ storage_t* dq_row(const AttentionBwdParams& p, const SequenceRows& s, int batch, int row,
                                              int head) {
