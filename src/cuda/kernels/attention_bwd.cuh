@@ -205,8 +205,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
         // Two head-dim columns of fragments per iteration with 16-key tiles (unrolled further, ptxas hoists the
         // fragment loads of the whole head dim and spills); one with 32-key tiles, which load two K and two V
         // fragments per column (unrolled twice, a few of their configurations spill 8-16 bytes).
-#pragma unroll(kKeyFragments == 2 ? 1 : 2)
-        for (int kk = 0; kk < FAP_HEAD_DIM / 16; ++kk) {
+        auto column_products = [&](int kk) {
           unsigned int a_k[kKeyFragments][4], a_v[kKeyFragments][4];
 #pragma unroll
           for (int f = 0; f < kKeyFragments; ++f) {
@@ -229,7 +228,12 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
               mma_16816(dpt[f][2 * j + 1], a_v[f], b[2], b[3]);
             }
           }
-        }
+        };
+        // Column 0 outside the loop: its products start from zero accumulators that ptxas then folds into them
+        // (in a rolled loop, zeroing S^T and dP^T took a register move per pair of floats every step).
+        column_products(0);
+#pragma unroll(kKeyFragments == 2 ? 1 : 2)
+        for (int kk = 1; kk < FAP_HEAD_DIM / 16; ++kk) column_products(kk);
 
         // P^T after dropout and dS^T (the derivative with respect to the scaled, capped score) in place of S^T and
         // dP^T; dS^T (and, for warps sharing keys, P^T) into shared memory. Inlined once per value of `masked`,
