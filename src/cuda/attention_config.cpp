@@ -34,9 +34,7 @@ std::vector<std::string> ForwardConfig::defines() const {
 std::string ForwardConfig::source_file() const { return wgmma ? "attention_fwd_sm90.cuh" : "attention_fwd.cuh"; }
 
 int ForwardConfig::shared_bytes() const {
-  // wgmma: Q tile plus `stages` stages of K and V tiles, unpadded (swizzled), 1024 bytes to align them and 128 for
-  // the mbarriers.
-  return wgmma ? (block_m + 2 * stages * block_n) * head_dim * 2 + 1024 + 128
+  return wgmma ? HopperForwardSharedLayout{block_m, block_n, head_dim, stages}.bytes()
                : ForwardSharedLayout{block_m, block_n, head_dim, stages, kCtaKeysBytes}.bytes();
 }
 
@@ -64,17 +62,7 @@ std::vector<std::string> BackwardConfig::defines() const {
 }
 
 int BackwardConfig::shared_bytes() const {
-  // wgmma: K and V tiles, two stages of Q and dO tiles (all swizzled, 1024 bytes to align them), two stages
-  // of two floats per query row and the stages' four mbarriers; up to d = 128 one or two dS^T tiles, one or two
-  // stages of dQ staging (both warpgroups' 64 x 64 parts in fp32), as attention_bwd_sm90.cuh chooses; at d = 256
-  // two P^T and two dS^T tiles (dQ is staged in the Q and dO tiles).
-  if (wgmma) {
-    const int tiles = (2 * block_n + 4 * block_m) * head_dim * 2 + 4 * block_m * 4 + 4 * 8 + 1024;
-    if (head_dim == 256) return tiles + 4 * block_n * block_m * 2;
-    const bool stage_mbarriers = head_dim == 128 || !(softcap || alibi);
-    const int ds_tiles = stage_mbarriers ? 2 : 1, dq_stages = head_dim == 128 || !stage_mbarriers ? 2 : 1;
-    return tiles + ds_tiles * block_n * block_m * 2 + dq_stages * 2 * 64 * 64 * 4;
-  }
+  if (wgmma) return hopper_backward_layout(block_m, block_n, head_dim, softcap, alibi).bytes();
   return BackwardSharedLayout{block_m, block_n, head_dim, q_stages, do_stages, dkv_split == 1}.bytes();
 }
 

@@ -184,6 +184,34 @@ TEST(AttentionConfig, SharedMemoryIsTheSumOfTheLayoutsTiles) {
   EXPECT_EQ(decode.shared_bytes(), 108800);
 }
 
+// The wgmma kernels' shared memory, from kernels/tile_layouts.h, against the sum of its parts written out, plus
+// the 1024 bytes that align the swizzled tiles: the Q tile, the stages of K and V tiles and 128 bytes of mbarriers
+// (forward); K, V, two Q and two dO stages, two stages of LSE and D rows, four mbarriers, then at d = 256 two P^T
+// and two dS^T tiles, below that one or two dS^T tiles and one or two 32 KB dQ staging buffers (two dS^T tiles
+// where the stages are handed over through mbarriers: always at d = 128, at d = 64 without softcap and ALiBi).
+TEST(AttentionConfig, HopperSharedMemoryIsTheSumOfTheLayoutsTiles) {
+  for (const ForwardConfig& c : all_forward_configs(90)) {
+    if (!c.wgmma) continue;
+    EXPECT_EQ(c.shared_bytes(), (c.block_m + 2 * c.stages * c.block_n) * c.head_dim * 2 + 128 + 1024) << c.name();
+  }
+  for (const BackwardConfig& c : all_backward_configs(90)) {
+    if (!c.wgmma) continue;
+    const int tiles = (2 * c.block_n + 4 * c.block_m) * c.head_dim * 2 + 4 * c.block_m * 4 + 4 * 8 + 1024;
+    const int score_tile = c.block_n * c.block_m * 2;
+    const bool stage_mbarriers = c.head_dim == 128 || !(c.softcap || c.alibi);
+    const int expected = c.head_dim == 256
+                             ? tiles + 4 * score_tile
+                             : tiles + (stage_mbarriers ? 2 : 1) * score_tile +
+                                   (c.head_dim == 128 || !stage_mbarriers ? 2 : 1) * 2 * 64 * 64 * 4;
+    EXPECT_EQ(c.shared_bytes(), expected) << c.name();
+  }
+  KernelFeatures features;
+  features.dtype = FAP_DTYPE_BFLOAT16, features.head_dim = 64;
+  EXPECT_EQ(choose_backward_config(features, 90).shared_bytes(), 199712);
+  features.head_dim = 128;
+  EXPECT_EQ(choose_backward_config(features, 90).shared_bytes(), 231456);
+}
+
 // sm_80's shared memory takes FlashAttention-2's backward tiles, groups of warps sharing 32 keys, except where they
 // spill (dropout above d = 64) or would pad the head dim further (d = 160, 224); sm_86/sm_89's 99 KB do not hold them.
 // At d <= 64 without dropout, 128 queries per step with the dO tile single-buffered (the Q tile double).

@@ -7,7 +7,7 @@
 //   dV += P^T dO, dK += dS^T Q           (P^T and dS^T from registers; dK, dV stay in registers)
 //   dQ += dS K                           (dS^T through shared memory, both operands transposed) for a
 //                                        64 x 64 part over all 128 keys: at d = 128 half the columns, at
-//                                        d = 64 half the queries; staged in shared memory (FAP_DQ_STAGES) and
+//                                        d = 64 half the queries; staged in shared memory (kLayout.dq_stages) and
 //                                        added to the fp32 accumulator by one bulk reduction of the TMA unit
 // Q and dO tiles (with LSE and D) are double-buffered with cp.async in the 128-byte-swizzled layout wgmma
 // reads (hopper.cuh), each stage handed over through mbarriers rather than CTA barriers: "full" once every
@@ -27,29 +27,26 @@
 #include "attention_bwd_sm90_common.cuh"
 
 
-// How the Q/dO stages are handed over: through mbarriers (the warpgroups drift apart within a step, so dS^T is
-// double-buffered, which at d = 64 leaves room for one dQ staging buffer per warpgroup); at d = 64 with softcap or
-// ALiBi, whose registers that would spill, by a CTA barrier at the top of each step (one dS^T tile, two dQ
-// staging buffers).
-#define FAP_STAGE_MBARRIERS (FAP_HEAD_DIM == 128 || !(FAP_SOFTCAP || FAP_ALIBI))
-#define FAP_DS_TILES (FAP_STAGE_MBARRIERS ? 2 : 1)
-#define FAP_DQ_STAGES (FAP_HEAD_DIM == 128 || !FAP_STAGE_MBARRIERS ? 2 : 1)
-
 namespace fap {
+
+// How the Q/dO stages are handed over (hopper_backward_stage_mbarriers), and the dS^T tiles and dQ staging buffers
+// that follow from it.
+constexpr bool kStageMbarriers = hopper_backward_stage_mbarriers(FAP_HEAD_DIM, FAP_SOFTCAP, FAP_ALIBI);
+constexpr HopperBackwardSharedLayout kLayout =
+    hopper_backward_layout(FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_SOFTCAP, FAP_ALIBI);
 
 // Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
-  constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2, kDsBytes = FAP_BLOCK_N * FAP_BLOCK_M * 2;
-  const auto [k_tile, v_tile, q_tiles, do_tiles] = backward_tiles<FAP_BLOCK_M, FAP_BLOCK_N>();
-  unsigned char* ds_tiles = do_tiles + 2 * kQBytes;  // dS^T: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled
-  // dQ = dS K: FAP_DQ_STAGES buffers of both warpgroups' 64 x 64 parts.
+  constexpr int kQBytes = kLayout.q_tile_bytes(), kDsBytes = kLayout.score_tile_bytes();
+  constexpr int kDsTiles = kLayout.score_tiles, kDqStages = kLayout.dq_stages;
+  // dS^T tiles: FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled. dQ = dS K: kLayout.dq_stages buffers of both
+  // warpgroups' 64 x 64 parts.
+  const auto [k_tile, v_tile, q_tiles, do_tiles, ds_tiles, dq_staging, lse_rows, dsum_rows, ring_barriers] =
+      backward_tiles(kLayout);
   static_assert(FAP_BLOCK_M * FAP_HEAD_DIM == 2 * 64 * 64, "each warpgroup's dQ part is 64 queries x 64 columns");
   constexpr int kDqBytes = 64 * 64 * 4;
-  float* dq_staging = reinterpret_cast<float*>(ds_tiles + FAP_DS_TILES * kDsBytes);
-  float* lse_rows = dq_staging + FAP_DQ_STAGES * 2 * kDqBytes / 4;  // 2 stages, base 2
-  float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
-  auto ring = StageRing<FAP_STAGE_MBARRIERS, FAP_STAGE_MBARRIERS>::at(dsum_rows + 2 * FAP_BLOCK_M);
+  auto ring = StageRing<kStageMbarriers, kStageMbarriers>::at(ring_barriers);
 
   const auto [batch, kv_head, first_key_block, key_block_stride, s, warpgroup, reduces_dq, dq_slice] =
       backward_cta<false>(p);
@@ -129,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
 
       // dS^T of this warpgroup's keys into shared memory, [key][query] swizzled: the A operand of dQ = dS K
       // read transposed. Its tile alternates with the use's parity, like the Q/dO stage.
-      unsigned char* ds_tile = ds_tiles + stage % FAP_DS_TILES * kDsBytes;
+      unsigned char* ds_tile = ds_tiles + stage % kDsTiles * kDsBytes;
 #pragma unroll
       for (int kk = 0; kk < FAP_BLOCK_M / 16; ++kk)
 #pragma unroll
@@ -140,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
                 ds_frag[kk][2 * n + half];
           }
       fence_proxy_async();
-      if (reduces_dq) bulk_wait_read<FAP_DQ_STAGES - 1>();  // this step's dQ staging buffer is free again
+      if (reduces_dq) bulk_wait_read<kDqStages - 1>();  // this step's dQ staging buffer is free again
       __syncthreads();  // both warpgroups' dS^T rows are complete (and the staging buffers free)
       wgmma_wait<0>();  // dV, dK done (with dQ's accumulator in flight too, d = 128 would spill)
       fence_registers<FAP_HEAD_DIM / 2>(&dv[0][0]);
@@ -162,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       wgmma_wait<0>();
       fence_registers<32>(&dq[0][0]);
       // Rows past the sequence hold zeros (their P is 0) and land in the tile's padding.
-      float* staging = dq_staging + (stage % FAP_DQ_STAGES * 2 + warpgroup) * kDqBytes / 4;
+      float* staging = dq_staging + (stage % kDqStages * 2 + warpgroup) * kDqBytes / 4;
       stage_fragment<8>(staging, dq);
       fence_proxy_async();
       named_barrier_sync(3 + warpgroup, 128);  // the warpgroup's dQ is staged

@@ -6,6 +6,7 @@
 
 #include "hopper.cuh"
 #include "attention_bwd_common.cuh"
+#include "tile_layouts.h"
 
 
 namespace fap {
@@ -62,22 +63,30 @@ __device__ __forceinline__ void load_query_step(unsigned char* q_tile, unsigned 
   load_softmax_rows<BLOCK_M>(lse_rows, dsum_rows, p, s, head, q0);
 }
 
-// The front of the kernels' shared memory, from its first 1024-byte boundary (the swizzle atoms need it; the
-// host adds 1024 bytes for this): the key block's K and V tiles, then two stages of Q tiles and two of dO tiles.
+// The kernels' shared memory (HopperBackwardSharedLayout), from its first 1024-byte boundary.
 struct BackwardTiles {
   unsigned char* k;
   unsigned char* v;
   unsigned char* q_stages;
   unsigned char* do_stages;
+  unsigned char* score_tiles;
+  float* dq_staging;
+  float* lse_rows;   // 2 stages, base 2
+  float* dsum_rows;  // 2 stages
+  float* stage_ring;
 };
-template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ BackwardTiles backward_tiles() {
-  constexpr int kKvBytes = BLOCK_N * FAP_HEAD_DIM * 2, kQBytes = BLOCK_M * FAP_HEAD_DIM * 2;
+__device__ __forceinline__ BackwardTiles backward_tiles(const HopperBackwardSharedLayout& layout) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  unsigned char* k = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
-  unsigned char* v = k + kKvBytes;
-  unsigned char* q_stages = v + kKvBytes;
-  return {k, v, q_stages, q_stages + 2 * kQBytes};
+  unsigned char* base = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);  // kSwizzleAlignmentSlack
+  return {base + layout.k_tile(),
+          base + layout.v_tile(),
+          base + layout.q_tiles(),
+          base + layout.do_tiles(),
+          base + layout.score_tiles_offset(),
+          reinterpret_cast<float*>(base + layout.dq_staging()),
+          reinterpret_cast<float*>(base + layout.lse_rows()),
+          reinterpret_cast<float*>(base + layout.dsum_rows()),
+          reinterpret_cast<float*>(base + layout.stage_ring())};
 }
 
 // A CTA's place in the grid and its thread's roles. The grid is (key blocks, batch, kv heads); in the

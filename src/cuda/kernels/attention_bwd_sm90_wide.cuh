@@ -43,16 +43,17 @@ __device__ __forceinline__ void store_transposed_scores(unsigned char* tile, con
 // Grid: backward_cta; 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   static_assert(FAP_HEAD_DIM == 256 && FAP_BLOCK_M == 64 && FAP_BLOCK_N == 64, "the tile shape this kernel is for");
-  constexpr int kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2;
+  constexpr HopperBackwardSharedLayout kLayout =
+      hopper_backward_layout(FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_SOFTCAP, FAP_ALIBI);
+  constexpr int kQBytes = kLayout.q_tile_bytes();
   constexpr int kHalfBytes = kQBytes / 2;  // a warpgroup's 128 columns of a Q or dO tile: two column blocks
-  constexpr int kScoreBytes = FAP_BLOCK_N * FAP_BLOCK_M * 2;
-  const auto [k_tile, v_tile, q_tiles, do_tiles] = backward_tiles<FAP_BLOCK_M, FAP_BLOCK_N>();
-  // P^T then dS^T (each FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled), two of each: by the use's parity.
-  unsigned char* score_tiles = do_tiles + 2 * kQBytes;
-  float* lse_rows = reinterpret_cast<float*>(score_tiles + 4 * kScoreBytes);  // 2 stages, base 2
-  float* dsum_rows = lse_rows + 2 * FAP_BLOCK_M;
+  constexpr int kScoreBytes = kLayout.score_tile_bytes();
+  // Score tiles: P^T then dS^T (each FAP_BLOCK_N keys x FAP_BLOCK_M queries, swizzled), two of each: by the use's
+  // parity. dQ is staged in the Q and dO tiles.
+  const auto [k_tile, v_tile, q_tiles, do_tiles, score_tiles, unused_dq_staging, lse_rows, dsum_rows, ring_barriers] =
+      backward_tiles(kLayout);
   const QueryStages<FAP_BLOCK_M> stages = {q_tiles, do_tiles, lse_rows, dsum_rows, kQBytes};
-  auto ring = StageRing<true, false>::at(dsum_rows + 2 * FAP_BLOCK_M);
+  auto ring = StageRing<true, false>::at(ring_barriers);
 
   const auto [batch, kv_head, first_key_block, key_block_stride, s, warpgroup, reduces_dq, dq_slice] =
       backward_cta<true>(p);

@@ -17,6 +17,7 @@
 
 #include "hopper.cuh"
 #include "attention_fwd_common.cuh"
+#include "tile_layouts.h"
 
 
 namespace fap {
@@ -61,8 +62,11 @@ __device__ __forceinline__ void produce_tile(unsigned char* tile, unsigned int f
 }
 
 // The shared-memory ring: the Q tile, FAP_STAGES stages of K and V tiles, and their mbarriers.
+constexpr HopperForwardSharedLayout kForwardLayout{FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_STAGES};
+static_assert(kForwardLayout.barriers_fit(), "the pipeline's mbarriers fit their slot");
+
 struct ForwardShared {
-  enum : int { kQBytes = FAP_BLOCK_M * FAP_HEAD_DIM * 2, kKvBytes = FAP_BLOCK_N * FAP_HEAD_DIM * 2 };
+  enum : int { kKvBytes = kForwardLayout.kv_tile_bytes() };
   unsigned char* q;
   unsigned char* k;  // stage s at k + s * kKvBytes
   unsigned char* v;
@@ -127,12 +131,11 @@ __device__ __forceinline__ int scheduled_item(int round, int items) {
 
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(const AttentionFwdParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  // The swizzle atoms need 1024-byte alignment; the host adds 1024 bytes for this.
   ForwardShared shared;
-  shared.q = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
-  shared.k = shared.q + ForwardShared::kQBytes;
-  shared.v = shared.k + FAP_STAGES * ForwardShared::kKvBytes;
-  shared.barriers = shared_address(shared.v + FAP_STAGES * ForwardShared::kKvBytes);
+  shared.q = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);  // kSwizzleAlignmentSlack
+  shared.k = shared.q + kForwardLayout.k_tiles();
+  shared.v = shared.q + kForwardLayout.v_tiles();
+  shared.barriers = shared_address(shared.q + kForwardLayout.barriers());
 
   if (threadIdx.x == 0) {
     mbarrier_init(shared.q_full(), 128);

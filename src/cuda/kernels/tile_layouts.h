@@ -1,7 +1,9 @@
-// Shared-memory layouts of the mma.sync kernels (attention_fwd, attention_bwd, attention_decode), from their
-// compile-time parameters. The kernels take their tiles' places from these and the host its dynamic
-// shared-memory size (attention_config.cpp), so each layout has one definition. Plain C++ for the host and NVRTC;
-// tile offsets count 2-byte elements from the start of dynamic shared memory, sizes are in bytes.
+// Shared-memory layouts of the kernels, from their compile-time parameters: the mma.sync kernels'
+// (attention_fwd, attention_bwd, attention_decode) and the wgmma kernels' (attention_fwd_sm90,
+// attention_bwd_sm90(_wide)). The kernels take their tiles' places from these and the host its dynamic
+// shared-memory size (attention_config.cpp), so each layout has one definition. Plain C++ for the host and NVRTC.
+// The mma.sync layouts' tile offsets count 2-byte elements from the start of dynamic shared memory; the wgmma
+// layouts' count bytes from its first 1024-byte boundary. Sizes are in bytes.
 #pragma once
 
 #include "core/host_device.h"
@@ -58,5 +60,64 @@ struct DecodeSharedLayout {
     return stages_offset() * 2 + (stages_bytes > merge_bytes() ? stages_bytes : merge_bytes());
   }
 };
+
+// The wgmma kernels' tiles are unpadded (128-byte swizzle) and start at a 1024-byte boundary, which the swizzle
+// atoms need: the host asks for this much more than the layout, and the kernel skips to the boundary.
+constexpr int kSwizzleAlignmentSlack = 1024;
+
+// attention_fwd_sm90: the Q tile, `stages` K tiles, `stages` V tiles, then the pipeline's mbarriers (q_full,
+// q_empty, then full and empty of each K and each V stage).
+struct HopperForwardSharedLayout {
+  int block_m, block_n, head_dim, stages;
+
+  static constexpr int kBarrierBytes = 128;
+  FAP_HOST_DEVICE constexpr int q_tile_bytes() const { return block_m * head_dim * 2; }
+  FAP_HOST_DEVICE constexpr int kv_tile_bytes() const { return block_n * head_dim * 2; }  // one K or V stage
+  FAP_HOST_DEVICE constexpr int k_tiles() const { return q_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int v_tiles() const { return k_tiles() + stages * kv_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int barriers() const { return v_tiles() + stages * kv_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr bool barriers_fit() const { return (2 + 4 * stages) * 8 <= kBarrierBytes; }
+  FAP_HOST_DEVICE constexpr int bytes() const { return barriers() + kBarrierBytes + kSwizzleAlignmentSlack; }
+};
+
+// attention_bwd_sm90 and attention_bwd_sm90_wide: the key block's K and V tiles, two stages of Q tiles and two of
+// dO tiles, `score_tiles` [key][query] tiles (dS^T; at d = 256 P^T and dS^T, two of each), `dq_stages` buffers of
+// both warpgroups' 64 x 64 fp32 dQ parts, two stages of LSE rows and two of D rows, then the stage ring's four
+// mbarriers.
+struct HopperBackwardSharedLayout {
+  int block_m, block_n, head_dim, score_tiles, dq_stages;
+
+  FAP_HOST_DEVICE constexpr int kv_tile_bytes() const { return block_n * head_dim * 2; }
+  FAP_HOST_DEVICE constexpr int q_tile_bytes() const { return block_m * head_dim * 2; }  // a Q or dO stage
+  FAP_HOST_DEVICE constexpr int score_tile_bytes() const { return block_n * block_m * 2; }
+  FAP_HOST_DEVICE constexpr int dq_stage_bytes() const { return 2 * 64 * 64 * 4; }
+  FAP_HOST_DEVICE constexpr int k_tile() const { return 0; }
+  FAP_HOST_DEVICE constexpr int v_tile() const { return kv_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int q_tiles() const { return 2 * kv_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int do_tiles() const { return q_tiles() + 2 * q_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int score_tiles_offset() const { return do_tiles() + 2 * q_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int dq_staging() const { return score_tiles_offset() + score_tiles * score_tile_bytes(); }
+  FAP_HOST_DEVICE constexpr int lse_rows() const { return dq_staging() + dq_stages * dq_stage_bytes(); }
+  FAP_HOST_DEVICE constexpr int dsum_rows() const { return lse_rows() + 2 * block_m * 4; }
+  FAP_HOST_DEVICE constexpr int stage_ring() const { return dsum_rows() + 2 * block_m * 4; }
+  FAP_HOST_DEVICE constexpr int bytes() const { return stage_ring() + 4 * 8 + kSwizzleAlignmentSlack; }
+};
+
+// Whether attention_bwd_sm90 hands the Q/dO stages over through mbarriers (the warpgroups drift apart within a
+// step, so dS^T is double-buffered, which at d = 64 leaves room for one dQ staging buffer per warpgroup), or, at
+// d = 64 with softcap or ALiBi, whose registers that would spill, by a CTA barrier at the top of each step (one
+// dS^T tile, two dQ staging buffers).
+FAP_HOST_DEVICE constexpr bool hopper_backward_stage_mbarriers(int head_dim, bool softcap, bool alibi) {
+  return head_dim == 128 || !(softcap || alibi);
+}
+
+// The layout of a wgmma backward configuration: at d = 256 (attention_bwd_sm90_wide) two P^T and two dS^T tiles,
+// with dQ staged in the Q and dO tiles; below, as hopper_backward_stage_mbarriers decides.
+FAP_HOST_DEVICE constexpr HopperBackwardSharedLayout hopper_backward_layout(int block_m, int block_n, int head_dim,
+                                                                            bool softcap, bool alibi) {
+  if (head_dim == 256) return {block_m, block_n, head_dim, 4, 0};
+  const bool stage_mbarriers = hopper_backward_stage_mbarriers(head_dim, softcap, alibi);
+  return {block_m, block_n, head_dim, stage_mbarriers ? 2 : 1, head_dim == 128 || !stage_mbarriers ? 2 : 1};
+}
 
 }  // namespace fap
