@@ -107,7 +107,7 @@ __device__ __forceinline__ void start_next_key_tile(storage_t* k_tile, const For
 
 // Where that barrier goes: before the softmax, as in FlashAttention-2, so that no barrier separates the softmax from
 // P V and ptxas interleaves the exponentials and the output's rescaling with P V's products (an H200 running the
-// sm_80 tiles, bf16: d = 256 +8-17 %, d = 64 up to +9 %); after it for 64 < d <= 128, whose two row tiles per warp
+// sm_80 tiles, bf16: d = 256 +8-14 %, d = 64 +0-8 %); after it for 64 < d <= 128, whose two row tiles per warp
 // leave ptxas no registers for that overlap (there it measured 3-5 % slower at 4k-16k tokens; bench/RESULTS.md).
 #define FAP_NEXT_KEYS_BEFORE_SOFTMAX (FAP_HEAD_DIM <= 64 || FAP_HEAD_DIM > 128)
 #endif
