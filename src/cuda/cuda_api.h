@@ -71,7 +71,6 @@ struct CUlaunchConfig {
   X(cuMemcpyDtoH, CUresult, (void* target, CUdeviceptr source, size_t bytes))                                \
   X(cuStreamSynchronize, CUresult, (CUstream stream))                                                        \
   X(cuCtxSynchronize, CUresult, (void))                                                                      \
-  X(cuMemsetD32Async, CUresult, (CUdeviceptr target, unsigned int value, size_t count, CUstream stream))      \
   X(cuCtxGetDevice, CUresult, (CUdevice * device))                                                           \
   X(cuPointerGetAttribute, CUresult, (void* data, int attribute, CUdeviceptr pointer))                       \
   X(cuModuleLoadData, CUresult, (CUmodule * module, const void* image))                                      \

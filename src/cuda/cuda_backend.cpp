@@ -365,13 +365,10 @@ class BackwardCall final : public CudaCall {
     const auto stream = static_cast<CUstream>(stream_handle);
     const AttentionProblem& p = problem_;
     const AttentionBwdParams params = backward_params(p, layout_, workspace);
-    check(api_,
-          api_.cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(params.dq_accum), 0,
-                                static_cast<size_t>(layout_.accum_floats()), stream),
-          "cuMemsetD32Async");
     const std::vector<CUfunction>& kernels = kernels_->functions;
-    // The preprocess: 4 rows per CTA, each sequence's rows up to a multiple of 128.
-    const auto preprocess_blocks = static_cast<unsigned int>((p.seqlen_q + 127) / 128 * 32);
+    // The preprocess (which also clears the dQ accumulator): 128 rows per CTA, each sequence's rows up to a
+    // multiple of 128.
+    const auto preprocess_blocks = static_cast<unsigned int>((p.seqlen_q + 127) / 128);
     launch(api_, kernels[1], preprocess_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((p.seqlen_k + config_.block_n - 1) / config_.block_n);
     // The grid of backward_cta: (key blocks or the deterministic slices, batch, kv heads), with ordered dQ
@@ -380,8 +377,8 @@ class BackwardCall final : public CudaCall {
     if (layout_.order_counters > 0) grid_x = p.heads_kv, grid_z = key_blocks;
     launch(api_, kernels[0], static_cast<unsigned int>(grid_x), p.batch, grid_z, config_.warps * 32,
            kernels_->shared_bytes, stream, &params);
-    // The conversion: a 16-row (mma.sync) or 64-row (wgmma) tile of the accumulator per CTA.
-    const int64_t convert_rows = config_.wgmma ? 64 : 16;
+    // The conversion: 64 rows of the accumulator per CTA.
+    const int64_t convert_rows = 64;
     const auto convert_blocks = static_cast<unsigned int>((p.seqlen_q + convert_rows - 1) / convert_rows);
     launch(api_, kernels[2], convert_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
   }

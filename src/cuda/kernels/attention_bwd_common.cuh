@@ -3,7 +3,7 @@
 //   attention_bwd_preprocess  D = rowsum(dO * O) and the LSE in base-2 units per (head, row), in the
 //                             padded row layout below
 //   attention_bwd_convert     dQ = scale * (sum of the accumulator slices), rounded to the storage type
-// and the pieces both main kernels share. The host clears the dQ accumulator before the main kernel. Uses
+// and the pieces both main kernels share. The preprocess clears the dQ accumulator for the main kernel. Uses
 // FAP_HEAD_DIM, FAP_WARPS, FAP_SOFTCAP, FAP_ALIBI, FAP_WINDOW and FAP_DQ_TILES.
 #pragma once
 
@@ -56,29 +56,65 @@ __device__ __forceinline__ int* dq_order_counter(const AttentionBwdParams& p, co
   return p.dq_order + head * (p.softmax_head_stride / 64) + (s.padded_row0 + row) / 64;
 }
 
-// Grid (ceil(seqlen_q / 128) * 32, batch, heads), 4 warps, one row per warp. Rows from the sequence's end
-// to the next multiple of 128 get D = 0 and LSE = +inf (P = 0), so that the main kernels load whole query
-// blocks. Where the dQ additions are ordered (DqOrder), the first row of every 64 also starts its rows' counter
-// of additions at twice the first key block that sees it.
-extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const AttentionBwdParams p) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int batch = blockIdx.y, head = blockIdx.z;
-  const SequenceRows s = sequence_rows(p, batch);
-  const int row = blockIdx.x * 4 + warp;
-  if (row >= (s.len_q + 127) / 128 * 128) return;
-  const long long slot = softmax_row_offset(p, s, head, row);
-  if (row >= s.len_q) {
-    if (lane == 0) p.dsum[slot] = 0.0f, p.lse_log2[slot] = FAP_INFINITY;
-    return;
-  }
-  const storage_t* out = static_cast<const storage_t*>(p.out) + batch * p.out_batch_stride +
-                         (s.q_start + row) * p.out_row_stride + head * p.out_head_stride;
-  const storage_t* dout = static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
-                          (s.q_start + row) * p.dout_row_stride + head * p.dout_head_stride;
+// rowsum(dO * O) of one row, from the lanes of a group of kThreadsPerRow consecutive lanes (a power of two that
+// divides 32): each a 16-byte chunk of 8 columns at a time where both rows are 16-byte aligned and head_dim % 8 == 0,
+// else single elements. Every lane of the group returns the row's sum.
+template <int kThreadsPerRow>
+__device__ __forceinline__ float row_dot(const storage_t* out, const storage_t* dout, int head_dim, bool inside) {
+  const int lane = threadIdx.x % kThreadsPerRow;
   float sum = 0.0f;
-  for (int d = lane; d < p.head_dim; d += 32) sum += to_float(out[d]) * to_float(dout[d]);
-  for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  if (lane == 0) {
+  if (inside && head_dim % 8 == 0 && (reinterpret_cast<unsigned long long>(out) | reinterpret_cast<unsigned long long>(dout)) % 16 == 0) {
+    for (int col = lane * 8; col < head_dim; col += kThreadsPerRow * 8) {
+      const uint4 o = *reinterpret_cast<const uint4*>(out + col), g = *reinterpret_cast<const uint4*>(dout + col);
+      const unsigned int os[4] = {o.x, o.y, o.z, o.w}, gs[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum += to_float(static_cast<storage_t>(os[i])) * to_float(static_cast<storage_t>(gs[i]));
+        sum += to_float(static_cast<storage_t>(os[i] >> 16)) * to_float(static_cast<storage_t>(gs[i] >> 16));
+      }
+    }
+  } else if (inside) {
+    for (int col = lane; col < head_dim; col += kThreadsPerRow) sum += to_float(out[col]) * to_float(dout[col]);
+  }
+#pragma unroll
+  for (int step = kThreadsPerRow / 2; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+  return sum;
+}
+
+// Zeroes the dQ accumulator's rows row0 .. row0 + 127 of `head` in every slice, before the main kernel adds to them:
+// in both layouts (dq_accum_offset below) the values of 16 (mma.sync) or 64 (wgmma) rows of one head are contiguous.
+__device__ __forceinline__ void clear_dq_accum(const AttentionBwdParams& p, const SequenceRows& s, int batch, int head,
+                                               int row0);
+
+// Grid (ceil(seqlen_q / 128), batch, heads), 4 warps: the 128 padded rows from row0 = 128 blockIdx.x of one
+// (sequence, head), a row per group of lanes (as many as a row has 16-byte chunks, to a warp). Rows from the
+// sequence's end to the next multiple of 128 get D = 0 and LSE = +inf (P = 0), so that the main kernels load whole
+// query blocks. Also zeroes those rows of the dQ accumulator, which is what FlashAttention-2's does too: a separate
+// clearing pass and one row per warp in 2-byte loads took 2-2.5x FlashAttention-2's time for the two (an H200).
+// Where the dQ additions are ordered (DqOrder), the first row of every 64 also starts its rows' counter of
+// additions at twice the first key block that sees it.
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_preprocess(const AttentionBwdParams p) {
+  constexpr int kChunks = FAP_HEAD_DIM / 8;
+  constexpr int kThreadsPerRow = kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  const int batch = blockIdx.y, head = blockIdx.z, row0 = blockIdx.x * 128;
+  const SequenceRows s = sequence_rows(p, batch);
+  if (row0 >= s.len_q) return;
+  clear_dq_accum(p, s, batch, head, row0);
+  const int lane = threadIdx.x % kThreadsPerRow;
+#pragma unroll 4
+  for (int row = row0 + threadIdx.x / kThreadsPerRow; row < row0 + 128; row += 128 / kThreadsPerRow) {
+    const bool inside = row < s.len_q;
+    const storage_t* out = static_cast<const storage_t*>(p.out) + batch * p.out_batch_stride +
+                           (s.q_start + row) * p.out_row_stride + head * p.out_head_stride;
+    const storage_t* dout = static_cast<const storage_t*>(p.dout) + batch * p.dout_batch_stride +
+                            (s.q_start + row) * p.dout_row_stride + head * p.dout_head_stride;
+    const float sum = row_dot<kThreadsPerRow>(out, dout, p.head_dim, inside);
+    if (lane != 0) continue;
+    const long long slot = softmax_row_offset(p, s, head, row);
+    if (!inside) {
+      p.dsum[slot] = 0.0f, p.lse_log2[slot] = FAP_INFINITY;
+      continue;
+    }
     if (p.dq_order && row % 64 == 0) {
       *dq_order_counter(p, s, head, row) = 2 * key_blocks_of_rows<FAP_BLOCK_N>(p, s, row, row).first;
     }
@@ -111,6 +147,21 @@ __device__ __forceinline__ long long dq_accum_offset(const AttentionBwdParams& p
   const long long tile = ((long long)(s.padded_row0 + row) / 16 * p.heads_q + head) * (FAP_HEAD_DIM / 8) + col / 8;
   return tile * 128 + (row % 16 / 8 * 2 + col % 2) * 32 + row % 8 * 4 + col % 8 / 2;
 #endif
+}
+
+__device__ __forceinline__ void clear_dq_accum(const AttentionBwdParams& p, const SequenceRows& s, int batch, int head,
+                                               int row0) {
+  constexpr int kContiguousRows = FAP_DQ_TILES ? 64 : 16;
+  constexpr int kFloat4s = kContiguousRows * FAP_HEAD_DIM / 4;
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int split = 0; split < p.splits; ++split)
+#pragma unroll
+    for (int rows = 0; rows < 128; rows += kContiguousRows) {
+      float4* block = reinterpret_cast<float4*>(p.dq_accum + split * p.dq_accum_split_stride +
+                                                dq_accum_offset(p, s, batch, row0 + rows, head, 0));
+#pragma unroll 4
+      for (int i = threadIdx.x; i < kFloat4s; i += 128) block[i] = zero;
+    }
 }
 
 #if !FAP_DQ_TILES
@@ -164,22 +215,47 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
   }
 }
 #else
-// Grid (ceil(seqlen_q / 16), batch, heads), 4 warps: 16 rows, each warp an 8-column tile at a time, its lanes
-// reading the tile's values in their fragment order (each read a whole cache line for the warp).
+// Grid (ceil(seqlen_q / 64), batch, heads), 4 warps: 64 rows, 16 at a time. A 16-row group's accumulator values
+// (contiguous, in fragment order) are read as whole float4s, each 4 columns (2 apart) of one row, into shared memory
+// in row order; then each thread writes 8 columns of a row in one 16-byte store where the row allows (before:
+// 2-byte stores straight from the fragment order, 2.3-2.6x FlashAttention-2's conversion time on an H200).
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const AttentionBwdParams p) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int batch = blockIdx.y, head = blockIdx.z, row0 = blockIdx.x * 16;
+  constexpr int kChunks = FAP_HEAD_DIM / 8;
+  // +2 floats per row: a warp's 32 stores of one float4 component (rows r and r + 8, columns c and c + 1) land
+  // in 32 different banks.
+  __shared__ float block[16][FAP_HEAD_DIM + 2];
+  const int batch = blockIdx.y, head = blockIdx.z;
   const SequenceRows s = sequence_rows(p, batch);
-  if (row0 >= s.len_q) return;
-  for (int col0 = warp * 8; col0 < FAP_HEAD_DIM; col0 += 32) {
-    const float* tile = p.dq_accum + dq_accum_offset(p, s, batch, row0, head, col0);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float sum = 0.0f;
-      for (int split = 0; split < p.splits; ++split) sum += tile[split * p.dq_accum_split_stride + e * 32 + lane];
-      const int row = row0 + lane / 4 + e / 2 * 8, col = col0 + lane % 4 * 2 + e % 2;
-      if (row < s.len_q && col < p.head_dim) dq_row(p, s, batch, row, head)[col] = from_float(sum * p.scale);
+  const int first_row = blockIdx.x * 64, end_row = min(first_row + 64, s.len_q);
+  for (int row0 = first_row; row0 < end_row; row0 += 16) {
+    const float4* group = reinterpret_cast<const float4*>(p.dq_accum + dq_accum_offset(p, s, batch, row0, head, 0));
+    for (int i = threadIdx.x; i < 4 * FAP_HEAD_DIM; i += 128) {
+      float4 sum = group[i];
+      for (int split = 1; split < p.splits; ++split) {
+        const float4 part = group[split * p.dq_accum_split_stride / 4 + i];
+        sum.x += part.x, sum.y += part.y, sum.z += part.z, sum.w += part.w;
+      }
+      // Float i holds value e of lanes 4 l4 .. 4 l4 + 3 of the 16 x 8 tile `tile` (dq_accum_offset's layout).
+      const int tile = i / 32, e = i % 32 / 8, l4 = i % 8;
+      const int row = l4 + e / 2 * 8, col = tile * 8 + e % 2;
+      block[row][col] = sum.x, block[row][col + 2] = sum.y, block[row][col + 4] = sum.z, block[row][col + 6] = sum.w;
     }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 16 * kChunks; i += 128) {
+      const int r = i / kChunks, col = i % kChunks * 8;
+      if (row0 + r >= s.len_q || col >= p.head_dim) continue;
+      storage_t* dq = dq_row(p, s, batch, row0 + r, head);
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = block[r][col + j] * p.scale;
+      if (col + 8 <= p.head_dim && reinterpret_cast<unsigned long long>(dq + col) % 16 == 0) {
+        *reinterpret_cast<uint4*>(dq + col) = make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]),
+                                                         pack2(v[6], v[7]));
+      } else {
+        for (int j = 0; j < 8 && col + j < p.head_dim; ++j) dq[col + j] = from_float(v[j]);
+      }
+    }
+    __syncthreads();
   }
 }
 #endif
