@@ -77,7 +77,7 @@ struct BackwardTiles {
 };
 __device__ __forceinline__ BackwardTiles backward_tiles(const HopperBackwardSharedLayout& layout) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  unsigned char* base = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);  // kSwizzleAlignmentSlack
+  unsigned char* base = swizzle_aligned(shared_raw);
   return {base + layout.k_tile(),
           base + layout.v_tile(),
           base + layout.q_tiles(),

@@ -132,7 +132,7 @@ __device__ __forceinline__ int scheduled_item(int round, int items) {
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(const AttentionFwdParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   ForwardShared shared;
-  shared.q = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);  // kSwizzleAlignmentSlack
+  shared.q = swizzle_aligned(shared_raw);
   shared.k = shared.q + kForwardLayout.k_tiles();
   shared.v = shared.q + kForwardLayout.v_tiles();
   shared.barriers = shared_address(shared.q + kForwardLayout.barriers());

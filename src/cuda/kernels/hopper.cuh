@@ -11,9 +11,18 @@
 #pragma once
 
 #include "tensor_core.cuh"
+#include "tile_layouts.h"
 
 
 namespace fap {
+
+// The first 1024-byte boundary (a swizzle atom's alignment) in the dynamic shared memory from `shared_raw`, where
+// the wgmma kernels' layouts start; the host asks for kSwizzleAlignmentSlack bytes more than a layout for the skip.
+__device__ __forceinline__ unsigned char* swizzle_aligned(unsigned char* shared_raw) {
+  constexpr unsigned int kMask = kSwizzleAlignmentSlack - 1;
+  static_assert((kSwizzleAlignmentSlack & kMask) == 0, "the alignment is a power of two");
+  return shared_raw + ((kSwizzleAlignmentSlack - (shared_address(shared_raw) & kMask)) & kMask);
+}
 
 // Byte offset of element (row, col) in a swizzled tile of ROWS rows.
 template <int ROWS>
