@@ -231,8 +231,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_convert(const At
   for (int row0 = first_row; row0 < end_row; row0 += 16) {
     const float4* group = reinterpret_cast<const float4*>(p.dq_accum + dq_accum_offset(p, s, batch, row0, head, 0));
     for (int i = threadIdx.x; i < 4 * FAP_HEAD_DIM; i += 128) {
-      float4 sum = group[i];
-      for (int split = 1; split < p.splits; ++split) {
+      // Summed from zero: starting from slice 0's values, ptxas put the slices' base address through local memory
+      // (fp16 at d = 96 and 160 on sm_80).
+      float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int split = 0; split < p.splits; ++split) {
         const float4 part = group[split * p.dq_accum_split_stride / 4 + i];
         sum.x += part.x, sum.y += part.y, sum.z += part.z, sum.w += part.w;
       }
