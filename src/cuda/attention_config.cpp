@@ -344,16 +344,24 @@ void set_tiles(ForwardConfig& config, int compute_capability) {
   if (!fits_twice_per_sm(config.shared_bytes(), compute_capability)) config.stages = 1;
 }
 
-// The sm_90 kernel: a producer warpgroup and two consumer warpgroups of 64 rows, head dims in whole
-// 64-column blocks of the 128-byte swizzle. A consumer thread holds d / 2 registers of output and block_n / 2
-// of scores: 128-key tiles up to d = 128; at d = 256 80 keys, the most whose two stages fit beside the Q tile
-// (+3-7 % over 64 on an H200), and 64 at d = 192 (80 would leave it 2 stages of 3); dropout's Philox rounds take
-// registers too, so it gets fewer keys (the compile test checks that nothing spills).
+// The sm_90 kernel: a producer warpgroup and consumer warpgroups of 64 rows each, head dims in whole 64-column
+// blocks of the 128-byte swizzle.
+void set_sm90_consumers(ForwardConfig& config, int consumers) {
+  config.block_m = 64 * consumers;
+  config.warps = 4 * (1 + consumers);
+}
+
+// Three consumers (192 x 128 tiles, FlashAttention-3's shape) at d = 64, where a consumer thread's 160 registers
+// hold its output, scores and P (+12-16 % over two at 4k-16k tokens on an H200); two elsewhere. A consumer thread
+// holds d / 2 registers of output and block_n / 2 of scores: 128-key tiles up to d = 128; at d = 256 80 keys, the
+// most whose two stages fit beside the Q tile (+3-7 % over 64), and 64 at d = 192 (80 would leave it 2 stages of
+// 3); dropout's Philox rounds take registers too, so it gets two consumers and fewer keys (the compile test checks
+// that nothing spills).
 void set_sm90_tiles(ForwardConfig& config, int) {
   config.wgmma = true;
   config.head_dim = (config.head_dim + 63) / 64 * 64;
-  config.warps = 12, config.row_tiles = 1, config.min_blocks = 1;
-  config.block_m = 128;
+  config.row_tiles = 1, config.min_blocks = 1;
+  set_sm90_consumers(config, config.head_dim == 64 && !config.dropout ? 3 : 2);
   if (config.head_dim <= 128)
     config.block_n = config.dropout ? 64 : 128;
   else
@@ -460,8 +468,12 @@ std::vector<ForwardConfig> all_indexed_forward_configs(int compute_capability) {
 }
 
 ForwardConfig with_forward_schedule(ForwardConfig config, int64_t seqlen_q) {
-  // The persistent loop's state does not fit beside dropout's Philox rounds (attention_fwd_sm90.cuh).
-  config.persistent = config.wgmma && !config.dropout && config.head_dim <= 128 && seqlen_q <= 4096;
+  // The persistent loop's state does not fit beside dropout's Philox rounds (attention_fwd_sm90.cuh), nor beside
+  // three consumers' 160 registers: at d = 64 it runs two, and only up to 1k queries, where that was faster than
+  // three without it (4k: 0.86-0.91x; an H200, bench/RESULTS.md).
+  config.persistent =
+      config.wgmma && !config.dropout && config.head_dim <= 128 && seqlen_q <= (config.head_dim == 64 ? 1024 : 4096);
+  if (config.persistent) set_sm90_consumers(config, 2);
   return config;
 }
 

@@ -62,6 +62,18 @@ TEST(AttentionConfig, HopperRunsTheWgmmaKernelOnWhole64ColumnBlocks) {
   EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 256).features(), 90).name(), "attention_fwd_sm90_bf16_d256_m128_n80_w12_s2");
 }
 
+TEST(AttentionConfig, HopperForwardTakesThreeConsumersAtHeadDim64) {
+  for (int64_t d : {1, 33, 64}) {
+    const ForwardConfig config = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d).features(), 90);
+    EXPECT_EQ(config.block_m, 192) << d;
+    EXPECT_EQ(config.warps, 16) << d;
+  }
+  for (int64_t d : {65, 128, 256}) EXPECT_EQ(choose_forward_config(problem(FAP_DTYPE_BFLOAT16, d).features(), 90).block_m, 128) << d;
+  AttentionProblem dropout = problem(FAP_DTYPE_BFLOAT16, 64);
+  dropout.dropout_p = 0.1f;
+  EXPECT_EQ(choose_forward_config(dropout.features(), 90).block_m, 128) << "Philox's registers leave room for two";
+}
+
 TEST(AttentionConfig, FeaturesFollowTheProblem) {
   AttentionProblem p = problem(FAP_DTYPE_FLOAT16, 128);
   EXPECT_EQ(choose_forward_config(p.features(), 80).name(), "attention_fwd_fp16_d128_m128_n64_w4_s1");
@@ -111,6 +123,14 @@ TEST(AttentionConfig, QueryLengthPicksTheHopperForwardSchedule) {
   AttentionProblem dropout = problem(FAP_DTYPE_BFLOAT16, 64);
   dropout.dropout_p = 0.1f;
   EXPECT_FALSE(with_forward_schedule(choose_forward_config(dropout.features(), 90), 1).persistent);
+  // d = 64: persistent with two consumers up to 1k queries, three consumers without it above.
+  const ForwardConfig d64 = choose_forward_config(problem(FAP_DTYPE_BFLOAT16, 64).features(), 90);
+  const ForwardConfig short_d64 = with_forward_schedule(d64, 1024), long_d64 = with_forward_schedule(d64, 1025);
+  EXPECT_TRUE(short_d64.persistent);
+  EXPECT_EQ(short_d64.block_m, 128);
+  EXPECT_EQ(short_d64.warps, 12);
+  EXPECT_FALSE(long_d64.persistent);
+  EXPECT_EQ(long_d64.name(), d64.name());
 }
 
 // The shared memory one block may opt into, per compute capability (the CUDA programming guide's table).

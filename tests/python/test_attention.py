@@ -68,6 +68,30 @@ def options_for_reference(options):
             "alibi_slopes": options.get("alibi_slopes")}
 
 
+@pytest.mark.parametrize("mask,feature,head_dim", [("none", "plain", 64), ("causal", "alibi", 40),
+                                                   ("local", "softcap", 64), ("causal_local", "plain", 64)])
+def test_long_query_sequences(device, mask, feature, head_dim):
+    """Past 1k queries at d <= 64 Hopper's forward takes blocks of 192 rows (three consumer warpgroups): a length
+    that ends inside a block, against a longer key sequence, GQA."""
+    dtype, batch, heads = torch.bfloat16, 1, 2
+    layout = Packing("func")
+    tensors = layout.make(batch, 1100, 1300, heads, 1, head_dim, dtype, device)
+    causal, window = MASKS[mask]
+    options = dict(causal=causal, window_size=window, **feature_options(feature, batch, heads, device))
+    ours, exact, plain = leaves(tensors), leaves(tensors, torch.float64), leaves(tensors)
+    out, lse, _ = layout.call(ours, return_attn_probs=True, **options)
+    out_ref, lse_ref = attention(*exact, **options_for_reference(options))
+    out_pt, _ = attention(*plain, dtype=dtype, **options_for_reference(options))
+    check_rule("out", out, out_ref, out_pt, 2)
+    check_lse(lse, lse_ref)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    out_ref.backward(dout.double())
+    out_pt.backward(dout)
+    for name, mine, reference, low in zip("qkv", ours, exact, plain):
+        check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
+
+
 @pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [
     (5, 2, True, (-1, -1)),     # rows 0-2 see no key: out 0, lse +inf, zero gradients
     (4, 9, False, (0, 0)),       # one key per row

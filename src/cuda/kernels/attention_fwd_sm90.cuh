@@ -1,17 +1,18 @@
 // Attention forward for Hopper (sm_90a): FlashAttention-2's algorithm on warpgroup MMAs, with the loads
 // and the two kinds of work split between warpgroups (FlashAttention-3's warp specialisation). One CTA per work
-// item of (block of FAP_BLOCK_M = 128 query rows, batch, head), or one per SM taking items in turn
-// (FAP_PERSISTENT), three warpgroups:
+// item of (block of FAP_BLOCK_M query rows, batch, head), or one per SM taking items in turn (FAP_PERSISTENT), one
+// warpgroup more than FAP_BLOCK_M / 64:
 // - the producer (warpgroup 0) copies each item's Q and K, V tiles of FAP_BLOCK_N keys with cp.async into a
 //   ring of FAP_STAGES stages in shared memory, handing each tile over through an mbarrier ("full") and waiting for
 //   the consumers to hand the stage back ("empty");
-// - two consumers own 64 query rows each: S = Q K^T with both operands in shared memory, the online softmax
-//   in registers, O += P V with P from registers. They take turns at the tensor cores (named barriers), so
-//   that one's softmax runs while the other's products do ("ping-pong").
+// - the consumers (two, or three at FAP_BLOCK_M = 192) own 64 query rows each: S = Q K^T with both operands in
+//   shared memory, the online softmax in registers, O += P V with P from registers. They take turns at the tensor
+//   cores in a ring (named barriers), so that one's softmax runs while another's products do ("ping-pong").
 // Tiles are in the 128-byte-swizzled layout wgmma reads (hopper.cuh). The producer gives most of its
 // registers to the consumers (setmaxnreg).
 //
-// Compile-time configuration: FAP_HEAD_DIM (a multiple of 64), FAP_BLOCK_M, FAP_BLOCK_N, FAP_WARPS (12), FAP_STAGES,
+// Compile-time configuration: FAP_HEAD_DIM (a multiple of 64), FAP_BLOCK_M (128 or 192), FAP_BLOCK_N,
+// FAP_WARPS (4 + FAP_BLOCK_M / 16), FAP_STAGES,
 // FAP_BF16, FAP_SOFTCAP, FAP_ALIBI, FAP_DROPOUT, FAP_WINDOW, FAP_PERSISTENT.
 #pragma once
 
@@ -22,9 +23,15 @@
 
 namespace fap {
 
-#define FAP_PRODUCER_REGISTERS 40
-#define FAP_CONSUMER_REGISTERS 232
-#define FAP_CONSUMER_THREADS 256
+#define FAP_CONSUMERS (FAP_BLOCK_M / 64)
+#define FAP_CONSUMER_THREADS (FAP_CONSUMERS * 128)
+static_assert(FAP_WARPS == 4 + 4 * FAP_CONSUMERS, "a producer warpgroup and a consumer per 64 rows");
+// The register file split between the roles (setmaxnreg): the producer's share goes to the consumers, within
+// the 64 K registers the launch holds for the CTA (its FAP_WARPS * 32 threads at 65536 / threads each).
+#define FAP_PRODUCER_REGISTERS (FAP_CONSUMERS == 2 ? 40 : 32)
+#define FAP_CONSUMER_REGISTERS (FAP_CONSUMERS == 2 ? 232 : 160)
+static_assert(128 * FAP_PRODUCER_REGISTERS + FAP_CONSUMER_THREADS * FAP_CONSUMER_REGISTERS <= 65536,
+              "the roles' registers fit the register file");
 
 // The producer's copy of `count` rows x head_dim of a (row, dim) operand into a swizzled tile of ROWS x
 // FAP_HEAD_DIM, zero-filling the rest, then its arrival on `full`. Whole tiles by copy_whole_tile; otherwise, with
@@ -192,10 +199,11 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
   const int consumer = warpgroup - 1, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const unsigned int q_address = shared_address(shared.q), k_address = shared_address(shared.k),
                      v_address = shared_address(shared.v);
-  // Each consumer issues its products in turns with the other: round r (r = 0 .. tile_count) of an item is
-  // O += P_{r-1} V_{r-1} and S_r = Q K_r^T.
-  const auto take_turn = [&] { named_barrier_sync(1 + consumer, FAP_CONSUMER_THREADS); };
-  const auto pass_turn = [&] { named_barrier_arrive(2 - consumer, FAP_CONSUMER_THREADS); };
+  // Each consumer issues its products in turns with the others, passing the turn to the next in the ring: round r
+  // (r = 0 .. tile_count) of an item is O += P_{r-1} V_{r-1} and S_r = Q K_r^T. Barrier 1 + c is consumer c's turn;
+  // two warpgroups meet at it, c waiting and the one before it arriving.
+  const auto take_turn = [&] { named_barrier_sync(1 + consumer, 256); };
+  const auto pass_turn = [&] { named_barrier_arrive(1 + (consumer + 1) % FAP_CONSUMERS, 256); };
   // Data first, then the turn: a consumer never holds the tensor cores while it waits for a tile.
   const auto wait_for = [&](unsigned int full, int index) {
     mbarrier_wait(full, parity_of(index));
@@ -254,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
       };
 
       mbarrier_wait(shared.q_full(), (unsigned int)(q_loads & 1));
-      if (consumer == 1) pass_turn();  // consumer 0 goes first
+      if (consumer == FAP_CONSUMERS - 1) pass_turn();  // consumer 0 goes first
       wait_for(shared.k_full(stage_of(tiles_before)), tiles_before);
       take_turn();
       issue_scores(tiles_before);
@@ -293,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_fwd(co
       take_turn();
       issue_product(last);
       wgmma_commit();
-      if (consumer == 0) pass_turn();  // consumer 1's last turn of the item
+      if (consumer != FAP_CONSUMERS - 1) pass_turn();  // the next consumers' last turns of the item
       wgmma_wait<0>();
       fence_registers<FAP_HEAD_DIM / 2>(&acc[0][0]);
       if (kPersistent) mbarrier_arrive(shared.v_empty(stage_of(last)));
