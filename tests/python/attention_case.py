@@ -69,6 +69,17 @@ def check_lse(lse, reference_lse):
         assert error <= 1e-4 * (1 + reference_lse[finite].abs().max().item()), f"softmax_lse: error {error:.3g}"
 
 
+def check_gradients(dout, outputs, names, ours, exact, plain):
+    """Backward of (ours, float64 reference, plain PyTorch) = outputs from dout, then each named gradient of ours
+    under FA2's rule (3x plain PyTorch's error)."""
+    out, out_ref, out_pt = outputs
+    out.backward(dout)
+    out_ref.backward(dout.double())
+    out_pt.backward(dout)
+    for name, mine, reference, low in zip(names, ours, exact, plain):
+        check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
+
+
 def leaves(tensors, dtype=None):
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flash_attn_plus as fap
-from attention_case import MASKS, Packing, check_lse, check_rule, feature_options, leaves
+from attention_case import MASKS, Packing, check_gradients, check_lse, check_rule, feature_options, leaves
 from reference import attention
 
 pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
@@ -34,9 +34,9 @@ def _cases(packing):
 CASES = [case for packing in ("func", "kvpacked", "qkvpacked") for case in _cases(packing)]
 
 
-@pytest.mark.parametrize("packing,dtype,mask,feature,heads,heads_k,seqlen_q,seqlen_k,head_dim", CASES)
-def test_output_lse_and_gradients(device, packing, dtype, mask, feature, heads, heads_k, seqlen_q, seqlen_k, head_dim):
-    batch = 2
+def check_call(packing, dtype, mask, feature, batch, heads, heads_k, seqlen_q, seqlen_k, head_dim, device):
+    """One call of a packing's function on fresh inputs: output shape and dtype, output, LSE and gradients against
+    float64 with FA2's rule."""
     layout = Packing(packing)
     tensors = layout.make(batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, dtype, device)
     causal, window = MASKS[mask]
@@ -54,13 +54,13 @@ def test_output_lse_and_gradients(device, packing, dtype, mask, feature, heads, 
     check_rule("out", out, out_ref, out_pt, 2)
     check_lse(lse, lse_ref)
 
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    out_ref.backward(dout.double())
-    out_pt.backward(dout)
-    for name, mine, reference, low in zip("qkv" if packing == "func" else ["q", "kv"] if packing == "kvpacked" else ["qkv"],
-                                          ours, exact, plain):
-        check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
+    names = "qkv" if packing == "func" else ["q", "kv"] if packing == "kvpacked" else ["qkv"]
+    check_gradients(torch.randn_like(out), (out, out_ref, out_pt), names, ours, exact, plain)
+
+
+@pytest.mark.parametrize("packing,dtype,mask,feature,heads,heads_k,seqlen_q,seqlen_k,head_dim", CASES)
+def test_output_lse_and_gradients(device, packing, dtype, mask, feature, heads, heads_k, seqlen_q, seqlen_k, head_dim):
+    check_call(packing, dtype, mask, feature, 2, heads, heads_k, seqlen_q, seqlen_k, head_dim, device)
 
 
 def options_for_reference(options):
@@ -73,23 +73,7 @@ def options_for_reference(options):
 def test_long_query_sequences(device, mask, feature, head_dim):
     """Past 1k queries at d <= 64 Hopper's forward takes blocks of 192 rows (three consumer warpgroups): a length
     that ends inside a block, against a longer key sequence, GQA."""
-    dtype, batch, heads = torch.bfloat16, 1, 2
-    layout = Packing("func")
-    tensors = layout.make(batch, 1100, 1300, heads, 1, head_dim, dtype, device)
-    causal, window = MASKS[mask]
-    options = dict(causal=causal, window_size=window, **feature_options(feature, batch, heads, device))
-    ours, exact, plain = leaves(tensors), leaves(tensors, torch.float64), leaves(tensors)
-    out, lse, _ = layout.call(ours, return_attn_probs=True, **options)
-    out_ref, lse_ref = attention(*exact, **options_for_reference(options))
-    out_pt, _ = attention(*plain, dtype=dtype, **options_for_reference(options))
-    check_rule("out", out, out_ref, out_pt, 2)
-    check_lse(lse, lse_ref)
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    out_ref.backward(dout.double())
-    out_pt.backward(dout)
-    for name, mine, reference, low in zip("qkv", ours, exact, plain):
-        check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
+    check_call("func", torch.bfloat16, mask, feature, 1, 2, 1, 1100, 1300, head_dim, device)
 
 
 @pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [

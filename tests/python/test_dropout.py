@@ -5,7 +5,7 @@ import torch
 import torch.utils.checkpoint
 
 import flash_attn_plus as fap
-from attention_case import check_rule
+from attention_case import check_gradients, check_rule
 from reference import allowed_keys, attention
 
 pytestmark = pytest.mark.usefixtures("api_backend")  # every case on each backend (conftest.py)
@@ -39,12 +39,7 @@ def test_s_dmask_is_the_applied_mask(device, dtype, causal, window, seqlen_q, se
     probs_ref = torch.softmax(_scores(exact, causal, window), dim=-1)
     assert (probs - probs_ref).abs().max().item() < 1e-2
 
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    out_ref.backward(dout.double())
-    out_pt.backward(dout)
-    for name, mine, reference, low in zip("qkv", tensors, exact, plain):
-        check_rule(f"d{name}", mine.grad, reference.grad, low.grad, 3)
+    check_gradients(torch.randn_like(out), (out, out_ref, out_pt), "qkv", tensors, exact, plain)
 
 
 def _check_against_mask(tensors, out, s_dmask, dout, causal, heads_k=None):
