@@ -469,10 +469,11 @@ std::vector<ForwardConfig> all_indexed_forward_configs(int compute_capability) {
 
 ForwardConfig with_forward_schedule(ForwardConfig config, int64_t seqlen_q) {
   // The persistent loop's state does not fit beside dropout's Philox rounds (attention_fwd_sm90.cuh), nor beside
-  // three consumers' 160 registers: at d = 64 it runs two, and only up to 1k queries, where that was faster than
-  // three without it (4k: 0.86-0.91x; an H200, bench/RESULTS.md).
+  // three consumers' 160 registers: a three-consumer configuration (d = 64) runs it with two, and only up to 1k
+  // queries, where that was faster than three without it (4k: 0.86-0.91x; an H200, bench/RESULTS.md).
+  const bool three_consumers = config.block_m == 3 * 64;
   config.persistent =
-      config.wgmma && !config.dropout && config.head_dim <= 128 && seqlen_q <= (config.head_dim == 64 ? 1024 : 4096);
+      config.wgmma && !config.dropout && config.head_dim <= 128 && seqlen_q <= (three_consumers ? 1024 : 4096);
   if (config.persistent) set_sm90_consumers(config, 2);
   return config;
 }
