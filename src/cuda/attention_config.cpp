@@ -371,6 +371,23 @@ void set_sm90_tiles(ForwardConfig& config, int) {
   if (config.shared_bytes() > 227 * 1024) config.stages = 2;
 }
 
+// A grid's y extent.
+constexpr int64_t kMaxGridY = 65535;
+
+}  // namespace
+
+Grid forward_grid(bool window, int64_t blocks, int64_t batch, int64_t heads) {
+  if (window && blocks <= kMaxGridY) return {batch, blocks, heads};
+  return {blocks, batch, heads};
+}
+
+Grid backward_grid(bool window, int64_t blocks, int64_t batch, int64_t heads) {
+  if (window) return {batch, std::min(blocks, kMaxGridY), heads};
+  return {blocks, batch, heads};
+}
+
+namespace {
+
 // The kernel families of each direction, in the order the dispatch tries them: the first that runs the call's
 // features on the device's compute capability is chosen, and its tile rule shapes the configuration. A new
 // family is one entry here (and its kernel file).

@@ -122,6 +122,17 @@ ForwardConfig choose_indexed_forward_config(const KernelFeatures& features, int 
 // 4k rows, where it measured faster on an H200 (bench/RESULTS.md), else one CTA per row block.
 ForwardConfig with_forward_schedule(ForwardConfig config, int64_t seqlen_q);
 
+// The grid of the forward and backward main kernels over `blocks` (row blocks, key blocks or the deterministic
+// backward's slices) x batch x heads: (blocks, batch, heads), or with a window (a causal mask included)
+// (batch, blocks, heads), the costliest blocks of every batch entry first (place_in_grid in attention_core.cuh).
+// A grid's y extent stops at 65535: past it the backward's CTAs take every 65535th block (they loop over key
+// blocks) and the forward's grid stays (blocks, batch, heads), which its kernel tells by the y extent.
+struct Grid {
+  int64_t x, y, z;
+};
+Grid forward_grid(bool window, int64_t blocks, int64_t batch, int64_t heads);
+Grid backward_grid(bool window, int64_t blocks, int64_t batch, int64_t heads);
+
 // Every configuration choose_forward_config can return for a compute capability (for compile tests and
 // precompilation).
 std::vector<ForwardConfig> all_forward_configs(int compute_capability);

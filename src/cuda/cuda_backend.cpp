@@ -371,12 +371,11 @@ class BackwardCall final : public CudaCall {
     const auto preprocess_blocks = static_cast<unsigned int>((p.seqlen_q + 127) / 128);
     launch(api_, kernels[1], preprocess_blocks, p.batch, p.heads_q, 128, 0, stream, &params);
     const auto key_blocks = static_cast<unsigned int>((p.seqlen_k + config_.block_n - 1) / config_.block_n);
-    // The grid of backward_cta: (key blocks or the deterministic slices, batch, kv heads), with ordered dQ
-    // additions (key blocks, batch, kv heads) with its first and last axes swapped.
-    int64_t grid_x = p.deterministic ? layout_.splits : key_blocks, grid_z = p.heads_kv;
-    if (layout_.order_counters > 0) grid_x = p.heads_kv, grid_z = key_blocks;
-    launch(api_, kernels[0], static_cast<unsigned int>(grid_x), p.batch, grid_z, config_.warps * 32,
-           kernels_->shared_bytes, stream, &params);
+    // The grid of backward_cta: backward_grid over key blocks or the deterministic slices; with ordered dQ
+    // additions (kv heads, batch, key blocks).
+    Grid grid = backward_grid(config_.window, p.deterministic ? layout_.splits : key_blocks, p.batch, p.heads_kv);
+    if (layout_.order_counters > 0) grid = {p.heads_kv, p.batch, key_blocks};
+    launch(api_, kernels[0], static_cast<unsigned int>(grid.x), grid.y, grid.z, config_.warps * 32, kernels_->shared_bytes, stream, &params);
     // The conversion: 64 rows of the accumulator per CTA.
     const int64_t convert_rows = 64;
     const auto convert_blocks = static_cast<unsigned int>((p.seqlen_q + convert_rows - 1) / convert_rows);
@@ -493,12 +492,12 @@ class ForwardCall final : public CudaCall {
     load(config);
     params_ = decode_params(problem, indexed_ ? cache_vector_loads(problem)
                                               : vector_loads(problem, {&problem.q, &problem.k, &problem.v}));
-    blocks_ = static_cast<unsigned int>((problem.seqlen_q + config.block_m - 1) / config.block_m);
+    const int64_t row_blocks = (problem.seqlen_q + config.block_m - 1) / config.block_m;
     batch_ = problem.batch, heads_ = problem.heads_q, threads_ = config.warps * 32;
+    grid_ = forward_grid(config.window, row_blocks, batch_, heads_);
     if (config.persistent) {  // at most one CTA per SM, each taking the row blocks in turn
-      const int64_t items = static_cast<int64_t>(blocks_) * batch_ * heads_;
-      blocks_ = static_cast<unsigned int>(std::min<int64_t>(items, device_.multiprocessors));
-      batch_ = heads_ = 1;
+      const int64_t items = row_blocks * batch_ * heads_;
+      grid_ = {std::min<int64_t>(items, device_.multiprocessors), 1, 1};
     }
     if (problem.probs.data) {  // S_dmask, written by its own kernel after the forward (never with indexed keys)
       probs_kernels_ = loaded(choose_probs_config(problem.features(), capability_));
@@ -514,7 +513,7 @@ class ForwardCall final : public CudaCall {
   void run(void* stream, void*) const override {
     const ScopedContext scope(api_, context_);
     const void* params = indexed_ ? static_cast<const void*>(&params_) : static_cast<const AttentionParams*>(&params_);
-    launch(api_, kernels_->functions[0], blocks_, batch_, heads_, threads_, kernels_->shared_bytes,
+    launch(api_, kernels_->functions[0], static_cast<unsigned int>(grid_.x), grid_.y, grid_.z, threads_, kernels_->shared_bytes,
            static_cast<CUstream>(stream), params);
     if (probs_kernels_) {
       const auto rows = static_cast<unsigned int>((probs_params_.probs_rows + ProbsConfig::kWarps - 1) /
@@ -527,7 +526,7 @@ class ForwardCall final : public CudaCall {
  private:
   bool indexed_;
   DecodeParams params_{};
-  unsigned int blocks_ = 0;
+  Grid grid_{};
   int64_t batch_ = 0, heads_ = 0;
   int threads_ = 0;
   const LoadedKernels* probs_kernels_ = nullptr;

@@ -369,6 +369,23 @@ TEST(AttentionConfig, DecodeWarpsFollowTheCallsCtas) {
   EXPECT_EQ(choose_decode_config(problem(FAP_DTYPE_BFLOAT16, 192).features(), 90, 1024, 132).stages, 2);
 }
 
+// Without a window the main kernels' grids run one (batch, head) after the other; with one (a causal mask) each
+// head's blocks rank by rank across the batch (place_in_grid), except where the blocks outgrow a grid's y extent.
+TEST(AttentionConfig, MainGridsPutTheBatchFirstUnderAMask) {
+  const auto expect_grid = [](Grid grid, int64_t x, int64_t y, int64_t z) {
+    EXPECT_EQ(grid.x, x);
+    EXPECT_EQ(grid.y, y);
+    EXPECT_EQ(grid.z, z);
+  };
+  expect_grid(forward_grid(false, 32, 4, 16), 32, 4, 16);
+  expect_grid(forward_grid(true, 32, 4, 16), 4, 32, 16);
+  expect_grid(forward_grid(true, 65535, 4, 16), 4, 65535, 16);
+  expect_grid(forward_grid(true, 65536, 4, 16), 65536, 4, 16);  // the kernel tells by gridDim.y != its blocks
+  expect_grid(backward_grid(false, 32, 4, 8), 32, 4, 8);
+  expect_grid(backward_grid(true, 32, 4, 8), 4, 32, 8);
+  expect_grid(backward_grid(true, 70000, 4, 8), 4, 65535, 8);  // its CTAs loop over every 65535th key block
+}
+
 TEST(AttentionConfig, ArchitectureNames) {
   EXPECT_EQ(nvrtc_arch(80), "sm_80");
   EXPECT_EQ(nvrtc_arch(86), "sm_86");

@@ -16,8 +16,8 @@
 // load runs under this step's math; single-buffered, it starts once dV and dK have read them and runs under dQ's.
 // dQ: fp32 atomics into one buffer shared by every CTA, a warp's work item being 16 (with 32-key tiles 32) query
 // rows x up to 64 columns (each dS^T fragment read from shared memory feeds several MMAs). In deterministic mode
-// (p.deterministic) each CTA owns a slice of the buffer and its key blocks in a fixed order (blockIdx.x,
-// + gridDim.x, ...), and an element of the slice is only ever added to by one thread (the dQ work items map to
+// (p.deterministic) each CTA owns a slice of the buffer and its key blocks in a fixed order (its slice, + slices,
+// ...), and an element of the slice is only ever added to by one thread (the dQ work items map to
 // warps and lanes the same way at every step); a thread's atomics to one address take effect in program order,
 // so every sum is taken in the same order, without the stall of a read-add-write.
 //
@@ -61,7 +61,7 @@ constexpr int kDqItemColumns = FAP_HEAD_DIM % 64 == 0 && kDqMaxColumns >= 64   ?
                                : FAP_HEAD_DIM % 32 == 0                        ? 32
                                                                                : 16;
 
-// Grid (deterministic ? splits : key blocks, batch, kv heads).
+// Grid: place_in_grid's over key blocks (deterministic: slices), batch and kv heads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   constexpr BackwardSharedLayout kLayout{FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_Q_STAGES, FAP_DO_STAGES,
@@ -77,14 +77,17 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
   float* lse_rows = reinterpret_cast<float*>(shared_bytes + kLayout.row_floats_offset_bytes());
   float* dsum_rows = lse_rows + FAP_Q_STAGES * FAP_BLOCK_M;  // FAP_DO_STAGES stages
 
-  const int batch = blockIdx.y, kv_head = blockIdx.z;
+  // The first key block (under a causal mask the first key blocks see the most query rows) and every
+  // place.blocks-th after it; in the deterministic mode the rank is the CTA's accumulator slice.
+  const GridPlace place = place_in_grid();
+  const int batch = place.batch, kv_head = place.head;
   const SequenceRows s = sequence_rows(p, batch);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
   const int m = lane / 8, r = lane % 8;  // ldmatrix: this lane addresses row r of matrix m
   const int key_row0 = warp / FAP_DKV_SPLIT * FAP_KEY_TILE, part = warp % FAP_DKV_SPLIT;  // this warp's keys
   const int dkv_col0 = part * FAP_DKV_COLS;
-  for (int key_block = blockIdx.x; key_block * FAP_BLOCK_N < s.len_k; key_block += gridDim.x) {
+  for (int key_block = place.rank; key_block * FAP_BLOCK_N < s.len_k; key_block += place.blocks) {
     const int key0 = key_block * FAP_BLOCK_N;
     const BlockRange blocks = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::query_blocks(p, s, key0);
     const int first_block = blocks.first, query_blocks = blocks.end - blocks.first;
@@ -330,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(co
       // dQ += dS K: work items of kDqItemRows query rows x kDqItemColumns spread over the warps (one at a time:
       // unrolled, their accumulators would compete with dK and dV for registers).
       constexpr int kColumnItems = FAP_HEAD_DIM / kDqItemColumns;
-      float* const dq_step = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0) +
+      float* const dq_step = p.dq_accum + (p.deterministic ? place.rank * p.dq_accum_split_stride : 0) +
                              dq_accum_offset(p, s, batch, q0, head, 0);
 #pragma unroll 1
       for (int item = warp; item < (FAP_BLOCK_M / kDqItemRows) * kColumnItems; item += FAP_WARPS) {

@@ -31,6 +31,7 @@ __device__ __forceinline__ SequenceRows sequence_rows(const AttentionBwdParams& 
   return s;
 }
 
+
 // The score of q.k in base-2 units as the forward's exponential saw it: plain scores as one product with
 // scale * log2(e) (the forward folds the same product into its exponential's multiply-add).
 __device__ __forceinline__ float backward_score_log2(float x, const AttentionBwdParams& p, float slope, int diagonal,

@@ -35,7 +35,7 @@ constexpr bool kStageMbarriers = hopper_backward_stage_mbarriers(FAP_HEAD_DIM, F
 constexpr HopperBackwardSharedLayout kLayout =
     hopper_backward_layout(FAP_BLOCK_M, FAP_BLOCK_N, FAP_HEAD_DIM, FAP_SOFTCAP, FAP_ALIBI);
 
-// Grid (deterministic ? splits : key blocks, batch, kv heads), 256 threads.
+// Grid: backward_cta; 256 threads.
 extern "C" __global__ void __launch_bounds__(FAP_WARPS * 32, 1) attention_bwd(const AttentionBwdParams p) {
   constexpr int kQBytes = kLayout.q_tile_bytes(), kDsBytes = kLayout.score_tile_bytes();
   constexpr int kDsTiles = kLayout.score_tiles, kDqStages = kLayout.dq_stages;

@@ -89,8 +89,8 @@ __device__ __forceinline__ BackwardTiles backward_tiles(const HopperBackwardShar
           reinterpret_cast<float*>(base + layout.stage_ring())};
 }
 
-// A CTA's place in the grid and its thread's roles. The grid is (key blocks, batch, kv heads); in the
-// deterministic mode either (splits, batch, kv heads), each CTA adding into an accumulator slice of its own one
+// A CTA's place in the grid and its thread's roles. The grid is place_in_grid's, over key blocks or in the
+// deterministic mode either over slices (the rank), each CTA adding into an accumulator slice of its own one
 // key block after the other (a fixed order of the additions), or, where the kernel orders its additions
 // (ORDERED: DqOrder), (kv heads, batch, key blocks): CTAs start in the order of their linear index, so there
 // the key block that waits for the one before it starts one kv head x batch round later, not next to it. The
@@ -104,16 +104,17 @@ struct BackwardCta {
 };
 template <bool ORDERED>
 __device__ __forceinline__ BackwardCta backward_cta(const AttentionBwdParams& p) {
-  const int batch = blockIdx.y;
   const bool ordered = ORDERED && p.dq_order != nullptr;
+  const GridPlace place = place_in_grid();
+  const int batch = ordered ? (int)blockIdx.y : place.batch;
   return {batch,
-          (int)(ordered ? blockIdx.x : blockIdx.z),
-          (int)(ordered ? blockIdx.z : blockIdx.x),
-          (int)(ordered ? gridDim.z : gridDim.x),
+          ordered ? (int)blockIdx.x : place.head,
+          ordered ? (int)blockIdx.z : place.rank,
+          ordered ? (int)gridDim.z : place.blocks,
           sequence_rows(p, batch),
           __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0),
           threadIdx.x % 128 == 0,
-          p.dq_accum + (p.deterministic && !ordered ? blockIdx.x * p.dq_accum_split_stride : 0)};
+          p.dq_accum + (p.deterministic && !ordered ? place.rank * p.dq_accum_split_stride : 0)};
 }
 
 // A CTA's steps: the query blocks of [first_q0, end_q0) of one query head in order, then the next head of

@@ -47,8 +47,9 @@ typedef ContiguousKeys ForwardKeys;
 #endif
 
 // Where the S and O fragments of a warp take 176 registers or more (FlashAttention-2's tile shapes), the CTA's
-// keys and sequence live in shared memory: in registers, ptxas spilled the key pointers and the sequence start
-// that the loop keeps for its end; with fewer, registers (2-5 % faster at d = 128 and 256 on the H200).
+// place, keys and sequence live in shared memory: in registers, ptxas spilled the key pointers and the sequence
+// start that the loop keeps for its end (and, under a mask, the batch and head of place_in_grid); with fewer,
+// registers (2-5 % faster at d = 128 and 256 on the H200).
 #define FAP_KEYS_IN_SHARED (FAP_ROW_TILES * (FAP_HEAD_DIM + FAP_BLOCK_N) / 2 >= 176)
 
 // What the CTA works on: its sequence and where its keys lie.
@@ -61,6 +62,23 @@ __device__ __forceinline__ ForwardKeys forward_keys(const ForwardKernelParams& p
           static_cast<const storage_t*>(p.k) + batch * p.k_batch_stride + seq.k_start * p.k_row_stride + kv_head * p.k_head_stride,
           static_cast<const storage_t*>(p.v) + batch * p.v_batch_stride + seq.k_start * p.v_row_stride + kv_head * p.v_head_stride};
 #endif
+}
+
+// The CTA's work: its row block (counted from the last: under a causal mask the last row blocks see the most keys,
+// and the GPU starts CTAs in the order of their index, so the short ones fill the tail), batch entry, head and keys.
+struct ForwardCta {
+  ForwardKeys keys;
+  int row_block, batch_entry, query_head;
+  // Without a window these are the grid's own indices, which ptxas re-reads where it needs them rather than keeping
+  // them in registers (at 255 registers that difference spilled).
+  __device__ __forceinline__ int block() const { return FAP_WINDOW ? row_block : (int)(gridDim.x - 1 - blockIdx.x); }
+  __device__ __forceinline__ int batch() const { return FAP_WINDOW ? batch_entry : (int)blockIdx.y; }
+  __device__ __forceinline__ int head() const { return FAP_WINDOW ? query_head : (int)blockIdx.z; }
+};
+__device__ __forceinline__ ForwardCta forward_cta(const ForwardKernelParams& p) {
+  const GridPlace place = forward_place_in_grid((p.seqlen_q + FAP_BLOCK_M - 1) / FAP_BLOCK_M);
+  return {forward_keys(p, place.batch, place.head / p.group_size), place.blocks - 1 - place.rank, place.batch,
+          place.head};
 }
 
 #if FAP_INDEXED_KEYS
@@ -120,26 +138,20 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   storage_t* k_tiles = q_tile + kLayout.k_tiles();  // FAP_STAGES stages: key tile t in stage t % FAP_STAGES
   storage_t* v_tiles = q_tile + kLayout.v_tiles();
 #if FAP_KEYS_IN_SHARED
-  // The CTA's keys and sequence, computed by one thread and read from shared memory where needed.
-  ForwardKeys& cta_keys = *reinterpret_cast<ForwardKeys*>(shared_bytes + kLayout.cta_keys_offset_bytes());
-  static_assert(sizeof(ForwardKeys) <= FAP_CTA_KEYS_BYTES, "the CTA's keys outgrow their shared-memory slot");
-#endif
-
-  // The last row blocks first: under a causal mask they see the most keys, and the GPU starts blocks in the order
-  // of their index, so the short ones fill the tail.
-  const int block = gridDim.x - 1 - blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
-#if FAP_KEYS_IN_SHARED
-  if (threadIdx.x == 0) cta_keys = forward_keys(p, batch, head / p.group_size);
+  // The CTA's work, computed by one thread and read from shared memory where needed.
+  ForwardCta& cta = *reinterpret_cast<ForwardCta*>(shared_bytes + kLayout.cta_keys_offset_bytes());
+  static_assert(sizeof(ForwardCta) <= FAP_CTA_KEYS_BYTES, "the CTA's keys outgrow their shared-memory slot");
+  if (threadIdx.x == 0) cta = forward_cta(p);
   __syncthreads();
-  const ForwardKeys& keys = cta_keys;
 #else
-  const ForwardKeys keys = forward_keys(p, batch, head / p.group_size);
+  const ForwardCta cta = forward_cta(p);
 #endif
+  const ForwardKeys& keys = cta.keys;
   const ForwardSequence& seq = keys.seq;
-  const int row_begin = block * FAP_BLOCK_M;
+  const int row_begin = cta.block() * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;
 
-  const storage_t* q = static_cast<const storage_t*>(p.q) + batch * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + head * p.q_head_stride;
+  const storage_t* q = static_cast<const storage_t*>(p.q) + cta.batch() * p.q_batch_stride + (seq.q_start + row_begin) * p.q_row_stride + cta.head() * p.q_head_stride;
   const BlockRange tiles = BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, seq, row_begin);
 
   load_tile<FAP_BLOCK_M>(q_tile, q, p.q_row_stride, seq.len_q - row_begin, p.head_dim, p.vector_loads);
@@ -149,7 +161,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   if (tiles.first < tiles.end) {
     const int first_stage = tiles.first & 1;
     load_kv_tiles(k_tiles + first_stage * FAP_BLOCK_N * FAP_STRIDE, v_tiles + first_stage * FAP_BLOCK_N * FAP_STRIDE,
-                  p, keys, batch, tiles.first * FAP_BLOCK_N);
+                  p, keys, cta.batch(), tiles.first * FAP_BLOCK_N);
   }
 #endif
   cp_async_commit();
@@ -174,7 +186,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
     row_max[t][0] = row_max[t][1] = -FAP_INFINITY;
     row_sum[t][0] = row_sum[t][1] = 0.0f;
   }
-  const float slope = FAP_ALIBI ? p.alibi[batch * p.alibi_batch_stride + head] : 0.0f;
+  const float slope = FAP_ALIBI ? p.alibi[cta.batch() * p.alibi_batch_stride + cta.head()] : 0.0f;
 
   for (int tile = tiles.first; tile < tiles.end; ++tile) {
     const int key0 = tile * FAP_BLOCK_N;
@@ -192,7 +204,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
     __syncthreads();
     if (tile + 1 < tiles.end) {  // prefetch the next tile into the other stage
       load_kv_tiles(k_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE, v_tiles + (stage ^ 1) * FAP_BLOCK_N * FAP_STRIDE,
-                    p, keys, batch, key0 + FAP_BLOCK_N);
+                    p, keys, cta.batch(), key0 + FAP_BLOCK_N);
     }
     cp_async_commit();
     const storage_t* k_tile = k_tiles + stage * FAP_BLOCK_N * FAP_STRIDE;
@@ -222,7 +234,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
 #pragma unroll
     for (int t = 0; t < FAP_ROW_TILES; ++t) {
       float correction[2];
-      softmax_tile(s[t], p, seq, batch, head, rows[t], key0, needs_mask, slope, row_max[t], row_sum[t], correction);
+      softmax_tile(s[t], p, seq, cta.batch(), cta.head(), rows[t], key0, needs_mask, slope, row_max[t], row_sum[t], correction);
       rescale_rows(acc[t], correction);
     }
     // P rounded to the A operands of P V (16 keys per k-step) at once: packed, it holds half the registers of the
@@ -254,7 +266,7 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   cp_async_wait_all();
 
 #pragma unroll
-  for (int t = 0; t < FAP_ROW_TILES; ++t) store_rows(p, seq, batch, head, rows[t], acc[t], row_sum[t], row_max[t]);
+  for (int t = 0; t < FAP_ROW_TILES; ++t) store_rows(p, seq, cta.batch(), cta.head(), rows[t], acc[t], row_sum[t], row_max[t]);
 }
 
 }  // namespace fap

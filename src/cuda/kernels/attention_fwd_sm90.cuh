@@ -103,9 +103,9 @@ __device__ __forceinline__ unsigned int parity_of(int index) { return (unsigned 
 constexpr bool kPersistent = FAP_PERSISTENT;
 static_assert(!(FAP_PERSISTENT && FAP_DROPOUT), "the persistent loop's state does not fit beside dropout's");
 
-// A work item: one block of FAP_BLOCK_M query rows of one (batch, head), with its key tiles. Items are numbered
-// as the grid of one CTA per item runs them: row blocks (last first, so that under a causal mask the blocks with
-// the most keys start first) of one (batch, head) after the other.
+// A work item: one block of FAP_BLOCK_M query rows of one (batch, head), with its key tiles. The persistent
+// schedule numbers them row blocks (last first, so that under a causal mask the blocks with the most keys start
+// first) of one (batch, head) after the other; the grid of one CTA per item places them by place_in_grid.
 struct WorkItem {
   int batch, head, row_begin;
   ForwardSequence seq;
@@ -118,7 +118,9 @@ __device__ __forceinline__ WorkItem work_item(const AttentionFwdParams& p, int i
     w.batch = pair % p.batch, w.head = pair / p.batch;
     w.row_begin = (row_blocks - 1 - item % row_blocks) * FAP_BLOCK_M;
   } else {
-    w.batch = blockIdx.y, w.head = blockIdx.z, w.row_begin = (row_blocks - 1 - item) * FAP_BLOCK_M;
+    const GridPlace place = forward_place_in_grid(row_blocks);
+    w.batch = place.batch, w.head = place.head;
+    w.row_begin = (row_blocks - 1 - place.rank) * FAP_BLOCK_M;
   }
   w.seq = sequence_info<long long>(p, w.batch);
   w.tiles = w.row_begin < w.seq.len_q ? BlockInfo<FAP_BLOCK_M, FAP_BLOCK_N>::key_blocks(p, w.seq, w.row_begin)
