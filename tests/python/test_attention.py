@@ -76,10 +76,9 @@ def test_long_query_sequences(device, mask, feature, head_dim):
     check_call("func", torch.bfloat16, mask, feature, 1, 2, 1, 1100, 1300, head_dim, device)
 
 
-def test_causal_grid_in_sections(device):
-    """Under a causal mask the CUDA kernels start the costliest blocks of several (batch, head) pairs first, in
-    sections of as many pairs as 32 MB hold of what each pair's blocks read: at 2048 keys and d = 256 the forward's
-    sections have 16 pairs and the backward's 8; 18 pairs leave the last section of each partial."""
+def test_causal_grid_across_the_batch(device):
+    """Under a causal mask the CUDA kernels' grid is (batch, blocks, heads), each head's costliest blocks of the
+    whole batch first: several batch entries and heads, row and key blocks of unequal cost."""
     if device == "cpu":
         pytest.skip("the order of the CUDA kernels' grid; the CPU backend has none")
     check_call("func", torch.bfloat16, "causal", "plain", 2, 9, 9, 2048, 2048, 256, device)
