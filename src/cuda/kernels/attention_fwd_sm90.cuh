@@ -95,8 +95,8 @@ __device__ __forceinline__ unsigned int parity_of(int index) { return (unsigned 
 // With FAP_PERSISTENT, a grid of at most one CTA per SM whose CTAs take the work items in turn, so that the
 // producer loads the next item's Q and first K/V tiles while the consumers finish the current one (its last
 // products, the output's normalisation and stores); the host chooses it for short calls (with_forward_schedule),
-// where those phases would otherwise leave the SM idle. Otherwise one CTA per item, grid (row blocks, batch,
-// heads), and the loop below runs once: the compiler sees that and keeps none of its state (with dropout there
+// where those phases would otherwise leave the SM idle. Otherwise one CTA per item, in place_in_grid's grid
+// (row blocks, batch, heads; under a window batch first), and the loop below runs once: the compiler sees that and keeps none of its state (with dropout there
 // is no register to spare for it). Long calls stay on the hardware's scheduling of CTAs: the fixed schedule below
 // measured slower there (-35 % at 16k causal; likely because its CTAs drift apart and read many heads' K and V at
 // once, where the hardware keeps the running CTAs on few heads, in L2: not profiled).
