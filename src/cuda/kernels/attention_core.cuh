@@ -139,11 +139,11 @@ __device__ __forceinline__ bool key_allowed(const AttentionParams& p, const Sequ
 // the other, so that the CTAs running at a time share their keys in L2. Under a mask, chiefly a causal one, a
 // block costs more the lower its rank (the kernels number row blocks from the last, key blocks from the first),
 // and one (batch, head) after the other leaves the last ones' costliest blocks to start last, with little to fill
-// the SMs beside them (simulated for 132 SMs: the last wave adds 5-13 % to the work at 1k-4k tokens per sequence,
+// the SMs beside them (simulated for 132 SMs: the last wave adds 3-13 % to the work at 1k-4k tokens per sequence,
 // under 1 % at 16k). There the grid is (batch, blocks, heads): each head's blocks rank by rank across the batch,
 // longest first (FlashAttention-3's LPT order, in sections of one head); the CTAs running at a time read one
 // head's keys (queries) of the whole batch, for up to ~64k tokens of d = 128 within Hopper's L2. The host's
-// launches follow the same rule (main_grid in cuda_backend.cpp); past 65535 blocks, a grid's y extent, the
+// launches follow the same rule (forward_grid, backward_grid in attention_config.cpp); past 65535 blocks, a grid's y extent, the
 // backward's CTAs loop over their blocks and the forward's grid stays (blocks, batch, heads), which it tells by
 // its y extent (any (rank, batch) pairing covers every item once, so that test cannot lose or repeat work).
 struct GridPlace {
