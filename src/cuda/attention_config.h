@@ -126,7 +126,8 @@ ForwardConfig with_forward_schedule(ForwardConfig config, int64_t seqlen_q);
 // backward's slices) x batch x heads: (blocks, batch, heads), or with a window (a causal mask included)
 // (batch, blocks, heads), the costliest blocks of every batch entry first (place_in_grid in attention_core.cuh).
 // A grid's y extent stops at 65535: past it the backward's CTAs take every 65535th block (they loop over key
-// blocks) and the forward's grid stays (blocks, batch, heads), which its kernel tells by the y extent.
+// blocks) and the forward's grid stays (blocks, batch, heads), which its kernel tells by its x extent
+// (above 65535, which batch sizes never are).
 struct Grid {
   int64_t x, y, z;
 };

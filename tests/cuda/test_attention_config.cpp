@@ -380,7 +380,7 @@ TEST(AttentionConfig, MainGridsPutTheBatchFirstUnderAMask) {
   expect_grid(forward_grid(false, 32, 4, 16), 32, 4, 16);
   expect_grid(forward_grid(true, 32, 4, 16), 4, 32, 16);
   expect_grid(forward_grid(true, 65535, 4, 16), 4, 65535, 16);
-  expect_grid(forward_grid(true, 65536, 4, 16), 65536, 4, 16);  // the kernel tells by gridDim.y != its blocks
+  expect_grid(forward_grid(true, 65536, 4, 16), 65536, 4, 16);  // the kernel tells by gridDim.x > 65535
   expect_grid(backward_grid(false, 32, 4, 8), 32, 4, 8);
   expect_grid(backward_grid(true, 32, 4, 8), 4, 32, 8);
   expect_grid(backward_grid(true, 70000, 4, 8), 4, 65535, 8);  // its CTAs loop over every 65535th key block

@@ -145,7 +145,7 @@ __device__ __forceinline__ bool key_allowed(const AttentionParams& p, const Sequ
 // head's keys (queries) of the whole batch, for up to ~64k tokens of d = 128 within Hopper's L2. The host's
 // launches follow the same rule (forward_grid, backward_grid in attention_config.cpp); past 65535 blocks, a grid's y extent, the
 // backward's CTAs loop over their blocks and the forward's grid stays (blocks, batch, heads), which it tells by
-// its y extent (any (rank, batch) pairing covers every item once, so that test cannot lose or repeat work).
+// its x extent.
 struct GridPlace {
   int rank, blocks, batch, head;
 };
@@ -156,10 +156,11 @@ __device__ __forceinline__ GridPlace place_in_grid() {
   return {(int)blockIdx.x, (int)gridDim.x, (int)blockIdx.y, (int)blockIdx.z};
 #endif
 }
-// The forward's: `blocks` row blocks.
-__device__ __forceinline__ GridPlace forward_place_in_grid(int blocks) {
+// The forward's, whose fallback grid past 65535 row blocks is (blocks, batch, heads): its x extent is then
+// above 65535, which the batch-first grid's never is (batch sizes are at most 65535).
+__device__ __forceinline__ GridPlace forward_place_in_grid() {
 #if FAP_WINDOW
-  if (gridDim.y != (unsigned)blocks) return {(int)blockIdx.x, (int)gridDim.x, (int)blockIdx.y, (int)blockIdx.z};
+  if (gridDim.x > 65535u) return {(int)blockIdx.x, (int)gridDim.x, (int)blockIdx.y, (int)blockIdx.z};
 #endif
   return place_in_grid();
 }

@@ -47,9 +47,8 @@ typedef ContiguousKeys ForwardKeys;
 #endif
 
 // Where the S and O fragments of a warp take 176 registers or more (FlashAttention-2's tile shapes), the CTA's
-// place, keys and sequence live in shared memory: in registers, ptxas spilled the key pointers and the sequence
-// start that the loop keeps for its end (and, under a mask, the batch and head of place_in_grid); with fewer,
-// registers (2-5 % faster at d = 128 and 256 on the H200).
+// keys and sequence live in shared memory: in registers, ptxas spilled the key pointers and the sequence start
+// that the loop keeps for its end; with fewer, registers (2-5 % faster at d = 128 and 256 on the H200).
 #define FAP_KEYS_IN_SHARED (FAP_ROW_TILES * (FAP_HEAD_DIM + FAP_BLOCK_N) / 2 >= 176)
 
 // What the CTA works on: its sequence and where its keys lie.
@@ -76,7 +75,7 @@ struct ForwardCta {
   __device__ __forceinline__ int head() const { return FAP_WINDOW ? query_head : (int)blockIdx.z; }
 };
 __device__ __forceinline__ ForwardCta forward_cta(const ForwardKernelParams& p) {
-  const GridPlace place = forward_place_in_grid((p.seqlen_q + FAP_BLOCK_M - 1) / FAP_BLOCK_M);
+  const GridPlace place = forward_place_in_grid();
   return {forward_keys(p, place.batch, place.head / p.group_size), place.blocks - 1 - place.rank, place.batch,
           place.head};
 }
@@ -143,10 +142,14 @@ extern "C" __global__ void FAP_FWD_LAUNCH_BOUNDS attention_fwd(const ForwardKern
   static_assert(sizeof(ForwardCta) <= FAP_CTA_KEYS_BYTES, "the CTA's keys outgrow their shared-memory slot");
   if (threadIdx.x == 0) cta = forward_cta(p);
   __syncthreads();
-#else
-  const ForwardCta cta = forward_cta(p);
-#endif
   const ForwardKeys& keys = cta.keys;
+#elif FAP_WINDOW
+  const ForwardCta cta = forward_cta(p);
+  const ForwardKeys& keys = cta.keys;
+#else
+  const ForwardCta cta{};  // without a window its place is the grid's own indices (ForwardCta's accessors)
+  const ForwardKeys keys = forward_keys(p, cta.batch(), cta.head() / p.group_size);
+#endif
   const ForwardSequence& seq = keys.seq;
   const int row_begin = cta.block() * FAP_BLOCK_M;
   if (row_begin >= seq.len_q) return;

@@ -118,7 +118,7 @@ __device__ __forceinline__ WorkItem work_item(const AttentionFwdParams& p, int i
     w.batch = pair % p.batch, w.head = pair / p.batch;
     w.row_begin = (row_blocks - 1 - item % row_blocks) * FAP_BLOCK_M;
   } else {
-    const GridPlace place = forward_place_in_grid(row_blocks);
+    const GridPlace place = forward_place_in_grid();
     w.batch = place.batch, w.head = place.head;
     w.row_begin = (row_blocks - 1 - place.rank) * FAP_BLOCK_M;
   }
